@@ -1,0 +1,170 @@
+"""Small CNN that judges class consistency of generated synthetic images.
+
+Trained on the package's own synthetic data (``dit_jax.synthetic``), it scores
+how often DiT samples conditioned on class ``y`` are recognised as class ``y``.
+Training adds random Gaussian pixel noise so the judge tolerates slightly
+imperfect generated samples.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+_RANGE_TOLERANCE = 1e-3  # slack on the [-1, 1] input check for float round-off
+
+
+class Classifier(nnx.Module):
+    """Conv stack (stride-2 downsampling) -> global average pool -> linear logits.
+
+    Input: NHWC float images in [-1, 1] of size ``image_size``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        image_size: int,
+        widths: tuple[int, ...] = (16, 32, 64, 64),
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.num_classes = num_classes
+        self.image_size = image_size
+        channels = (3, *widths)
+        # First conv keeps full resolution; the rest halve it.
+        self.convs = nnx.List(
+            [
+                nnx.Conv(c_in, c_out, (3, 3), strides=1 if i == 0 else 2, rngs=rngs)
+                for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:]))
+            ]
+        )
+        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            x = nnx.relu(conv(x))
+        return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+def _check_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    """Validate NHWC float images in [-1, 1] of the classifier's size; return float32."""
+    images = np.asarray(images)
+    expected = (image_size, image_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(
+            f"expected images of shape [N, {image_size}, {image_size}, 3], got {images.shape}"
+        )
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"expected float images in [-1, 1], got dtype {images.dtype} "
+            "(convert uint8 with dit_jax.synthetic.to_model_range)"
+        )
+    if images.size and (
+        not np.all(np.isfinite(images))
+        or images.min() < -1 - _RANGE_TOLERANCE
+        or images.max() > 1 + _RANGE_TOLERANCE
+    ):
+        raise ValueError(
+            f"expected images in [-1, 1], got range [{images.min()}, {images.max()}]"
+        )
+    return images.astype(np.float32)
+
+
+def _loss(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Array) -> jax.Array:
+    logits = nnx.merge(graphdef, params)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    params: nnx.State,
+    opt_state: optax.OptState,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+) -> tuple[nnx.State, optax.OptState, jax.Array]:
+    """One Adam step on a noise-augmented batch; pure in (params, opt_state)."""
+    sigma_key, noise_key = jax.random.split(key)
+    sigma = jax.random.uniform(sigma_key, (x.shape[0], 1, 1, 1), maxval=0.2)
+    x = x + sigma * jax.random.normal(noise_key, x.shape)
+    loss, grads = jax.value_and_grad(_loss, argnums=1)(graphdef, params, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
+def train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    steps: int = 400,
+    batch_size: int = 128,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> Classifier:
+    """Train a ``Classifier`` on float NHWC images in [-1, 1] with integer labels.
+
+    Batches are sampled with replacement from ``images``; the result is
+    deterministic per ``seed``.
+    """
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be positive, got {steps}, {batch_size}")
+    images = np.asarray(images)
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape [N, H, W, 3], got {images.shape}")
+    images = _check_images(images, images.shape[1])
+    labels = np.asarray(labels)
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"labels must be integers of shape ({images.shape[0]},), "
+            f"got {labels.dtype} {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+
+    model = Classifier(num_classes=num_classes, image_size=images.shape[1], rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
+    opt_state = optimizer.init(params)
+
+    rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, images.shape[0], batch_size)
+        key, step_key = jax.random.split(key)
+        params, opt_state, _ = _train_step(
+            graphdef, optimizer, params, opt_state, images[idx], labels[idx].astype(np.int32), step_key
+        )
+    return nnx.merge(graphdef, params)
+
+
+@partial(jax.jit, static_argnums=0)
+def _predict_batch(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
+    return jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1).astype(jnp.int32)
+
+
+def predict(classifier: Classifier, images: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """Predicted class ids (int32 ``[N]``) for float NHWC images in [-1, 1]."""
+    images = _check_images(images, classifier.image_size)
+    graphdef, params = nnx.split(classifier)
+    preds = [
+        np.asarray(_predict_batch(graphdef, params, images[i : i + batch_size]))
+        for i in range(0, images.shape[0], batch_size)
+    ]
+    return np.concatenate(preds) if preds else np.zeros((0,), np.int32)
+
+
+def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of ``images`` (float NHWC in [-1, 1]) classified as ``labels``."""
+    labels = np.asarray(labels)
+    if labels.shape != (np.shape(images)[0],):
+        raise ValueError(f"labels must have shape ({np.shape(images)[0]},), got {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("accuracy needs at least one example")
+    return float(np.mean(predict(classifier, images) == labels))

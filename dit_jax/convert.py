@@ -1,0 +1,89 @@
+"""Official PyTorch DiT checkpoints <-> this model's parameters.
+
+The official ``state_dict`` (as in the released ``DiT-XL-2-256x256.pt``) uses PyTorch names
+and layouts: Linear weights ``[out, in]``, the patch conv ``[out, in, p, p]`` (NCHW). Here
+kernels are ``[in, out]`` and ``[p, p, in, out]`` (NHWC). Names map one to one: our state
+path with ``layers`` (from ``nnx.Sequential``) dropped and ``kernel``/``embedding`` read as
+``weight``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from dit_jax.models import DiT
+
+_RENAMES = {"kernel": "weight", "embedding": "weight"}
+
+
+def official_name(path: tuple) -> str:
+    """Our state path, e.g. ``('t_embedder', 'mlp', 'layers', 0, 'kernel')`` -> ``t_embedder.mlp.0.weight``."""
+    parts = [str(p) for p in path if p != "layers"]
+    parts[-1] = _RENAMES.get(parts[-1], parts[-1])
+    return ".".join(parts)
+
+
+def _to_ours(array: np.ndarray, path: tuple) -> np.ndarray:
+    if path[-1] == "kernel" and array.ndim == 2:
+        return array.T
+    if path[-1] == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def _to_official(array: np.ndarray, path: tuple) -> np.ndarray:
+    if path[-1] == "kernel" and array.ndim == 2:
+        return array.T
+    if path[-1] == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array
+
+
+def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
+    return dict(nnx.to_flat_state(nnx.state(model)))
+
+
+def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
+    """This model's weights as an official-layout ``state_dict`` of numpy arrays."""
+    return {official_name(path): _to_official(np.asarray(var[...]), path) for path, var in _flat_state(model).items()}
+
+
+def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *, source: str = "state_dict") -> None:
+    """Copy an official ``state_dict`` (numpy arrays, PyTorch names/layouts) into ``model`` in place.
+
+    Every name and shape is checked before anything is written; on any mismatch a
+    ValueError lists the missing, unexpected and wrongly shaped entries (e.g. a 512x512
+    checkpoint given to a 256x256 model shows up as a ``pos_embed`` shape mismatch).
+    """
+    ours = _flat_state(model)
+    by_name = {official_name(path): path for path in ours}
+    missing = sorted(set(by_name) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(by_name))
+    wrong = []
+    converted = {}
+    for name, path in by_name.items():
+        if name not in state_dict:
+            continue
+        value = _to_ours(np.asarray(state_dict[name]), path)
+        want = tuple(ours[path][...].shape)
+        if tuple(value.shape) != want:
+            wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, "
+                         f"model {tuple(_to_official(np.zeros(want, np.int8), path).shape)}")
+        converted[path] = value
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not fit this DiT (input_size={model.input_size}, patch_size={model.patch_size}, "
+                 f"in_channels={model.in_channels}, out_channels={model.out_channels}, "
+                 f"num_classes={model.num_classes}, depth={len(model.blocks)}):"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+        lines.append("  Build the model that matches the checkpoint (model name, image size // 8, "
+                     "learn_sigma, num_classes) or use the checkpoint made for this one.")
+        raise ValueError("\n".join(lines))
+    for path, value in converted.items():
+        var = ours[path]
+        var[...] = np.asarray(value, dtype=var[...].dtype)
