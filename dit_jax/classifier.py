@@ -19,7 +19,7 @@ _RANGE_TOLERANCE = 1e-3  # slack on the [-1, 1] input check for float round-off
 
 
 class Classifier(nnx.Module):
-    """Conv stack (stride-2 downsampling) -> global average pool -> linear logits.
+    """Stride-2 conv stack -> global average pool -> linear logits.
 
     Input: NHWC float images in [-1, 1] of size ``image_size``.
     """
@@ -29,17 +29,16 @@ class Classifier(nnx.Module):
         *,
         num_classes: int,
         image_size: int,
-        widths: tuple[int, ...] = (16, 32, 64, 64),
+        widths: tuple[int, ...] = (32, 64, 128),
         rngs: nnx.Rngs,
     ) -> None:
         self.num_classes = num_classes
         self.image_size = image_size
         channels = (3, *widths)
-        # First conv keeps full resolution; the rest halve it.
         self.convs = nnx.List(
             [
-                nnx.Conv(c_in, c_out, (3, 3), strides=1 if i == 0 else 2, rngs=rngs)
-                for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:]))
+                nnx.Conv(c_in, c_out, (3, 3), strides=2, rngs=rngs)
+                for c_in, c_out in zip(channels[:-1], channels[1:])
             ]
         )
         self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
@@ -79,7 +78,24 @@ def _loss(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, y: jax.Array)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _rotate_hue(x: jax.Array, key: jax.Array) -> jax.Array:
+    """Rotate each image's colours by a random angle about the gray axis.
+
+    In [-1, 1] RGB space the gray axis passes through the origin, so this is a
+    per-example 3x3 rotation (Rodrigues' formula): a random hue shift that
+    keeps luminance contrast but makes the class hue useless as a cue.
+    """
+    theta = jax.random.uniform(key, (x.shape[0], 1, 1), maxval=2 * jnp.pi)
+    axis = jnp.full((3,), 1 / jnp.sqrt(3.0))
+    cross = jnp.array([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / jnp.sqrt(3.0)
+    rot = (
+        jnp.cos(theta) * jnp.eye(3)
+        + jnp.sin(theta) * cross
+        + (1 - jnp.cos(theta)) * jnp.outer(axis, axis)
+    )
+    return jnp.clip(jnp.einsum("bij,bhwj->bhwi", rot, x), -1.0, 1.0)
+
+
 def _train_step(
     graphdef: nnx.GraphDef,
     optimizer: optax.GradientTransformation,
@@ -89,8 +105,9 @@ def _train_step(
     y: jax.Array,
     key: jax.Array,
 ) -> tuple[nnx.State, optax.OptState, jax.Array]:
-    """One Adam step on a noise-augmented batch; pure in (params, opt_state)."""
-    sigma_key, noise_key = jax.random.split(key)
+    """One Adam step on a hue-rotated, noise-augmented batch; pure in (params, opt_state)."""
+    hue_key, sigma_key, noise_key = jax.random.split(key, 3)
+    x = _rotate_hue(x, hue_key)
     sigma = jax.random.uniform(sigma_key, (x.shape[0], 1, 1, 1), maxval=0.2)
     x = x + sigma * jax.random.normal(noise_key, x.shape)
     loss, grads = jax.value_and_grad(_loss, argnums=1)(graphdef, params, x, y)
@@ -132,14 +149,15 @@ def train_classifier(
     graphdef, params = nnx.split(model)
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
     opt_state = optimizer.init(params)
+    train_step = jax.jit(partial(_train_step, graphdef, optimizer), donate_argnums=(0, 1))
 
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     for _ in range(steps):
         idx = rng.integers(0, images.shape[0], batch_size)
         key, step_key = jax.random.split(key)
-        params, opt_state, _ = _train_step(
-            graphdef, optimizer, params, opt_state, images[idx], labels[idx].astype(np.int32), step_key
+        params, opt_state, _ = train_step(
+            params, opt_state, images[idx], labels[idx].astype(np.int32), step_key
         )
     return nnx.merge(graphdef, params)
 

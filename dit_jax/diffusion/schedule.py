@@ -44,9 +44,7 @@ _SCHEDULES = {
 def get_beta_schedule(name: str, num_steps: int) -> np.ndarray:
     """Float64 betas of a named schedule ("linear" or "cosine", alias "squaredcos_cap_v2")."""
     if name not in _SCHEDULES:
-        raise ValueError(
-            f"unknown noise schedule {name!r}; valid options are {sorted(_SCHEDULES)}"
-        )
+        raise ValueError(f"unknown noise schedule {name!r}; valid options are {sorted(_SCHEDULES)}")
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
     return _SCHEDULES[name](int(num_steps))

@@ -1,0 +1,45 @@
+"""Gaussian diffusion core (functional port of the official DiT / ADM ``diffusion/``)."""
+
+from dit_jax.diffusion.losses import (
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+    training_losses,
+)
+from dit_jax.diffusion.samplers import (
+    ModelFn,
+    ddim_sample,
+    ddim_sample_loop,
+    p_mean_variance,
+    p_sample,
+    p_sample_loop,
+    q_posterior_mean_variance,
+    q_sample,
+)
+from dit_jax.diffusion.schedule import (
+    Diffusion,
+    create_diffusion,
+    get_beta_schedule,
+    space_timesteps,
+)
+
+__all__ = [
+    "Diffusion",
+    "ModelFn",
+    "approx_standard_normal_cdf",
+    "create_diffusion",
+    "ddim_sample",
+    "ddim_sample_loop",
+    "discretized_gaussian_log_likelihood",
+    "get_beta_schedule",
+    "mean_flat",
+    "normal_kl",
+    "p_mean_variance",
+    "p_sample",
+    "p_sample_loop",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "space_timesteps",
+    "training_losses",
+]

@@ -1,0 +1,25 @@
+"""Entry point: parse flags and train.
+
+    python -m dit_jax.main --config configs/default.py --workdir runs/demo [--config.train.steps=100]
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dit_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for logs, samples and the summary.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.info("config:\n%s", FLAGS.config)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,70 @@
+"""Config building blocks shared by ``configs/*.py``: the base config and the paper's recipe.
+
+Each field is documented where it is set; ``--config.a.b=value`` overrides any of them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run reads, with the paper's training recipe as defaults."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "DiT-XL/2"         # a paper model (models.MODELS), or "" for the explicit fields below
+    c.model.patch_size = 2            # explicit architecture, used only when name == ""
+    c.model.hidden_size = 1152
+    c.model.depth = 28
+    c.model.num_heads = 16
+    c.model.mlp_ratio = 4.0
+    c.model.input_size = 32           # latent (or pixel) height = width
+    c.model.in_channels = 4
+    c.model.num_classes = 1000
+    c.model.class_dropout_prob = 0.1  # label dropout, makes classifier-free guidance possible
+    c.model.learn_sigma = True
+    c.model.block_type = "adaln_zero"  # adaln_zero | adaln | cross_attention | in_context
+    c.model.guidance = "official"      # official (first 3 channels) | all
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.noise_schedule = "linear"
+    c.diffusion.steps = 1000
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "latents"         # latents (pre-encoded ImageNet) | synthetic
+    c.data.latents_dir = ""
+    c.data.num_train = 0              # synthetic only: examples generated
+    c.data.image_size = 0             # synthetic only: pixel size (= model.input_size)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 400_000
+    c.train.batch_size = 256          # global batch
+    c.train.lr = 1e-4                 # AdamW, constant, no warmup
+    c.train.weight_decay = 0.0
+    c.train.ema_decay = 0.9999
+    c.train.log_every = 100
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.per_class = 8            # final grid: this many samples of each class
+    c.sample.num_classes = 10         # final grid: this many classes (the first ones)
+    c.sample.cfg_scale = 4.0
+    c.sample.sampler = "ddpm"         # ddpm | ddim
+    c.sample.respacing = "250"        # steps of the sampling chain (see diffusion.space_timesteps)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.class_consistency = False  # synthetic only: score samples with a classifier trained on the data
+    c.eval.classifier_examples = 10_000
+    c.eval.heldout_examples = 2_000
+    return c
+
+
+def paper_config(model_name: str, image_size: int = 256) -> ml_collections.ConfigDict:
+    """A paper model trained with the paper's recipe on SD-VAE latents of ImageNet (image_size / 8)."""
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {image_size}")
+    c = base_config()
+    c.model.name = model_name
+    c.model.input_size = image_size // 8
+    return c

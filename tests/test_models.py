@@ -1,0 +1,253 @@
+"""DiT model: shapes, initialisation, parity with the official PyTorch code, guidance, input checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dit_jax.convert import load_official_state_dict, to_official_state_dict
+from dit_jax.models import BLOCK_TYPES, DiT, count_params, create_model
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
+
+
+def tiny(**overrides: Any) -> DiT:
+    """A freshly initialised tiny DiT."""
+    return DiT(**{**TINY, **overrides}, rngs=nnx.Rngs(0))
+
+
+def official_state(reference) -> dict[str, np.ndarray]:
+    """The reference model's official ``state_dict``."""
+    return {k.removeprefix("param/"): v for k, v in reference.arrays.items() if k.startswith("param/")}
+
+
+def official_model(reference, **overrides: Any) -> DiT:
+    """The reference model's config (plus ``overrides``) with the official weights loaded."""
+    model = DiT(**{**reference.config, **overrides}, rngs=nnx.Rngs(0))
+    load_official_state_dict(model, official_state(reference))
+    return model
+
+
+@pytest.fixture(scope="module")
+def official(reference) -> DiT:
+    return official_model(reference)
+
+
+@pytest.fixture(scope="module")
+def inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((4, 8, 8, C), dtype=np.float32), np.array([0, 10, 500, 999]),
+            np.array([0, 3, 9, 10]))
+
+
+def assert_close(actual: Any, expected: Any, rtol: float = 1e-4) -> None:
+    """Equal up to ``rtol`` times the largest magnitude of ``expected``."""
+    expected = np.asarray(expected)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=0, atol=rtol * np.abs(expected).max())
+
+
+# --- shapes and parameter counts -------------------------------------------------------
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_output_shape(block_type, learn_sigma, inputs):
+    out = tiny(block_type=block_type, learn_sigma=learn_sigma)(*inputs)
+    assert out.shape == (4, 8, 8, 2 * C if learn_sigma else C) and out.dtype == jnp.float32
+
+
+def test_param_counts_differ_by_block_design():
+    counts = {bt: count_params(tiny(block_type=bt)) for bt in BLOCK_TYPES}
+    linear = lambda din, dout: din * dout + dout  # noqa: E731
+    # adaLN regresses 4 vectors per block instead of 6.
+    assert counts["adaln_zero"] - counts["adaln"] == DEPTH * (linear(D, 6 * D) - linear(D, 4 * D))
+    # In-context: no regression layers, affine norms (2 per block, 1 final) instead.
+    no_modulation = DEPTH * linear(D, 6 * D) + linear(D, 2 * D)
+    assert counts["adaln_zero"] - counts["in_context"] == no_modulation - (2 * DEPTH + 1) * 2 * D
+    # Cross-attention: in-context plus, per block, an affine norm and q, kv and output projections.
+    per_block = 2 * D + linear(D, D) + linear(D, 2 * D) + linear(D, D)
+    assert counts["cross_attention"] - counts["in_context"] == DEPTH * per_block
+
+
+# --- initialisation ---------------------------------------------------------------------
+
+def test_adaln_zero_blocks_start_as_identity_and_model_outputs_zeros(inputs):
+    model = tiny()
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.standard_normal((4, 16, D), dtype=np.float32))
+    c = jnp.asarray(rng.standard_normal((4, D), dtype=np.float32))
+    for block in model.blocks:
+        np.testing.assert_array_equal(block(tokens, c), tokens)
+    np.testing.assert_array_equal(model(*inputs), 0.0)
+
+
+def test_adaln_zero_modulation_and_output_layer_are_zero():
+    model = tiny()
+    zeroed = [block.adaLN_modulation.layers[1] for block in model.blocks]
+    zeroed += [model.final_layer.adaLN_modulation.layers[1], model.final_layer.linear]
+    for layer in zeroed:
+        np.testing.assert_array_equal(layer.kernel[...], 0.0)
+        np.testing.assert_array_equal(layer.bias[...], 0.0)
+
+
+def test_label_table_has_null_row_only_with_dropout():
+    table = tiny(num_classes=1000).y_embedder.embedding_table.embedding[...]
+    assert table.shape == (1001, D)
+    assert float(jnp.std(table)) == pytest.approx(0.02, rel=0.03)
+    assert tiny(class_dropout_prob=0.0).y_embedder.embedding_table.embedding.shape == (10, D)
+
+
+def test_timestep_mlp_is_normal_002():
+    for layer in tiny().t_embedder.mlp.layers[::2]:
+        assert float(jnp.std(layer.kernel[...])) == pytest.approx(0.02, rel=0.05)
+        np.testing.assert_array_equal(layer.bias[...], 0.0)
+
+
+def assert_xavier_uniform(kernel: jax.Array, fan_in: int, fan_out: int) -> None:
+    """Uniform on [-b, b] with the xavier bound b: inside it, reaching it, rms b / sqrt(3)."""
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    w = np.asarray(kernel)
+    assert 0.9 * bound < np.abs(w).max() <= bound
+    assert np.sqrt(np.mean(w**2)) == pytest.approx(bound / np.sqrt(3), rel=0.1)
+
+
+def test_linears_and_patch_conv_are_xavier_uniform():
+    model = tiny(block_type="adaln")
+    for block in model.blocks:
+        for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation.layers[1]):
+            assert_xavier_uniform(layer.kernel[...], *layer.kernel.shape)
+            np.testing.assert_array_equal(layer.bias[...], 0.0)
+    p = TINY["patch_size"]
+    kernel = model.x_embedder.proj.kernel[...]
+    assert kernel.shape == (p, p, C, D)
+    assert_xavier_uniform(kernel, fan_in=C * p * p, fan_out=D)
+
+
+def test_position_table_matches_official(reference):
+    np.testing.assert_allclose(tiny().pos_embed[...], reference.arrays["param/pos_embed"], rtol=0, atol=1e-6)
+
+
+# --- parity with the official code ----------------------------------------------------
+
+def test_forward_matches_official(official, reference, nhwc):
+    a = reference.arrays
+    assert_close(official(nhwc(a["x"]), a["t"], a["y"]), nhwc(a["forward"]))
+
+
+def test_forward_with_cfg_matches_official(official, reference, nhwc):
+    a = reference.arrays
+    out = official.forward_with_cfg(nhwc(a["cfg/x"]), a["cfg/t"], a["cfg/y"], float(a["cfg/scale"]))
+    assert_close(out, nhwc(a["cfg/forward_with_cfg"]))
+
+
+def test_state_dict_round_trip(official, reference):
+    expected = official_state(reference)
+    exported = to_official_state_dict(official)
+    assert exported.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+# --- classifier-free guidance ---------------------------------------------------------
+
+@pytest.mark.parametrize("guidance, guided_channels", [("official", 3), ("all", C)])
+def test_guidance_mixes_only_its_channels(reference, inputs, guidance, guided_channels):
+    model = official_model(reference, guidance=guidance)
+    x, t, y = inputs
+    doubled = np.concatenate([x[:2], x[:2]])
+    cond, uncond = np.split(np.asarray(model(doubled, t, y)), 2)
+    k, scale = guided_channels, 4.0
+    out = np.asarray(model.forward_with_cfg(x, t, y, scale))
+    guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
+    assert_close(out[..., :k], np.concatenate([guided, guided]), rtol=1e-5)
+    assert_close(out[..., k:], np.concatenate([cond, uncond])[..., k:], rtol=1e-6)
+    assert not np.allclose(guided, cond[..., :k])
+
+
+@pytest.mark.parametrize("guidance", ["official", "all"])
+def test_guidance_scale_one_is_conditional(reference, inputs, guidance):
+    model = official_model(reference, guidance=guidance)
+    x, t, y = inputs
+    cond = np.asarray(model(np.concatenate([x[:2], x[:2]]), t, y))[:2]
+    assert_close(np.asarray(model.forward_with_cfg(x, t, y, 1.0))[:2], cond, rtol=1e-5)
+
+
+def test_guidance_needs_an_even_batch(official, inputs):
+    x, t, y = inputs
+    with pytest.raises(ValueError, match="even batch"):
+        official.forward_with_cfg(x[:3], t[:3], y[:3], 1.5)
+
+
+# --- label dropout --------------------------------------------------------------------
+
+def test_label_dropout_only_with_a_key(reference, nhwc):
+    a = reference.arrays
+    model = official_model(reference, class_dropout_prob=0.999)
+    x, t, y = nhwc(a["x"]), a["t"], a["y"]
+    null = model(x, t, np.full_like(y, reference.config["num_classes"]))
+    assert_close(model(x, t, y, dropout_key=jax.random.key(0)), null, rtol=1e-6)
+    no_key = model(x, t, y)
+    assert_close(no_key, nhwc(a["forward"]))
+    assert not np.allclose(no_key, null)
+
+
+# --- input and config checks ------------------------------------------------------------
+
+X, T, Y = np.zeros((2, 8, 8, C), np.float32), np.zeros(2, np.int32), np.zeros(2, np.int32)
+
+
+@pytest.mark.parametrize("x, t, y, match", [
+    (np.zeros((2, C, 8, 8), np.float32), T, Y, "NHWC"),
+    (np.zeros((2, 16, 16, C), np.float32), T, Y, r"x of shape \[N, 8, 8, 4\]"),
+    (X, np.zeros(3, np.int32), Y, "t and y must have shape"),
+    (X, T, np.zeros((2, 1), np.int32), "t and y must have shape"),
+    (X, T, np.zeros(2, np.float32), "must be integers"),
+    (X, T, np.array([-1, 0]), r"class labels must be in \[0, 9\]"),
+    (X, T, np.array([0, 11]), r"class labels must be in \[0, 9\], or 10 for the null label"),
+], ids=["nchw", "spatial", "t-shape", "y-shape", "float-labels", "negative-label", "label-too-big"])
+def test_bad_inputs_are_rejected(x, t, y, match):
+    with pytest.raises(ValueError, match=match):
+        tiny()(x, t, y)
+
+
+def test_null_label_needs_dropout():
+    tiny()(X, T, np.array([10, 0]))  # the null label exists when class_dropout_prob > 0
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 9\]; got"):
+        tiny(class_dropout_prob=0.0)(X, T, np.array([10, 0]))
+
+
+def test_unknown_model_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown model 'DiT-M/3'.*DiT-S/8.*DiT-XL/2"):
+        create_model("DiT-M/3", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(input_size=9), "input_size 9 must be a multiple of patch_size 2"),
+    (dict(num_heads=5), "hidden_size 64 must be divisible by num_heads 5"),
+    (dict(block_type="film"), "block_type 'film' is not one of"),
+    (dict(guidance="half"), "guidance 'half' is not one of"),
+])
+def test_bad_config_is_rejected(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**overrides)
+
+
+@pytest.mark.parametrize("source, match", [
+    (dict(depth=1), r"missing \(\d+\): blocks\.1\."),
+    (dict(depth=3), r"unexpected \(\d+\): blocks\.2\."),
+    (dict(input_size=16), r"wrong shape \(1\): pos_embed: checkpoint \(1, 64, 64\), model \(1, 16, 64\)"),
+    (dict(num_classes=20), r"wrong shape \(1\): y_embedder\.embedding_table\.weight"),
+    (dict(learn_sigma=False), r"wrong shape \(2\): final_layer\.linear\.weight"),
+], ids=["shallower", "deeper", "512-vs-256", "num-classes", "learn-sigma"])
+def test_state_dict_of_another_model_is_rejected(source, match):
+    model = tiny()
+    before = to_official_state_dict(model)
+    with pytest.raises(ValueError, match=match):
+        load_official_state_dict(model, to_official_state_dict(tiny(**source)))
+    for name, value in to_official_state_dict(model).items():  # nothing was written
+        np.testing.assert_array_equal(value, before[name])
