@@ -151,19 +151,24 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Model config .json (default: beside the reference file).")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        raise app.UsageError("usage: python -m dit_jax.parity REFERENCE.npz [--config CONFIG.json]")
-    results, unknown = run_parity(argv[1], FLAGS.config)
-    print(f"parity against {argv[1]} on {jax.devices()[0].platform}  (error = max|ours - ref| / max|ref|)")
+def report(path: str, config_path: str | None = None) -> int:
+    """Print the per-array table for ``path``; returns the exit code (1 on any failure)."""
+    results, unknown = run_parity(path, config_path)
+    print(f"parity against {path} on {jax.devices()[0].platform}  (error = max|ours - ref| / max|ref|)")
     for r in results:
         print(f"  {'PASS' if r.passed else 'FAIL'}  {r.name:<28} {r.error:10.3e}  (tolerance {r.tolerance:.0e})")
     for name in unknown:
         print(f"  FAIL  {name:<28} unknown array: this tool does not know how to recompute it")
     failed = sum(not r.passed for r in results) + len(unknown)
-    print(f"{len(results) - failed + len(unknown)} of {len(results) + len(unknown)} arrays match"
-          + ("" if not failed else f"; {failed} FAILED"))
-    sys.exit(1 if failed else 0)
+    total = len(results) + len(unknown)
+    print(f"{total - failed} of {total} arrays match" + (f"; {failed} FAILED" if failed else ""))
+    return 1 if failed else 0
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        raise app.UsageError("usage: python -m dit_jax.parity REFERENCE.npz [--config CONFIG.json]")
+    sys.exit(report(argv[1], FLAGS.config))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def test_output_shape(block_type, learn_sigma, inputs):
 
 def test_param_counts_differ_by_block_design():
     counts = {bt: count_params(tiny(block_type=bt)) for bt in BLOCK_TYPES}
-    linear = lambda din, dout: din * dout + dout  # noqa: E731
+
+    def linear(din: int, dout: int) -> int:
+        return din * dout + dout
     # adaLN regresses 4 vectors per block instead of 6.
     assert counts["adaln_zero"] - counts["adaln"] == DEPTH * (linear(D, 6 * D) - linear(D, 4 * D))
     # In-context: no regression layers, affine norms (2 per block, 1 final) instead.
@@ -129,7 +131,7 @@ def test_linears_and_patch_conv_are_xavier_uniform():
 
 
 def test_position_table_matches_official(reference):
-    np.testing.assert_allclose(tiny().pos_embed[...], reference.arrays["param/pos_embed"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(tiny().pos_embed[...], reference.arrays["param/pos_embed"])
 
 
 # --- parity with the official code ----------------------------------------------------
@@ -242,7 +244,7 @@ def test_bad_config_is_rejected(overrides, match):
     (dict(depth=3), r"unexpected \(\d+\): blocks\.2\."),
     (dict(input_size=16), r"wrong shape \(1\): pos_embed: checkpoint \(1, 64, 64\), model \(1, 16, 64\)"),
     (dict(num_classes=20), r"wrong shape \(1\): y_embedder\.embedding_table\.weight"),
-    (dict(learn_sigma=False), r"wrong shape \(2\): final_layer\.linear\.weight"),
+    (dict(learn_sigma=False), r"wrong shape \(2\): .*final_layer\.linear\.weight: checkpoint \(16, 64\), model \(32, 64\)"),
 ], ids=["shallower", "deeper", "512-vs-256", "num-classes", "learn-sigma"])
 def test_state_dict_of_another_model_is_rejected(source, match):
     model = tiny()

@@ -1,0 +1,30 @@
+# dit_jax: `make demo` trains the CPU demo end to end; `make test` runs the test suite.
+# Both create the virtual environment in .venv on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test parity stats clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-test.txt -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m dit_jax.main --config configs/default.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+parity: $(VENV)/.installed
+	$(PY) -m dit_jax.parity ../shared/reference/dit_official_tiny.npz
+
+stats: $(VENV)/.installed
+	$(PY) -m dit_jax.model_stats
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
