@@ -131,6 +131,7 @@ def _rasterise(labels: np.ndarray, rng: np.random.Generator, image_size: int) ->
     cx = (0.92 * radius + rng.uniform(0.0, 1.0, n) * slack).astype(f32)
     cy = (0.92 * radius + rng.uniform(0.0, 1.0, n) * slack).astype(f32)
 
+    # A shape's base hue is fixed by its index, independent of num_classes.
     fg_hue = (labels / MAX_CLASSES + rng.uniform(-0.025, 0.025, n)) % 1.0
     fg = _hsv_to_rgb(
         fg_hue.astype(f32),

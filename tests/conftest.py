@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+
+from dit_jax import parity
 
 # shared/ sits beside the repository checkout (see shared/reference/README.md).
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
@@ -23,14 +24,11 @@ class Reference(NamedTuple):
 
 @pytest.fixture(scope="session")
 def reference() -> Reference:
-    """``dit_official_tiny.npz`` (fully loaded) and ``dit_official_tiny.json``."""
-    with np.load(REFERENCE_DIR / "dit_official_tiny.npz") as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    config = json.loads((REFERENCE_DIR / "dit_official_tiny.json").read_text())
-    return Reference(arrays, config)
+    """``dit_official_tiny.npz`` and the model config in ``dit_official_tiny.json``."""
+    return Reference(*parity.load_reference(str(REFERENCE_DIR / "dit_official_tiny.npz")))
 
 
 @pytest.fixture(scope="session")
 def nhwc() -> Callable[[np.ndarray], np.ndarray]:
     """Converts a PyTorch NCHW array to this project's NHWC layout."""
-    return lambda a: np.transpose(np.asarray(a), (0, 2, 3, 1))
+    return lambda a: np.asarray(parity.nhwc(np.asarray(a)))

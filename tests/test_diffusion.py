@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dit_jax.parity import nhwc
 from dit_jax.diffusion import (
     approx_standard_normal_cdf,
     create_diffusion,
@@ -30,22 +30,12 @@ from dit_jax.diffusion import (
     training_losses,
 )
 
-REFERENCE = (
-    Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "dit_official_tiny.npz"
-)
 SHAPE = (2, 8, 8, 4)  # NHWC
 
 
 @pytest.fixture(scope="module")
-def ref():
-    if not REFERENCE.exists():
-        pytest.skip(f"official reference data not found at {REFERENCE}")
-    with np.load(REFERENCE) as data:
-        return {k: data[k] for k in data.files if not k.startswith("param/")}
-
-
-def nhwc(a: np.ndarray) -> jnp.ndarray:
-    return jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+def ref(reference):
+    return reference.arrays
 
 
 def chain_t(d, i: int, n: int = SHAPE[0]) -> jnp.ndarray:
