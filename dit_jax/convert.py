@@ -26,20 +26,16 @@ def official_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-def _to_ours(array: np.ndarray, path: tuple) -> np.ndarray:
-    if path[-1] == "kernel" and array.ndim == 2:
-        return array.T
-    if path[-1] == "kernel" and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    return array
+# Kernel axes, ours -> official: Linear [in, out] -> [out, in]; conv HWIO -> OIHW.
+_OFFICIAL_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
 
 
-def _to_official(array: np.ndarray, path: tuple) -> np.ndarray:
-    if path[-1] == "kernel" and array.ndim == 2:
-        return array.T
-    if path[-1] == "kernel" and array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
-    return array
+def _relayout(array: np.ndarray, path: tuple, *, to_official: bool) -> np.ndarray:
+    """Transpose kernels between our layout and the official one; other arrays are shared as is."""
+    if path[-1] != "kernel":
+        return array
+    axes = _OFFICIAL_AXES[array.ndim]
+    return array.transpose(axes if to_official else np.argsort(axes))
 
 
 def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
@@ -48,7 +44,8 @@ def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
 
 def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
     """This model's weights as an official-layout ``state_dict`` of numpy arrays."""
-    return {official_name(path): _to_official(np.asarray(var[...]), path) for path, var in _flat_state(model).items()}
+    return {official_name(path): _relayout(np.asarray(var[...]), path, to_official=True)
+            for path, var in _flat_state(model).items()}
 
 
 def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *, source: str = "state_dict") -> None:
@@ -67,11 +64,11 @@ def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *
     for name, path in by_name.items():
         if name not in state_dict:
             continue
-        value = _to_ours(np.asarray(state_dict[name]), path)
+        value = _relayout(np.asarray(state_dict[name]), path, to_official=False)
         want = tuple(ours[path][...].shape)
         if tuple(value.shape) != want:
             wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, "
-                         f"model {tuple(_to_official(np.zeros(want, np.int8), path).shape)}")
+                         f"model {tuple(_relayout(np.zeros(want, np.int8), path, to_official=True).shape)}")
         converted[path] = value
     if missing or unexpected or wrong:
         lines = [f"{source} does not fit this DiT (input_size={model.input_size}, patch_size={model.patch_size}, "

@@ -95,7 +95,7 @@ def test_jitter_within_class(dataset):
         ys, xs = np.indices(fg.shape[1:])
         area = fg.sum(axis=(1, 2))
         cx = (fg * xs).sum(axis=(1, 2)) / area
-        assert cx.std() > 1.0 and area.std() / area.mean() > 0.1
+        assert cx.std() > 1.0 and area.std() / area.mean() > 0.05  # +-2.5 px shifts, radius 31-36%
         colours = np.stack([m[f].mean(0) for m, f in zip(members, fg)]) / 255.0
         assert colours.std(axis=0).max() > 0.02
         hues = np.array([colorsys.rgb_to_hsv(*c)[0] for c in colours])
