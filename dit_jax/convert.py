@@ -32,8 +32,8 @@ _OFFICIAL_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
 
 def _relayout(array: np.ndarray, path: tuple, *, to_official: bool) -> np.ndarray:
     """Transpose kernels between our layout and the official one; other arrays are shared as is."""
-    if path[-1] != "kernel":
-        return array
+    if path[-1] != "kernel" or array.ndim not in _OFFICIAL_AXES:
+        return array  # a wrongly ranked checkpoint array falls through to the shape check
     axes = _OFFICIAL_AXES[array.ndim]
     return array.transpose(axes if to_official else np.argsort(axes))
 

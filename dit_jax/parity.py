@@ -10,6 +10,7 @@ whose outputs compound many model calls). Exits 1 on any failure or unknown arra
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -96,37 +97,31 @@ def compute_outputs(model: DiT, arrays: dict[str, np.ndarray]) -> dict[str, Call
     cfg = lambda y, s: (lambda x, t: model.forward_with_cfg(x, t, y, s))
     to_ref = lambda x: np.transpose(np.asarray(x), (0, 3, 1, 2))
 
-    def loss(term):
-        return lambda: gd.training_losses(train_chain, cond(a["loss/y"]), a["loss/x_start"], a["loss/t"],
-                                          a["loss/noise"])[term]
-
-    def pmv(term):
-        return lambda: to_ref(gd.p_mean_variance(make(CHAIN_RESPACING), cond(a["pmv/y"]), a["pmv/x_t"], a["pmv/t"])[term])
+    chain = make(CHAIN_RESPACING)
+    # Each official call is computed once, however many of its arrays the file holds.
+    losses = functools.cache(lambda: gd.training_losses(train_chain, cond(a["loss/y"]), a["loss/x_start"],
+                                                        a["loss/t"], a["loss/noise"]))
+    pmv = functools.cache(lambda: gd.p_mean_variance(chain, cond(a["pmv/y"]), a["pmv/x_t"], a["pmv/t"]))
 
     outputs: dict[str, Callable[[], Any]] = {
         "forward": lambda: to_ref(model(a["x"], a["t"], a["y"])),
         "cfg/forward_with_cfg": lambda: to_ref(model.forward_with_cfg(a["cfg/x"], a["cfg/t"], a["cfg/y"],
                                                                       float(arrays["cfg/scale"]))),
         "loss/x_t": lambda: to_ref(gd.q_sample(train_chain, a["loss/x_start"], a["loss/t"], a["loss/noise"])),
-        "loss/loss": loss("loss"),
-        "loss/mse": loss("mse"),
-        "loss/vb": loss("vb"),
-        "pmv/mean": pmv("mean"),
-        "pmv/variance": pmv("variance"),
-        "pmv/log_variance": pmv("log_variance"),
-        "pmv/pred_xstart": pmv("pred_xstart"),
-        "psample/sample": lambda: to_ref(gd.p_sample(make(CHAIN_RESPACING), cond(a["pmv/y"]), a["pmv/x_t"], a["pmv/t"],
+        **{f"loss/{k}": (lambda k=k: losses()[k]) for k in ("loss", "mse", "vb")},
+        **{f"pmv/{k}": (lambda k=k: to_ref(pmv()[k])) for k in ("mean", "variance", "log_variance", "pred_xstart")},
+        "psample/sample": lambda: to_ref(gd.p_sample(chain, cond(a["pmv/y"]), a["pmv/x_t"], a["pmv/t"],
                                                      a["psample/noise"])["sample"]),
-        "ddim/sample": lambda: to_ref(gd.ddim_sample_loop(make(CHAIN_RESPACING), cond(a["ddim/y"]), a["ddim/noise"],
+        "ddim/sample": lambda: to_ref(gd.ddim_sample_loop(chain, cond(a["ddim/y"]), a["ddim/noise"],
                                                           jax.random.key(0))),
         "ddim_cfg/sample": lambda: to_ref(gd.ddim_sample_loop(
-            make(CHAIN_RESPACING), cfg(a["ddim_cfg/y"], float(arrays["ddim_cfg/scale"])), a["ddim_cfg/noise"],
+            chain, cfg(a["ddim_cfg/y"], float(arrays["ddim_cfg/scale"])), a["ddim_cfg/noise"],
             jax.random.key(0))[: a["ddim_cfg/noise"].shape[0] // 2]),
     }
     for r in _respacings(arrays):
-        chain = make(r)
-        outputs[f"respace/{r}/timestep_map"] = lambda c=chain: c.timestep_map
-        outputs[f"respace/{r}/betas"] = lambda c=chain: c.betas
+        respaced = make(r)
+        outputs[f"respace/{r}/timestep_map"] = lambda c=respaced: c.timestep_map
+        outputs[f"respace/{r}/betas"] = lambda c=respaced: c.betas
     return outputs
 
 

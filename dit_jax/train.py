@@ -24,7 +24,7 @@ from flax import nnx
 
 from dit_jax import classifier, diffusion as gd, input_pipeline, sample, synthetic
 from dit_jax.image_grid import save_grid
-from dit_jax.models import DiT, create_model
+from dit_jax.models import DiT, count_params, create_model
 
 
 @flax.struct.dataclass
@@ -132,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     source = input_pipeline.create_source(config)
     batches = input_pipeline.make_train_iterator(source, batch_size=config.train.batch_size, seed=config.seed)
     graphdef, fixed, state = create_train_state(config)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    num_params = count_params(nnx.merge(graphdef, state.params, fixed))
     logging.info("model: %s, %d trainable parameters", config.model.name or "custom DiT", num_params)
     diffusion = build_diffusion(config)
     step_fn = make_train_step(config, graphdef, fixed, diffusion)

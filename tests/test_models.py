@@ -253,3 +253,11 @@ def test_state_dict_of_another_model_is_rejected(source, match):
         load_official_state_dict(model, to_official_state_dict(tiny(**source)))
     for name, value in to_official_state_dict(model).items():  # nothing was written
         np.testing.assert_array_equal(value, before[name])
+
+
+def test_wrongly_ranked_checkpoint_array_is_reported_not_crashed(reference):
+    state = official_state(reference)
+    state["blocks.0.attn.qkv.weight"] = state["blocks.0.attn.qkv.weight"][None]  # 3-D kernel
+    model = DiT(**reference.config, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"wrong shape \(1\): blocks\.0\.attn\.qkv\.weight: checkpoint \(1, 192, 64\)"):
+        load_official_state_dict(model, state)
