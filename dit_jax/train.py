@@ -56,9 +56,23 @@ def build_diffusion(config: ml_collections.ConfigDict, respacing: str = "") -> g
                                learn_sigma=config.model.learn_sigma, diffusion_steps=config.diffusion.steps)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """``train.lr`` after ``train.warmup_steps`` of linear warmup: constant (the paper) or cosine-decayed to 0."""
+    t = config.train
+    if t.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, t.steps)
+    # (optax.warmup_constant_schedule gives 0 forever when warmup_steps == 0.)
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), optax.constant_schedule(t.lr)],
+                                [t.warmup_steps])
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate and no warmup (the paper's optimiser)."""
-    return optax.adamw(config.train.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.train.weight_decay)
+    """AdamW (the paper's optimiser: lr 1e-4, constant, no warmup, no weight decay by default)."""
+    return optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=config.train.weight_decay)
 
 
 def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
@@ -109,6 +123,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     problems = []
     if config.train.steps < 1 or config.train.batch_size < 1:
         problems.append(f"train.steps and train.batch_size must be >= 1 (got {config.train.steps}, {config.train.batch_size})")
+    if config.train.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"train.lr_schedule {config.train.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    if not 0 <= config.train.warmup_steps < config.train.steps:
+        problems.append(f"train.warmup_steps must be in [0, train.steps), got {config.train.warmup_steps}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         problems.append(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
     if config.data.source == "synthetic" and config.data.image_size != config.model.input_size:
