@@ -126,6 +126,8 @@ def param_spec(names: tuple[Any, ...], shape: tuple[int, ...], axis_sizes: Mappi
             if spec[axis] is None and shape[axis] % fsdp == 0:
                 spec[axis] = "fsdp"
                 break
+    while spec and spec[-1] is None:  # canonical form: P() for replicated
+        spec.pop()
     return P(*spec)
 
 
