@@ -165,7 +165,7 @@ def test_optimizer_and_ema_follow_params_step_and_rng_replicated(abstract_state)
 
 
 def test_mesh_sizes_and_axis_types():
-    mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, CPUS)
+    mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices("cpu"))
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert mesh.axis_types == (AxisType.Auto,) * 3
     assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
@@ -181,7 +181,7 @@ def test_mesh_sizes_and_axis_types():
 ])
 def test_bad_mesh_is_rejected(config, match):
     with pytest.raises(ValueError, match=match):
-        sharding.create_mesh(config, CPUS)
+        sharding.create_mesh(config, jax.devices("cpu"))
 
 
 def test_global_batch_is_split_over_data_and_fsdp():
