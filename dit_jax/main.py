@@ -1,4 +1,4 @@
-"""Entry point: parse flags and train.
+"""Entry point: parse flags, join the other processes of a multi-process run, and train.
 
     python -m dit_jax.main --config configs/default.py --workdir runs/demo [--config.train.steps=100]
 """
@@ -6,17 +6,22 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import train
+from dit_jax import sharding, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for logs, samples and the summary.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("config:\n%s", FLAGS.config)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
