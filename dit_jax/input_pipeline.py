@@ -51,11 +51,12 @@ def make_train_iterator(source: Source, *, batch_size: int, seed: int,
     if len(source) // shard_count < batch_size:
         raise ValueError(f"the dataset share ({len(source)} examples / {shard_count} shards) is smaller "
                          f"than one batch of {batch_size}; make more data or use a smaller batch")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[shard_index::shard_count]
     if isinstance(source, latents.LatentSource):
-        # Sample per batch: one vectorised draw instead of a generator per example.
+        # Shuffle indices; read and sample whole batches (parallel reads, one vectorised draw).
+        ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()[shard_index::shard_count]
         ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1)
     else:
+        ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[shard_index::shard_count]
         ds = ds.random_map(_to_float_random_flip, seed=seed + 1).batch(batch_size, drop_remainder=True)
     return iter(ds)
 

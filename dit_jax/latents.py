@@ -29,23 +29,27 @@ def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}.array_record"
 
 
+def record_dtype(shape: tuple[int, int, int], dtype: str) -> np.dtype:
+    """The packed layout of one record: int32 label, then mean and std ``[2, h, w, c]`` (original, flipped)."""
+    view = (2, *shape)
+    return np.dtype([("label", "<i4"), ("mean", STORAGE_DTYPES[dtype], view), ("std", STORAGE_DTYPES[dtype], view)])
+
+
 def encode_record(label: int, mean: np.ndarray, std: np.ndarray, dtype: str) -> bytes:
-    """One record: int32 label, then mean and std ``[2, h, w, c]`` (original, flipped) as ``dtype``."""
-    store = STORAGE_DTYPES[dtype]
-    return (np.int32(label).tobytes() + np.ascontiguousarray(mean, store).tobytes()
-            + np.ascontiguousarray(std, store).tobytes())
+    """One record's bytes; ``mean``/``std`` are ``[2, h, w, c]`` (the image, its flip)."""
+    record = np.zeros((), record_dtype(mean.shape[1:], dtype))
+    record["label"], record["mean"], record["std"] = label, mean, std
+    return record.tobytes()
 
 
-def decode_record(data: bytes, shape: tuple[int, int, int], dtype: str) -> dict[str, np.ndarray]:
-    """The inverse of ``encode_record``: {"label": int32, "mean", "std": [2, h, w, c] as stored}."""
-    store = STORAGE_DTYPES[dtype]
-    full = (2, *shape)
-    n = int(np.prod(full))
-    if len(data) != 4 + 2 * n * store.itemsize:
-        raise ValueError(f"corrupt latent record: {len(data)} bytes, expected {4 + 2 * n * store.itemsize} "
-                         f"for {full} {dtype} mean and std")
-    values = np.frombuffer(data, store, count=2 * n, offset=4).reshape(2, *full)
-    return {"label": np.frombuffer(data, np.int32, count=1)[0], "mean": values[0], "std": values[1]}
+def decode_records(data: list[bytes], shape: tuple[int, int, int], dtype: str) -> np.ndarray:
+    """Records -> a structured array [N] with fields label, mean, std (the inverse of ``encode_record``)."""
+    layout = record_dtype(shape, dtype)
+    bad = [len(d) for d in data if len(d) != layout.itemsize]
+    if bad:
+        raise ValueError(f"corrupt latent record: {bad[0]} bytes, expected {layout.itemsize} for {shape} {dtype} "
+                         "mean and std; the shards do not match metadata.json, extract again")
+    return np.frombuffer(b"".join(data), layout)
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -102,20 +106,23 @@ class LatentSource:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return decode_record(self._records[index], self.shape, self.dtype)
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Records ``indices`` as a structured array (fields label, mean, std), read in parallel."""
+        return decode_records(self._records.__getitems__([int(i) for i in indices]), self.shape, self.dtype)
 
-    def sample_batch(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Stacked records -> {"image": float32 [B, h, w, c] scaled latent samples, "label": int32 [B]}.
+    def sample_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Record indices [B] -> {"image": float32 [B, h, w, c] scaled latent samples, "label": int32 [B]}.
 
         Each example takes the original or the flipped view with probability 1/2 and a fresh
         posterior sample ``mean + std * N(0, 1)``, times the VAE scale factor.
         """
-        b = len(batch["label"])
+        records = self.read(indices)
+        b = len(records)
         view = rng.integers(0, 2, b)
         rows = np.arange(b)
-        mean = batch["mean"][rows, view].astype(np.float32)
-        std = batch["std"][rows, view].astype(np.float32)
-        noise = rng.standard_normal(mean.shape, dtype=np.float32)
+        mean = records["mean"][rows, view].astype(np.float32)
+        std = records["std"][rows, view].astype(np.float32)
+        # SFC64 draws normals faster than grain's per-batch Philox; seeded from it, so still deterministic.
+        noise = np.random.Generator(np.random.SFC64(rng.integers(2**63))).standard_normal(mean.shape, np.float32)
         image = (mean + std * noise) * np.float32(self.scale_factor)
-        return {"image": image, "label": batch["label"].astype(np.int32)}
+        return {"image": image, "label": records["label"].astype(np.int32)}
