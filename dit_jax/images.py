@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -52,6 +52,8 @@ def load_image(data: bytes) -> tuple[Image.Image, str]:
         image.load()  # decode now: truncation and corruption surface here, not later
         mode = image.mode
         return (image if mode == "RGB" else image.convert("RGB")), mode
+    except UnidentifiedImageError as err:  # its message names a BytesIO address: say it plainly
+        raise BadImage(f"{type(err).__name__}: not an image format PIL can read") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImage(f"{type(err).__name__}: {err}") from err
 
