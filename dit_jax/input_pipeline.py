@@ -43,6 +43,9 @@ def _to_float_random_flip(example: dict, rng: np.random.Generator) -> dict:
 
 
 Source = ArraySource | latents.LatentSource
+# Latent batches are made by 16 threads (reads and numpy release the GIL), at most 32 ahead:
+# grain's default 500-element buffer would hold gigabytes of XL-size batches.
+LATENT_READ_OPTIONS = grain.ReadOptions(num_threads=16, prefetch_buffer_size=32)
 
 
 def make_train_iterator(source: Source, *, batch_size: int, seed: int,
@@ -55,10 +58,9 @@ def make_train_iterator(source: Source, *, batch_size: int, seed: int,
         # Shuffle indices; read and sample whole batches (parallel reads, one vectorised draw).
         ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()[shard_index::shard_count]
         ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1)
-    else:
-        ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[shard_index::shard_count]
-        ds = ds.random_map(_to_float_random_flip, seed=seed + 1).batch(batch_size, drop_remainder=True)
-    return iter(ds)
+        return iter(ds.to_iter_dataset(LATENT_READ_OPTIONS))
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[shard_index::shard_count]
+    return iter(ds.random_map(_to_float_random_flip, seed=seed + 1).batch(batch_size, drop_remainder=True))
 
 
 def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySource:
