@@ -3,11 +3,11 @@ shares of a global shuffle, flips, fresh latent samples, exact resume, clear err
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
 import pytest
-
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from dit_jax import extract_latents, input_pipeline, latents, synthetic
@@ -176,3 +176,14 @@ def test_damaged_latent_folders_are_named(tmp_path):
     (folder / metadata["shards"][0]["file"]).unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         latents.LatentSource(str(folder))
+
+
+@pytest.mark.parametrize("name, fits", [("dit_xl2_256", True), ("dit_b4_256", True), ("dit_xl2_512", False)])
+def test_paper_configs_read_latents_dir(tmp_path, name, fits):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.data.latents_dir = write_latents(tmp_path, 8, std=0.1, shape=(32, 32, 4))  # 256px latents
+    if fits:
+        assert len(input_pipeline.create_source(config)) == 8
+    else:
+        with pytest.raises(ValueError, match="model.input_size=64 but the latents are 32x32"):
+            input_pipeline.create_source(config)
