@@ -30,9 +30,11 @@ from absl import app, flags, logging
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from dit_jax import images, latents, vae as vae_lib
+from dit_jax import images, latents
+from dit_jax import vae as vae_lib
 
 # One record per group: training reads single records in random order.
 WRITER_OPTIONS = "group_size:1,uncompressed"

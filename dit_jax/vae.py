@@ -236,7 +236,7 @@ class AutoencoderKL(nnx.Module):
 # ---------------------------------------------------------------- diffusers weights
 
 _RENAMES = {"kernel": "weight", "scale": "weight"}
-# Attention names of checkpoints saved before diffusers 0.14 (e.g. the sd-vae-ft-* uploads).
+# Attention names in checkpoints written by older diffusers releases (converted on load, as diffusers does).
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 

@@ -56,7 +56,7 @@ def test_bin_folder_matches_diffusers(tmp_path, torch_outputs):
 
 
 def test_legacy_attention_names_load(tiny_vae_dir, tmp_path, torch_outputs):
-    """Checkpoints saved before diffusers 0.14 (like the sd-vae-ft-* uploads) name attention query/key/value/proj_attn."""
+    """Older diffusers checkpoints name the attention layers query/key/value/proj_attn."""
     weights = load_file(str(tiny_vae_dir / "diffusion_pytorch_model.safetensors"))
     legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     renamed = {}
