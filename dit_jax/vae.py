@@ -254,15 +254,11 @@ def _modern_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _to_ours(array: np.ndarray, path: tuple, want: tuple) -> np.ndarray:
-    """PyTorch layouts -> ours: conv OIHW -> HWIO, Linear [out, in] -> [in, out] (legacy 1x1-conv attention too)."""
-    if path[-1] != "kernel":
-        return array
-    if array.ndim == 4 and len(want) == 2:  # a Linear stored as a 1x1 conv
-        array = array[:, :, 0, 0] if array.shape[2:] == (1, 1) else array
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    return array.T if array.ndim == 2 else array
+def _to_ours(array: np.ndarray, path: tuple) -> np.ndarray:
+    """PyTorch layouts -> ours: conv OIHW -> HWIO, Linear [out, in] -> [in, out]."""
+    if path[-1] != "kernel" or array.ndim not in (2, 4):
+        return array  # a wrongly ranked array falls through to the shape check
+    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
 
 
 def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], *, source: str) -> None:
@@ -276,9 +272,10 @@ def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], 
     for name in sorted(set(by_name) & set(state_dict)):
         path = by_name[name]
         want = tuple(ours[path][...].shape)
-        value = _to_ours(np.asarray(state_dict[name], np.float32), path, want)
+        value = _to_ours(np.asarray(state_dict[name], np.float32), path)
         if value.shape != want:
-            wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, model {want} (ours, NHWC)")
+            theirs = want[::-1] if len(want) == 2 else (want[3], want[2], *want[:2]) if len(want) == 4 else want
+            wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, model {theirs}")
         converted[path] = value
     if missing or unexpected or wrong:
         lines = [f"{source} does not fit the AutoencoderKL built from its config.json:"]

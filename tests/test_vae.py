@@ -82,7 +82,7 @@ def test_mismatched_weights_are_listed(tiny_vae_dir, tmp_path):
     message = str(err.value)
     assert "missing (1): decoder.conv_out.bias" in message
     assert "unexpected (1): extra.weight" in message
-    assert "encoder.conv_in.weight: checkpoint (4, 3, 3, 3)" in message
+    assert "encoder.conv_in.weight: checkpoint (4, 3, 3, 3), model (8, 3, 3, 3)" in message
 
 
 def test_unsupported_config_is_named(tiny_vae_dir, tmp_path):
