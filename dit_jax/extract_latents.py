@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -127,7 +128,7 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
     tmp = os.path.join(out_dir, name + ".tmp")
     writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
     chunks = _batches(source.records(start, stop), batch_size)
-    prepare = lambda record: _prepare(record, plan["resolution"])
+    prepare = functools.partial(_prepare, resolution=plan["resolution"])
     pending = [pool.submit(prepare, r) for r in next(chunks, [])]
     while pending:
         done = [f.result() for f in pending]
@@ -148,8 +149,10 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
         report["num_records"] += len(good)
         progress.update(len(done))
     writer.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # on disk before it gets its final name
     os.replace(tmp, os.path.join(out_dir, name))
-    latents.write_json_atomic(os.path.join(out_dir, name[:-len(".array_record")] + ".json"), report)
+    latents.write_json_atomic(_report_path(out_dir, index, plan["num_shards"]), report)
     return report
 
 
