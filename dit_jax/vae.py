@@ -305,7 +305,7 @@ def _fetch(repo_id: str, *, cache_dir: str | None, offline: bool) -> str:
     except Exception as err:  # no network, unknown repo, no huggingface_hub: all mean "fetch it yourself"
         raise FileNotFoundError(
             f"could not get the VAE {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            f"On a machine with network run `huggingface-cli download {repo_id} config.json "
+            f"On a machine with network run `hf download {repo_id} config.json "
             f"diffusion_pytorch_model.safetensors --local-dir DIR`, copy DIR here and pass it as the VAE "
             f"(a folder with config.json and diffusion_pytorch_model.safetensors or .bin)") from err
 

@@ -100,5 +100,5 @@ def test_missing_files_and_offline_hub_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         vae.load_vae(str(tmp_path / "no" / "such" / "vae"))
     # A hub id that is not in the (empty) cache, offline: tell the user how to fetch it.
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download stabilityai/sd-vae-ft-ema"):
+    with pytest.raises(FileNotFoundError, match="hf download stabilityai/sd-vae-ft-ema"):
         vae.load_vae("stabilityai/sd-vae-ft-ema", cache_dir=str(tmp_path / "hub"), offline=True)
