@@ -300,8 +300,13 @@ def _fetch(repo_id: str, *, cache_dir: str | None, offline: bool) -> str:
     """Download (or find in the local Hugging Face cache) a hub VAE; a clear error when that fails."""
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(repo_id, allow_patterns=["config.json", *WEIGHT_FILES], cache_dir=cache_dir,
-                                 local_files_only=offline)
+
+        for weights in WEIGHT_FILES:  # only one weight file: safetensors if the repo has it
+            folder = snapshot_download(repo_id, allow_patterns=["config.json", weights], cache_dir=cache_dir,
+                                       local_files_only=offline)
+            if os.path.exists(os.path.join(folder, weights)):
+                break
+        return folder
     except Exception as err:  # no network, unknown repo, no huggingface_hub: all mean "fetch it yourself"
         raise FileNotFoundError(
             f"could not get the VAE {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
