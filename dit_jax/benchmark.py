@@ -262,21 +262,31 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str]) -> ml_collections.ConfigDict:
+    """The paper config of ``model`` with the benchmark's batch, dtype and ``axis=size`` mesh entries."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    config = paper_config(model, image_size)
+    config.train.batch_size = batch
+    config.dtype = dtype
+    for entry in mesh:
+        axis, _, size = entry.partition("=")
+        if axis not in config.mesh or not size.lstrip("-").isdigit():
+            raise ValueError(f"mesh entries are axis=size with axis one of {list(config.mesh)}, got {entry!r}")
+        config.mesh[axis] = int(size)
+    return config
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _MODEL.value not in MODELS:
-        raise app.UsageError(f"unknown model {_MODEL.value!r}; choose from {', '.join(MODELS)}")
     if _SAMPLE_STEPS.value < 0:
         raise app.UsageError(f"--sample_steps must be >= 0, got {_SAMPLE_STEPS.value}")
-    config = paper_config(_MODEL.value, _IMAGE_SIZE.value)
-    config.train.batch_size = _BATCH.value
-    config.dtype = _DTYPE.value
-    for entry in _MESH.value:
-        axis, _, size = entry.partition("=")
-        if axis not in config.mesh or not size.lstrip("-").isdigit():
-            raise app.UsageError(f"--mesh entries are axis=size with axis one of {list(config.mesh)}, got {entry!r}")
-        config.mesh[axis] = int(size)
+    try:
+        config = make_config(_MODEL.value, image_size=_IMAGE_SIZE.value, batch=_BATCH.value, dtype=_DTYPE.value,
+                             mesh=_MESH.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     result = run(config, steps=_STEPS.value, warmup=_WARMUP.value, sample_steps=_SAMPLE_STEPS.value,
                  cfg_scale=_CFG_SCALE.value, with_torch=_TORCH.value)
     print(json.dumps(result, indent=1) if _JSON.value else format_report(result))

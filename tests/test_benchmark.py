@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import jax
 import pytest
@@ -17,7 +16,8 @@ from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
 from dit_jax.recipes import base_config
 
-BATCH = 8  # divisible by up to 8 (simulated) devices
+BATCH = 8
+MESH = {"data": 4, "fsdp": 2, "tensor": 1}  # the 8 CPU devices that conftest.py simulates
 
 
 def tiny_config():
@@ -25,6 +25,7 @@ def tiny_config():
     c.model.name = ""
     c.model.update(patch_size=2, hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=10)
     c.train.batch_size = BATCH
+    c.mesh.update(MESH)
     return c
 
 
@@ -44,8 +45,8 @@ def test_train_figures(result):
     t = result["train"]
     config = tiny_config()
     assert t["num_params"] == count_params(train.build_model(config, rngs=nnx.Rngs(0)))
-    assert t["num_devices"] == jax.device_count() and t["batch"] == BATCH and t["steps"] == 2
-    assert t["mesh"] == {"data": jax.device_count(), "fsdp": 1, "tensor": 1}
+    assert t["num_devices"] == jax.device_count() == 8 and t["batch"] == BATCH and t["steps"] == 2
+    assert t["mesh"] == MESH
     assert 0 < t["step_seconds_min"] <= t["step_seconds_median"]
     assert t["step_seconds_min"] <= t["step_seconds_mean"]
     assert t["images_per_sec"] == pytest.approx(BATCH / t["step_seconds_median"])
@@ -55,6 +56,7 @@ def test_train_figures(result):
 
 
 def test_train_flops_equal_the_lowered_count(result):
+    # The lowered program is the global one: sharding it changes where the work runs, not the count.
     expected = lowered_train_flops_per_image(tiny_config())
     assert result["train"]["train_flops_per_image"] == pytest.approx(expected, rel=1e-6)
 
@@ -96,22 +98,17 @@ def test_cli_rejects_bad_flags():
         assert out.returncode != 0 and expected in out.stderr
 
 
-def test_sharded_run_counts_the_global_program():
-    # 8 simulated devices need XLA_FLAGS before jax starts: run in a fresh interpreter.
-    script = textwrap.dedent("""
-        import json
-        from dit_jax import benchmark
-        from tests.test_benchmark import lowered_train_flops_per_image, tiny_config
-        config = tiny_config()
-        config.mesh.update(data=4, fsdp=2)
-        t = benchmark.train_benchmark(config, steps=1, warmup=1)
-        print(json.dumps(t))
-    """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    sharded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert sharded["num_devices"] == 8 and sharded["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
-    assert sharded["step_seconds_median"] > 0
-    # The lowered program is the global one: sharding it changes where the work runs, not the count.
-    expected = lowered_train_flops_per_image(tiny_config())
-    assert sharded["train_flops_per_image"] == pytest.approx(expected, rel=1e-6)
+def test_make_config():
+    config = benchmark.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"])
+    assert config.model.name == "DiT-S/2" and config.model.input_size == 64 and config.train.batch_size == 4
+    assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
+    for mesh in (["rows=2"], ["data=two"], ["data"]):
+        with pytest.raises(ValueError, match="axis=size"):
+            benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=mesh)
+
+
+def test_bfloat16_step():
+    config = tiny_config()
+    config.dtype = "bfloat16"
+    t = benchmark.train_benchmark(config, steps=1, warmup=1)
+    assert t["dtype"] == "bfloat16" and t["step_seconds_median"] > 0 and t["train_flops_per_image"] > 0
