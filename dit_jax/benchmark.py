@@ -108,20 +108,27 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
               "batch": config.train.batch_size, "steps": steps,
               **_summary(seconds, config.train.batch_size),
               "train_flops_per_image": flops_per_step / config.train.batch_size}
-    achieved = flops_per_step / result["step_seconds_median"]
-    peak = flops.peak_flops_per_device(jax.devices()[0], DTYPES[config.dtype])
-    result.update(achieved_tflops_per_sec=achieved / 1e12,
-                  peak_tflops_per_sec=None if peak is None else num_devices * peak / 1e12,
-                  mfu=None if peak is None else achieved / (num_devices * peak))
+    result.update(_utilisation(flops_per_step / result["step_seconds_median"], config.dtype))
     return result
 
 
+def _utilisation(flops_per_sec: float, dtype: str) -> dict[str, float | None]:
+    """Achieved TFLOP/s, the devices' summed dense peak and their ratio (MFU); ``None`` where the peak is unknown."""
+    peak = flops.peak_flops_per_device(jax.devices()[0], DTYPES[dtype])
+    peak = None if peak is None else jax.device_count() * peak
+    return {"achieved_tflops_per_sec": flops_per_sec / 1e12,
+            "peak_tflops_per_sec": None if peak is None else peak / 1e12,
+            "mfu": None if peak is None else flops_per_sec / peak}
+
+
 def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float) -> dict[str, Any]:
-    """Images/s of one guided DDPM run of ``num_steps`` over ``train.batch_size`` labels.
+    """Images/s, FLOPs per image and MFU of one guided DDPM run of ``num_steps`` over ``train.batch_size`` labels.
 
     The model is freshly initialised (the weights do not change the work) and replicated
     over the mesh ``config.mesh``; the labels are split over its batch axes. The run is
-    done twice with the same shapes; the first compiles and is not timed.
+    done twice with the same shapes; the first compiles and is not timed. XLA counts a
+    ``lax.scan`` body once, so the FLOPs are those of one guided model evaluation (the
+    doubled batch) times ``num_steps``; the sampler's own elementwise update is left out.
     """
     mesh = sharding.create_mesh(config.mesh)
     model = train.build_model(config, rngs=nnx.Rngs(config.seed))
@@ -133,9 +140,19 @@ def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_s
     def call():
         return sample.generate(model, diffusion, labels, jax.random.key(config.seed), cfg_scale=cfg_scale)
 
+    graphdef, state = nnx.split(model)
+    m = config.model
+
+    def guided_eval(state, x, t, y):
+        return nnx.merge(graphdef, state).forward_with_cfg(x, t, y, cfg_scale)
+
+    x = jax.ShapeDtypeStruct((2 * n, m.input_size, m.input_size, m.in_channels), np.float32)
+    t = y = jax.ShapeDtypeStruct((2 * n,), np.int32)
+    flops_per_image = num_steps * flops.compiled_flops(jax.jit(guided_eval).lower(state, x, t, y), 1) / n
     (seconds,) = _timed(call, 1, 1)
     return {"images": n, "sample_steps": num_steps, "cfg_scale": cfg_scale, "seconds": seconds,
-            "images_per_sec": n / seconds}
+            "images_per_sec": n / seconds, "sample_flops_per_image": flops_per_image,
+            **_utilisation(flops_per_image * n / seconds, config.dtype)}
 
 
 def _architecture(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -237,17 +254,20 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_st
     return result
 
 
+def _percent(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The ``run`` result as readable lines."""
     t = result["train"]
-    mfu = "unknown" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
     lines = [
         f"{result['model']} on {t['num_devices']} x {t['device_kind']} (mesh {t['mesh']}), {t['dtype']}, "
         f"{result['latent_size']}x{result['latent_size']} latents, batch {t['batch']}, {t['num_params']:,} parameters",
         f"train step: {1e3 * t['step_seconds_median']:.1f} ms median, {1e3 * t['step_seconds_min']:.1f} ms min "
         f"over {t['steps']} steps; {t['images_per_sec']:.1f} images/s",
         f"train FLOPs/image: {t['train_flops_per_image'] / 1e9:.2f} GFLOP (XLA cost analysis, multiply-add = 2); "
-        f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {mfu}",
+        f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {_percent(t['mfu'])}",
     ]
     if "torch_train" in result:
         p, ratio = result["torch_train"], result["torch_over_jax_step_time"]
@@ -258,7 +278,9 @@ def format_report(result: dict[str, Any]) -> str:
     if "sample" in result:
         s = result["sample"]
         lines.append(f"sampling: {s['images']} images, {s['sample_steps']}-step guided DDPM (scale "
-                     f"{s['cfg_scale']}): {s['seconds']:.2f} s, {s['images_per_sec']:.2f} images/s")
+                     f"{s['cfg_scale']}): {s['seconds']:.2f} s, {s['images_per_sec']:.2f} images/s; "
+                     f"{s['sample_flops_per_image'] / 1e9:.1f} GFLOP/image, {s['achieved_tflops_per_sec']:.3f} "
+                     f"TFLOP/s; MFU {_percent(s['mfu'])}")
     return "\n".join(lines)
 
 

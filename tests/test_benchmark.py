@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -75,6 +76,15 @@ def test_sample_figures(result):
     s = result["sample"]
     assert s["images"] == BATCH and s["sample_steps"] == 2 and s["seconds"] > 0
     assert s["images_per_sec"] == pytest.approx(BATCH / s["seconds"])
+    # Two steps, each one model evaluation of the doubled (conditional + null) batch; guidance adds a little.
+    model = train.build_model(tiny_config(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x, t = jnp.zeros((2 * BATCH, 8, 8, 4)), jnp.zeros((2 * BATCH,), jnp.int32)
+    forward = 2e9 * xla_gflops(lambda state, x, t: nnx.merge(graphdef, state)(x, t, t), state, x, t)
+    assert s["sample_flops_per_image"] == pytest.approx(2 * forward / BATCH, rel=0.01)
+    assert s["sample_flops_per_image"] > 2 * forward / BATCH
+    assert s["achieved_tflops_per_sec"] == pytest.approx(s["sample_flops_per_image"] * s["images_per_sec"] / 1e12)
+    assert s["mfu"] is None
 
 
 def test_report_and_json(result):
