@@ -39,20 +39,6 @@ from dit_jax import flops, sample, sharding, train
 from dit_jax.models import DTYPES, MODELS, count_params
 from dit_jax.recipes import paper_config
 
-_MODEL = flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
-_MESH = flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
-                          "default: all devices on data.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Global batch: training examples per step, images per sampling run.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed training steps first (the first one compiles).")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 250, "DDPM steps of the timed guided sampling run; 0 skips it.")
-_CFG_SCALE = flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
-
-
 def _timed(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
     """Seconds of each of ``steps`` calls after ``warmup`` untimed ones; each waits for its result."""
     for _ in range(warmup):
@@ -299,20 +285,38 @@ def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: li
     return config
 
 
+def _define_flags() -> None:
+    """The command line. Defined only when run as a program: ``model_stats`` has a ``--json``
+    flag too, and both modules are imported side by side (tests, notebooks)."""
+    flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
+    flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
+    flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
+                      "default: all devices on data.")
+    flags.DEFINE_integer("batch", 32, "Global batch: training examples per step, images per sampling run.")
+    flags.DEFINE_integer("steps", 20, "Timed training steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed training steps first (the first one compiles).")
+    flags.DEFINE_integer("sample_steps", 250, "DDPM steps of the timed guided sampling run; 0 skips it.")
+    flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
+    flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _SAMPLE_STEPS.value < 0:
-        raise app.UsageError(f"--sample_steps must be >= 0, got {_SAMPLE_STEPS.value}")
+    f = flags.FLAGS
+    if f.sample_steps < 0:
+        raise app.UsageError(f"--sample_steps must be >= 0, got {f.sample_steps}")
     try:
-        config = make_config(_MODEL.value, image_size=_IMAGE_SIZE.value, batch=_BATCH.value, dtype=_DTYPE.value,
-                             mesh=_MESH.value)
+        config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    result = run(config, steps=_STEPS.value, warmup=_WARMUP.value, sample_steps=_SAMPLE_STEPS.value,
-                 cfg_scale=_CFG_SCALE.value, with_torch=_TORCH.value)
-    print(json.dumps(result, indent=1) if _JSON.value else format_report(result))
+    result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,
+                 with_torch=f.torch)
+    print(json.dumps(result, indent=1) if f.json else format_report(result))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
