@@ -79,9 +79,8 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
     batch = jax.device_put(random_batch(config, config.seed + 1), sharding.batch_sharding(mesh))
     step_fn = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
-    lowered = step_fn.lower(state, batch)
-    flops_per_step = flops.compiled_flops(lowered, num_devices)  # the global program: no per-device scaling
-    compiled = lowered.compile()
+    flops_per_step = flops.lowered_flops(step_fn, state, batch)  # the global program: no per-device scaling
+    compiled = step_fn.lower(state, batch).compile()
 
     def call():
         nonlocal state
@@ -134,7 +133,7 @@ def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_s
 
     x = jax.ShapeDtypeStruct((2 * n, m.input_size, m.input_size, m.in_channels), np.float32)
     t = y = jax.ShapeDtypeStruct((2 * n,), np.int32)
-    flops_per_image = num_steps * flops.compiled_flops(jax.jit(guided_eval).lower(state, x, t, y), 1) / n
+    flops_per_image = num_steps * flops.lowered_flops(guided_eval, state, x, t, y) / n
     (seconds,) = _timed(call, 1, 1)
     return {"images": n, "sample_steps": num_steps, "cfg_scale": cfg_scale, "seconds": seconds,
             "images_per_sec": n / seconds, "sample_flops_per_image": flops_per_image,

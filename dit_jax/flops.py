@@ -58,13 +58,13 @@ def peak_flops_per_device(device: jax.Device, dtype: Any = jnp.bfloat16) -> floa
     return None
 
 
-def _cost_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float:
+def _cost_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
+    """XLA's flop count of ``stage``, or None where the backend does not analyse that stage."""
     analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # one entry per program on some older backends
         analysis = analysis[0] if analysis else None
     if not analysis or "flops" not in analysis:
-        raise ValueError(f"XLA's cost analysis of this program has no flop count (got {analysis!r}); "
-                         "this backend does not report one")
+        return None
     return float(analysis["flops"])
 
 
@@ -74,21 +74,40 @@ def compiled_flops(compiled: jax.stages.Compiled | jax.stages.Lowered, num_devic
     A compiled SPMD program is the per-device program, so its count is multiplied by
     ``num_devices`` (the devices it runs on). A lowered program is still the global,
     unpartitioned one: its count is already the total and ``num_devices`` is not applied.
+    Backends that analyse only compiled programs (CUDA) get the lowered program compiled.
     """
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    if not isinstance(compiled, (jax.stages.Lowered, jax.stages.Compiled)):
+        raise TypeError(f"expected a jax Compiled or Lowered program (jax.jit(f).lower(...)[.compile()]), "
+                        f"got {type(compiled).__name__}")
     if isinstance(compiled, jax.stages.Lowered):
-        return _cost_flops(compiled)
-    if isinstance(compiled, jax.stages.Compiled):
-        return _cost_flops(compiled) * num_devices
-    raise TypeError(f"expected a jax Compiled or Lowered program (jax.jit(f).lower(...)[.compile()]), "
-                    f"got {type(compiled).__name__}")
+        flops = _cost_flops(compiled)
+        if flops is not None:
+            return flops
+        compiled = compiled.compile()
+    flops = _cost_flops(compiled)
+    if flops is None:
+        raise ValueError("XLA's cost analysis of this program has no flop count; this backend does not report one")
+    return flops * num_devices
+
+
+def lowered_flops(fn: Callable[..., Any], *args: Any) -> float:
+    """Flops (a multiply-add counts as two) of ``fn(*args)`` as XLA counts the whole program.
+
+    The program is lowered for the host CPU from the arguments' shapes alone, never compiled:
+    the pre-optimisation count is the global, unpartitioned program's, costs no compile time,
+    and works on GPUs too, whose XLA backend analyses only compiled per-device programs (and
+    there misses the matmuls it hands to cuBLAS).
+    """
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+    with jax.default_device(jax.devices("cpu")[0]):
+        flops = _cost_flops(jax.jit(fn).lower(*abstract))
+    if flops is None:
+        raise ValueError("XLA's cost analysis of this program has no flop count")
+    return flops
 
 
 def xla_gflops(fn: Callable[..., Any], *args: Any) -> float:
-    """Gflops of ``fn(*args)`` in the paper's convention: one multiply-add counts as one flop.
-
-    The program is lowered, not compiled: the pre-optimisation count is backend-independent
-    and costs no compile time.
-    """
-    return compiled_flops(jax.jit(fn).lower(*args), 1) / 2e9
+    """Gflops of ``fn(*args)`` in the paper's convention: one multiply-add counts as one flop."""
+    return lowered_flops(fn, *args) / 2e9

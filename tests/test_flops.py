@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax.flops import compiled_flops, peak_flops_per_device, xla_gflops
+from dit_jax.flops import compiled_flops, lowered_flops, peak_flops_per_device, xla_gflops
 
 M, K, N = 64, 96, 128
 MATMUL_FLOPS = 2 * M * K * N  # XLA's convention: a multiply-add is two flops
@@ -37,6 +37,27 @@ def test_lowered_program_is_global_so_devices_are_not_applied():
 def test_compiled_count_scales_with_devices():
     compiled = _lowered().compile()
     assert compiled_flops(compiled, 4) == 4 * compiled_flops(compiled, 1)
+
+
+def test_backends_that_analyse_only_compiled_programs(monkeypatch):
+    """CUDA reports no flops for a lowered program: it is compiled and counted per device."""
+    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+    assert compiled_flops(_lowered(), 1) == MATMUL_FLOPS
+    monkeypatch.setattr(jax.stages.Compiled, "cost_analysis", lambda self: {})
+    with pytest.raises(ValueError, match="no flop count"):
+        compiled_flops(_lowered(), 1)
+
+
+def test_lowered_flops_count_the_global_program_from_shapes_alone():
+    """Lowered for the host CPU from shapes (keys included): the same count whatever the arguments hold."""
+    def keyed_matmul(x, w, key):
+        return x @ w + jax.random.normal(key, (M, N))
+
+    x, w = jnp.ones((M, K)), jnp.ones((K, N))
+    plain = lowered_flops(_matmul, x, w)
+    assert plain == MATMUL_FLOPS
+    assert lowered_flops(jax.jit(_matmul), 2 * x, w) == plain
+    assert lowered_flops(keyed_matmul, x, w, jax.random.key(0)) > plain  # + the sampling and the add
 
 
 def test_xla_gflops_uses_the_papers_convention():
