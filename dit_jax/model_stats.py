@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 from dit_jax.diffusion import create_diffusion, training_losses
+from dit_jax.flops import xla_gflops
 from dit_jax.models import MODELS, count_params, create_model
 
 
@@ -59,15 +59,6 @@ GFLOPS_TOLERANCE = 0.01
 
 _JSON = flags.DEFINE_bool("json", False, "Print a JSON list instead of a table.")
 _MODELS = flags.DEFINE_list("models", list(PAPER_TABLE), "Comma-separated model names.")
-
-
-def xla_gflops(fn: Callable[..., Any], *args: Any) -> float:
-    """Gflops of ``fn(*args)`` in the paper's convention: one multiply-add counts as one flop.
-
-    XLA counts a multiply-add as two flops, hence the halving. The program is lowered, not
-    compiled: the pre-optimisation count is backend-independent and costs no compile time.
-    """
-    return jax.jit(fn).lower(*args).cost_analysis()["flops"] / 2e9
 
 
 def model_stats(name: str, *, batch_size: int = 1, train: bool = True, **overrides: Any) -> dict[str, Any]:
