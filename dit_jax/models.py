@@ -23,6 +23,10 @@ GUIDANCE_MODES = ("official", "all")
 OFFICIAL_GUIDANCE_CHANNELS = 3
 
 FREQUENCY_EMBEDDING_SIZE = 256
+# Compute dtypes by config name; parameters, optimiser state and losses stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Rematerialisation: "block" recomputes each block's activations in the backward pass.
+REMAT_MODES = ("none", "block")
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -222,6 +226,10 @@ class FinalLayer(nnx.Module):
         return self.linear(x)
 
 
+def _run_block(block: DiTBlock, x: jax.Array, c: jax.Array | None) -> jax.Array:
+    return block(x, c)
+
+
 def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
     """[N, T, p*p*C] tokens (feature order p, p, C as the official decoder) -> [N, H, W, C]."""
     n, t, _ = x.shape
@@ -250,6 +258,7 @@ class DiT(nnx.Module):
         block_type: str = "adaln_zero",
         guidance: str = "official",
         dtype: Any = jnp.float32,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
@@ -261,6 +270,8 @@ class DiT(nnx.Module):
         self.num_classes = num_classes
         self.block_type = block_type
         self.guidance = guidance
+        self.dtype = dtype
+        self.remat = remat
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype, rngs=rngs)
         self.t_embedder = TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
@@ -279,7 +290,7 @@ class DiT(nnx.Module):
         in float32: eps in the first C channels, then the variance interpolation values.
         """
         self._check_inputs(x, t, y)
-        tokens = self.x_embedder(x) + self.pos_embed[...].astype(x.dtype)
+        tokens = self.x_embedder(x) + self.pos_embed[...].astype(self.dtype)
         t_emb = self.t_embedder(t)
         y_emb = self.y_embedder(y, dropout_key)
         if self.block_type == "in_context":
@@ -289,8 +300,9 @@ class DiT(nnx.Module):
             c = jnp.stack([t_emb, y_emb], axis=1)
         else:
             c = t_emb + y_emb
+        run_block = nnx.remat(_run_block) if self.remat else _run_block
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = run_block(block, tokens, c)
         if self.block_type == "in_context":
             tokens = tokens[:, 2:]
         out = self.final_layer(tokens, c)
@@ -368,6 +380,18 @@ SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 MODELS = {f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in SIZES.items() for p in (2, 4, 8)}
+
+
+def precision_options(dtype: str, remat: str) -> dict[str, Any]:
+    """``DiT`` keyword arguments from the config's ``dtype`` and ``remat`` names."""
+    problems = []
+    if dtype not in DTYPES:
+        problems.append(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    if remat not in REMAT_MODES:
+        problems.append(f"remat {remat!r} is not one of {REMAT_MODES}")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    return dict(dtype=DTYPES[dtype], remat=remat == "block")
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> DiT:

@@ -12,6 +12,14 @@ def base_config() -> ml_collections.ConfigDict:
     """Every field a run reads, with the paper's training recipe as defaults."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params, optimiser state, losses stay float32)
+    c.remat = "none"                  # none | block (recompute each block's activations in the backward pass)
+
+    # Device mesh (see dit_jax/sharding.py): sizes of its axes, one of them may be -1 = the rest.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                  # data parallel: the batch is split over data x fsdp
+    c.mesh.fsdp = 1                   # fully sharded data parallel: large weights split over this axis
+    c.mesh.tensor = 1                 # tensor parallel attention/MLP (must divide num_heads)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "DiT-XL/2"         # a paper model (models.MODELS), or "" for the explicit fields below

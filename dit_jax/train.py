@@ -31,7 +31,7 @@ from PIL import Image
 
 from dit_jax import checkpointing, classifier, diffusion as gd, input_pipeline, sample, synthetic
 from dit_jax.image_grid import save_grid
-from dit_jax.models import DiT, count_params, create_model
+from dit_jax.models import DiT, count_params, create_model, precision_options
 
 
 @flax.struct.dataclass
@@ -50,7 +50,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DiT:
     m = config.model
     common = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                  block_type=m.block_type, guidance=m.guidance)
+                  block_type=m.block_type, guidance=m.guidance,
+                  **precision_options(config.dtype, config.remat))
     if m.name:
         return create_model(m.name, rngs=rngs, **common)
     return DiT(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,

@@ -1,6 +1,15 @@
-"""Shared fixtures: the official PyTorch DiT reference data and NCHW -> NHWC conversion."""
+"""Shared fixtures: the official PyTorch DiT reference data and NCHW -> NHWC conversion.
+
+The session simulates 8 CPU devices (for the sharding tests); it must be set before jax is
+imported, and a device count already in the user's ``XLA_FLAGS`` wins.
+"""
 
 from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 from collections.abc import Callable
 from pathlib import Path

@@ -1,0 +1,209 @@
+"""Sharding: meshes, parameter rules, and sharded steps equal to one device (8 simulated CPUs)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from configs import default
+from dit_jax import sharding, train
+
+CPUS = jax.devices("cpu")
+STEPS = 3
+MESHES = [(8, 1, 1), (4, 2, 1), (1, 8, 1), (2, 2, 2)]
+
+
+def tiny_config():
+    """A depth-2, width-64, 4-head DiT on 8x8x4 inputs, batch 16."""
+    c = default.get_config()
+    c.model.update(hidden_size=64, depth=2, num_heads=4, patch_size=2, input_size=8, in_channels=4, num_classes=10)
+    c.train.batch_size = 16
+    return c
+
+
+def mesh_of(shape, devices=CPUS):
+    return sharding.create_mesh(dict(zip(sharding.MESH_AXES, shape)), devices[:int(np.prod(shape))])
+
+
+def names_of(path):
+    return jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """The tiny model's state with a gradient-keeping SGD, its step, a batch, and one-device steps."""
+    c = tiny_config()
+    graphdef, fixed, state = train.create_train_state(c)
+    # SGD whose state is the last gradient (a trace with decay 0): grads are compared exactly.
+    tx = optax.chain(optax.trace(decay=0.0), optax.scale(-0.5))
+    state = state.replace(opt_state=tx.init(state.params))
+    step = functools.partial(train.train_step, graphdef=graphdef, fixed=fixed, diffusion=train.build_diffusion(c),
+                             tx=tx, ema_decay=0.9)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((16, 8, 8, 4)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    single = mesh_of((1, 1, 1))
+    ref_step = jax.jit(step)
+    states, losses = [jax.device_put(state, sharding.train_state_shardings(state, single))], []
+    for _ in range(STEPS):
+        new, metrics = ref_step(states[-1], sharding.global_batch(batch, single))
+        states.append(new)
+        losses.append(float(metrics["loss"]))
+    return state, step, batch, states[-1], losses
+
+
+def assert_tree_close(actual, expected, rtol):
+    """Leafwise close within ``rtol``, near-zero entries within ``rtol`` of the leaf's largest value."""
+    for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        e = np.asarray(e)
+        np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=rtol * np.abs(e).max(), err_msg=names_of(path))
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_sharded_steps_match_one_device(setup, shape):
+    state, step, batch, ref_state, ref_losses = setup
+    mesh = mesh_of(shape)
+    shardings = sharding.train_state_shardings(state, mesh)
+    # No out_shardings: what comes out is the layout GSPMD propagated through the step (it may
+    # split a small weight the rules replicate, so each step starts from the rules' layout).
+    sharded_step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
+    current, losses = state, []
+    for _ in range(STEPS):
+        current, metrics = sharded_step(jax.device_put(current, shardings), sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert_tree_close(current.opt_state[0].trace, ref_state.opt_state[0].trace, rtol=1e-5)  # last grads
+    assert_tree_close(current.params, ref_state.params, rtol=1e-5)
+    assert_tree_close(current.ema_params, ref_state.ema_params, rtol=1e-5)
+    # Every weight the rules shard is still sharded that way after the step.
+    sharded = 0
+    for (path, out), expected in zip(jax.tree_util.tree_leaves_with_path(current), jax.tree.leaves(shardings)):
+        if expected.spec != P():
+            assert out.sharding.is_equivalent_to(expected, out.ndim), (names_of(path), out.sharding.spec, expected.spec)
+            sharded += 1
+    assert sharded > 0 if shape[1] * shape[2] > 1 else sharded == 0
+
+
+@pytest.fixture(scope="module")
+def abstract_state():
+    """The tiny model's TrainState (AdamW) as shapes only: rules need no values."""
+    return jax.eval_shape(lambda: train.create_train_state(tiny_config())[2])
+
+
+def test_rules_shard_large_weights_by_fsdp_and_tensor(abstract_state):
+    mesh = mesh_of((2, 2, 2))
+    params = sharding.params_shardings(abstract_state.params, mesh)
+    block = params["blocks"][0]
+    # Column parallel by output, row parallel by input; FSDP takes the other (largest free) axis.
+    assert block["attn"]["qkv"]["kernel"].spec == P("fsdp", "tensor")
+    assert block["attn"]["qkv"]["bias"].spec == P("tensor")
+    assert block["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
+    assert block["attn"]["proj"]["kernel"].spec == P("tensor", "fsdp")
+    assert block["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
+    assert block["mlp"]["fc2"]["bias"].spec == P()
+    # adaLN (6*64 outputs) is not tensor parallel, only FSDP; the patch conv's "proj" is not attention.
+    assert block["adaLN_modulation"]["layers"][1]["kernel"].spec == P(None, "fsdp")
+    assert params["x_embedder"]["proj"]["kernel"].spec == P()  # 2*2*4*64 elements < FSDP_MIN_SIZE
+    assert params["final_layer"]["linear"]["bias"].spec == P()
+    # Per device, FSDP x tensor keep a quarter of a fully split weight.
+    qkv = jax.device_put(np.zeros((64, 192), np.float32), block["attn"]["qkv"]["kernel"].get_value())
+    assert qkv.addressable_shards[0].data.shape == (32, 96)
+
+
+def test_fsdp_takes_the_largest_divisible_axis_and_leaves_small_weights():
+    sizes = {"data": 1, "fsdp": 4, "tensor": 1}
+    assert sharding.param_spec(("w", "kernel"), (1001, 1152), sizes) == P(None, "fsdp")
+    assert sharding.param_spec(("w", "kernel"), (1152, 4608), sizes) == P(None, "fsdp")
+    assert sharding.param_spec(("w", "kernel"), (1001, 1003), sizes) == P()
+    assert sharding.param_spec(("w", "bias"), (1152,), sizes) == P()
+    assert sharding.param_spec(("w", "bias"), (1152,), sizes, fsdp_min_size=1) == P("fsdp")
+
+
+def test_tensor_split_that_does_not_divide_is_rejected():
+    with pytest.raises(ValueError, match=r"blocks/0/mlp/fc1/kernel.*tensor=3"):
+        sharding.param_spec(("blocks", 0, "mlp", "fc1", "kernel"), (64, 256), {"tensor": 3})
+
+
+def test_optimizer_and_ema_follow_params_step_and_rng_replicated(abstract_state):
+    mesh = mesh_of((2, 2, 2))
+    shardings = sharding.train_state_shardings(abstract_state, mesh)
+    assert jax.tree.structure(shardings) == jax.tree.structure(abstract_state)
+    params = jax.tree.leaves(shardings.params)
+    adam = shardings.opt_state[0]
+    for mirror in (adam.mu, adam.nu, shardings.ema_params):
+        assert jax.tree.leaves(mirror) == params
+    assert adam.count.spec == shardings.step.spec == shardings.rng.spec == P()
+    assert any(s.spec != P() for s in params)
+
+
+def test_mesh_sizes_and_axis_types():
+    mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, CPUS)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
+    assert sharding.mesh_shape({"fsdp": 8}, 8) == (1, 8, 1)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"data": 3, "fsdp": -1}, "does not divide 8"),
+    ({"data": -1, "fsdp": -1}, "at most one -1"),
+    ({"data": 0}, "must be positive"),
+    ({"data": 2, "fsdp": 2}, "uses 4 devices but there are 8"),
+    ({"data": -1, "model": 2}, "unknown axes"),
+])
+def test_bad_mesh_is_rejected(config, match):
+    with pytest.raises(ValueError, match=match):
+        sharding.create_mesh(config, CPUS)
+
+
+def test_global_batch_is_split_over_data_and_fsdp():
+    mesh = mesh_of((2, 2, 2))
+    batch = {"image": np.arange(8 * 2 * 2 * 1, dtype=np.float32).reshape(8, 2, 2, 1), "label": np.arange(8)}
+    arrays = sharding.global_batch(batch, mesh)
+    for name, array in arrays.items():
+        assert array.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), array.ndim)
+        np.testing.assert_array_equal(np.asarray(array), batch[name])
+        assert array.addressable_shards[0].data.shape[0] == 2  # 4 batch shards, each on 2 tensor devices
+    assert sharding.process_batch_size(16, mesh) == 16
+    with pytest.raises(ValueError, match="divisible by data x fsdp = 4"):
+        sharding.process_batch_size(10, mesh)
+    with pytest.raises(ValueError, match=r"batch\['label'\] has leading size 6.*4 batch shards"):
+        sharding.global_batch({"label": np.arange(6)}, mesh)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(mesh=dict(data=2, fsdp=1, tensor=4)), r"num_heads 6 must be divisible by mesh.tensor 4"),
+    (dict(mesh=dict(data=-1, fsdp=1, tensor=1), batch_size=12), r"batch_size 12 must be divisible by data x fsdp = 8"),
+])
+def test_config_that_does_not_fit_the_mesh_is_rejected(overrides, match):
+    c = tiny_config()
+    c.model.update(name="DiT-S/2")  # 6 heads
+    c.mesh.update(overrides["mesh"])
+    c.train.batch_size = overrides.get("batch_size", 16)
+    with pytest.raises(ValueError, match=match):
+        sharding.check_config(c, 8)
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+])
+def test_multi_process_launch_is_detected(environ, expected):
+    assert sharding.launched_multi_process(environ) is expected
+
+
+def test_single_process_initialisation_is_a_no_op():
+    sharding.initialize_distributed()
+    sharding.initialize_distributed()
+    assert not jax.distributed.is_initialized()
+    assert sharding.is_main_process()
