@@ -22,16 +22,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from dit_jax import checkpointing, classifier, diffusion as gd, input_pipeline, sample, synthetic
+from dit_jax import checkpointing, classifier, diffusion as gd, flops, input_pipeline, sample, sharding, synthetic
 from dit_jax.image_grid import save_grid
-from dit_jax.models import DiT, count_params, create_model, precision_options
+from dit_jax.models import DTYPES, DiT, count_params, create_model, precision_options
 
 
 @flax.struct.dataclass
@@ -69,15 +69,58 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.adamw(config.train.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.train.weight_decay)
 
 
-def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
-    """Initialise the model, optimiser and EMA; returns (graphdef, fixed state, train state)."""
-    key = jax.random.key(config.seed)
-    init_key, state_key = jax.random.split(key)
-    model = build_model(config, rngs=nnx.Rngs(init_key))
-    graphdef, params, fixed = nnx.split(model, nnx.Param, ...)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params),
-                       ema_params=jax.tree.map(jnp.copy, params), rng=state_key)
-    return graphdef, fixed, state
+def _initializer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Callable[[], tuple[nnx.State, TrainState]],
+                                                             tuple[nnx.State, TrainState]]:
+    """(graphdef, ``init() -> (fixed state, train state)`` from ``config.seed``, their abstract shapes)."""
+    graphdefs = []
+
+    def init() -> tuple[nnx.State, TrainState]:
+        init_key, state_key = jax.random.split(jax.random.key(config.seed))
+        graphdef, params, fixed = nnx.split(build_model(config, rngs=nnx.Rngs(init_key)), nnx.Param, ...)
+        graphdefs.append(graphdef)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params),
+                           ema_params=jax.tree.map(jnp.copy, params), rng=state_key)
+        return fixed, state
+
+    abstract = jax.eval_shape(init)
+    return graphdefs[0], init, abstract
+
+
+def _place(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """Abstract state leaves with their ``sharding.train_state_shardings`` on ``mesh``."""
+    shardings = sharding.train_state_shardings(abstract_state, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def _on_mesh(config: ml_collections.ConfigDict, mesh: Mesh
+             ) -> tuple[nnx.GraphDef, nnx.State, TrainState, Callable[[], TrainState]]:
+    """(graphdef, replicated fixed state, abstract sharded train state, a jitted initialiser of that state).
+
+    The train state is created directly in its sharded layout (``sharding.train_state_shardings``),
+    so a big model never sits whole on one device; computing only the fixed state lets XLA skip
+    the parameter initialisation when a checkpoint will be restored instead.
+    """
+    graphdef, init, (_, abstract_state) = _initializer(config)
+    abstract_state = _place(abstract_state, mesh)
+    fixed = jax.jit(lambda: init()[0], out_shardings=NamedSharding(mesh, PartitionSpec()))()
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    return graphdef, fixed, abstract_state, jax.jit(lambda: init()[1], out_shardings=shardings)
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
+    """Initialise the model, optimiser and EMA (sharded over ``mesh`` if given); (graphdef, fixed state, train state)."""
+    if mesh is None:
+        graphdef, init, _ = _initializer(config)
+        fixed, state = init()
+        return graphdef, fixed, state
+    graphdef, fixed, _, init_state = _on_mesh(config, mesh)
+    return graphdef, fixed, init_state()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """The train state's shapes, dtypes and shardings on ``mesh``, without computing it (a restore target)."""
+    return _place(_initializer(config)[2][1], mesh)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, fixed: nnx.State,
@@ -106,11 +149,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
-                    diffusion: gd.Diffusion) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``train_step`` bound to this run's model, chain and optimiser, jitted with the state donated."""
+                    diffusion: gd.Diffusion, mesh: Mesh | None = None,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``train_step`` bound to this run's model, chain and optimiser, jitted with the state donated.
+
+    With a ``mesh`` the state keeps ``sharding.train_state_shardings`` and the batch ``sharding.batch_sharding``.
+    """
     step = functools.partial(train_step, graphdef=graphdef, fixed=fixed, diffusion=diffusion,
                              tx=make_optimizer(config), ema_decay=config.train.ema_decay)
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_train_state(config, mesh))
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
@@ -118,9 +169,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     t = config.train
     if t.steps < 1 or t.batch_size < 1:
         problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
-    if t.batch_size % jax.process_count():
-        problems.append(f"train.batch_size ({t.batch_size}) must be a multiple of the process count "
-                        f"({jax.process_count()}): each process feeds an equal share")
     if not 0.0 <= t.ema_decay < 1.0:
         problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.max_to_keep < 1:
@@ -136,6 +184,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"sample.sampler {config.sample.sampler!r} is not one of {sample.SAMPLERS}")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+    sharding.check_config(config, jax.device_count())
 
 
 @contextlib.contextmanager
@@ -153,6 +202,19 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
         yield event
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _step_flops(config: ml_collections.ConfigDict, step_fn: Callable, abstract_state: TrainState,
+                mesh: Mesh) -> tuple[float | None, float | None]:
+    """(flops of one train step, peak flops/s of the mesh), or (None, None) when the device's peak is unknown."""
+    peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
+    if not peak:
+        return None, None
+    m, batch = config.model, sharding.batch_sharding(mesh)
+    batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size, m.input_size, m.input_size, m.in_channels),
+                                                jnp.float32, sharding=batch),
+                  "label": jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32, sharding=batch)}
+    return flops.compiled_flops(step_fn.lower(abstract_state, batch_spec), 1), peak * mesh.devices.size
 
 
 def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:
@@ -186,85 +248,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     is_main = jax.process_index() == 0
+    mesh = sharding.create_mesh(config.mesh)
     source = input_pipeline.create_source(config)
     batches = input_pipeline.make_train_iterator(
-        source, batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
+        source, batch_size=sharding.process_batch_size(config.train.batch_size, mesh), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count())
-    graphdef, fixed, state = create_train_state(config)
     checkpoint_dir = os.path.join(workdir, "checkpoints")
-    manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
-                                           max_to_keep=config.train.max_to_keep)
-    restored = checkpointing.restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state), batches,
-                                            config, quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
-    if restored is not None:
-        state = restored
-    start_step = int(state.step)
-    last_checkpoint = start_step if restored is not None else None
-    num_params = count_params(nnx.merge(graphdef, state.params, fixed))
-    logging.info("model: %s, %d trainable parameters; %s", config.model.name or "custom DiT", num_params,
-                 f"resumed from step {start_step}" if restored is not None else "starting from scratch")
-    step_fn = make_train_step(config, graphdef, fixed, build_diffusion(config))
+    with contextlib.ExitStack() as stack:
+        manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
+                                               max_to_keep=config.train.max_to_keep)
+        stack.callback(manager.close)  # waits for the last async save
+        # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
+        graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
+        state = checkpointing.restore_latest(manager, abstract_state, batches, config,
+                                             quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
+        resumed = state is not None
+        state = state if resumed else init_state()
+        start_step = int(state.step)
+        last_checkpoint = start_step if resumed else None
+        num_params = count_params(nnx.merge(graphdef, state.params, fixed))
+        logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
+                     num_params, dict(mesh.shape),
+                     f"resumed from step {start_step}" if resumed else "starting from scratch")
+        step_fn = make_train_step(config, graphdef, fixed, build_diffusion(config), mesh)
+        step_flops, peak_flops = _step_flops(config, step_fn, abstract_state, mesh)
 
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    history = _read_history(metrics_path, up_to_step=start_step)
-    writer = metric_writers.create_default_writer(workdir if is_main else None, just_logging=not is_main)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps, every_steps=config.train.log_every)]
-    if is_main and config.train.profile_steps:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
-                                              profile_duration_ms=None, first_profile=start_step + 10,
-                                              every_secs=None))
-    window_start, window, unchecked = time.time(), [], []
-    step = start_step
-    try:
-        with _stop_on_sigterm() as sigterm, open(metrics_path, "w") if is_main else contextlib.nullcontext() as log:
-            if log:
-                log.writelines(json.dumps(h) + "\n" for h in history)
-            while step < config.train.steps:
-                step += 1
-                state, metrics = step_fn(state, next(batches))
-                window.append(metrics)
-                unchecked.append((step, metrics))
-                for hook in hooks:
-                    hook(step)
-                stop = sigterm.is_set() or manager.reached_preemption(step)
-                save = stop or step % config.train.checkpoint_every == 0 or step == config.train.steps
-                log_now = step % config.train.log_every == 0 or step == config.train.steps
-                if save or log_now:
-                    # Never log or checkpoint past a non-finite step.
-                    bad = _first_non_finite(unchecked)
-                    if bad is not None:
-                        where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} "
-                                 "(rerunning the same command resumes from it)" if last_checkpoint is not None
-                                 else "no checkpoint was written")
-                        raise FloatingPointError(f"non-finite loss {bad[1]} at step {bad[0]}; stopping: {where}. "
-                                                 "Lower train.lr or check the data.")
-                    unchecked = []
-                if log_now:
-                    elapsed = time.time() - window_start
-                    record = {k: float(np.mean(v)) for k, v in
-                              jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
-                    record.update(step=step, steps_per_sec=len(window) / elapsed,
-                                  images_per_sec=len(window) * config.train.batch_size / elapsed,
-                                  learning_rate=float(config.train.lr))
-                    writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
-                    if log:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    history.append(record)
-                    window_start, window = time.time(), []
-                if save:
-                    checkpointing.save(manager, step, state, batches, config, force=True)
-                    last_checkpoint = step
-                if config.train.sample_every and step % config.train.sample_every == 0:
-                    _write_sample_grid(config, graphdef, fixed, state, workdir, writer, step)
-                if stop:
-                    logging.warning("SIGTERM: stopped at step %d after checkpointing it; rerun the same command "
-                                    "to resume", step)
-                    return {"preempted_at_step": step}
-    finally:
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        history = _read_history(metrics_path, up_to_step=start_step)
+        writer = metric_writers.create_default_writer(workdir if is_main else None, just_logging=not is_main)
+        stack.callback(writer.close)
+        hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps,
+                                                 every_steps=config.train.log_every)]
+        if is_main and config.train.profile_steps:
+            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
+                                                  profile_duration_ms=None, first_profile=start_step + 10,
+                                                  every_secs=None))
+        sigterm = stack.enter_context(_stop_on_sigterm())
+        log = stack.enter_context(open(metrics_path, "w")) if is_main else None
+        if log:
+            log.writelines(json.dumps(h) + "\n" for h in history)
+        window_start, window, unchecked = time.time(), [], []
+        for step in range(start_step + 1, config.train.steps + 1):
+            state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+            window.append(metrics)
+            unchecked.append((step, metrics))
+            for hook in hooks:
+                hook(step)
+            stop = sigterm.is_set() or manager.reached_preemption(step)
+            save = stop or step % config.train.checkpoint_every == 0 or step == config.train.steps
+            log_now = step % config.train.log_every == 0 or step == config.train.steps
+            if save or log_now:
+                # Never log or checkpoint past a non-finite step.
+                bad = _first_non_finite(unchecked)
+                if bad is not None:
+                    where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} "
+                             "(rerunning the same command resumes from it)" if last_checkpoint is not None
+                             else "no checkpoint was written")
+                    raise FloatingPointError(f"non-finite loss {bad[1]} at step {bad[0]}; stopping: {where}. "
+                                             "Lower train.lr or check the data.")
+                unchecked = []
+            if log_now:
+                elapsed = time.time() - window_start
+                record = {k: float(np.mean(v)) for k, v in
+                          jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
+                record.update(step=step, steps_per_sec=len(window) / elapsed,
+                              images_per_sec=len(window) * config.train.batch_size / elapsed,
+                              learning_rate=float(config.train.lr))
+                if step_flops:
+                    record["mfu"] = step_flops * record["steps_per_sec"] / peak_flops
+                writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                history.append(record)
+                window_start, window = time.time(), []
+            if save:
+                checkpointing.save(manager, step, state, batches, config, force=True)
+                last_checkpoint = step
+            if config.train.sample_every and step % config.train.sample_every == 0:
+                _write_sample_grid(config, graphdef, fixed, state, workdir, writer, step)
+            if stop:
+                logging.warning("SIGTERM: stopped at step %d after checkpointing it; rerun the same command "
+                                "to resume", step)
+                return {"preempted_at_step": step}
     train_seconds = time.time() - start
 
     summary: dict[str, Any] = {
