@@ -18,7 +18,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
-from dit_jax import checkpointing, train
+from dit_jax import checkpointing, input_pipeline, sharding, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds.
@@ -201,3 +201,32 @@ def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path
         state = restore_step(config, tmp_path, step)
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.ema_params)))
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    assert jax.device_count() == 8  # tests/conftest.py simulates 8 CPU devices
+    config = tiny_config(10, checkpoint_every=10)
+    train.train_and_evaluate(config, str(tmp_path))  # mesh data=8
+    on_one_device = restore_step(config, tmp_path, 10)
+
+    # Four devices, two-way data and two-way FSDP: the large weights come back split.
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
+    manager = checkpointing.create_manager(str(tmp_path / "checkpoints"), every_steps=1, max_to_keep=3)
+    iterator = input_pipeline.make_train_iterator(input_pipeline.create_source(config), batch_size=16, seed=0)
+    try:
+        on_four = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), iterator, config,
+                                               quarantine_dir=str(tmp_path / "unused"))
+    finally:
+        manager.close()
+    assert_states_equal(on_four, on_one_device)
+    fc1 = on_four.params["blocks"][0]["mlp"]["fc1"]["kernel"][...]
+    assert fc1.sharding.mesh.devices.size == 4 and "fsdp" in fc1.sharding.spec
+    assert iterator.get_state() == json.loads(
+        (tmp_path / "checkpoints" / "10" / "data" / "process_0-of-1.json").read_text())
+
+    # The run itself resumes on another layout of the devices and keeps training.
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.train.steps = 12
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["resumed_from_step"] == 10
+    assert np.isfinite(summary["final_loss"])
