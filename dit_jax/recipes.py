@@ -49,7 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 400_000
     c.train.batch_size = 256          # global batch
-    c.train.lr = 1e-4                 # AdamW, constant, no warmup
+    c.train.lr = 1e-4                 # AdamW peak learning rate
+    c.train.lr_schedule = "constant"  # constant (the paper) | cosine (decays to 0 at train.steps)
+    c.train.warmup_steps = 0          # linear warmup from 0 (the paper: none)
     c.train.weight_decay = 0.0
     c.train.ema_decay = 0.9999
     c.train.log_every = 100           # metrics (TensorBoard, metrics.jsonl, console) every this many steps

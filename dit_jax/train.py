@@ -64,9 +64,23 @@ def build_diffusion(config: ml_collections.ConfigDict, respacing: str = "") -> g
                                learn_sigma=config.model.learn_sigma, diffusion_steps=config.diffusion.steps)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """``train.lr`` after ``train.warmup_steps`` of linear warmup: constant (the paper) or cosine-decayed to 0."""
+    t = config.train
+    if t.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, t.steps)
+    # (optax.warmup_constant_schedule gives 0 forever when warmup_steps == 0.)
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), optax.constant_schedule(t.lr)],
+                                [t.warmup_steps])
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate and no warmup (the paper's optimiser)."""
-    return optax.adamw(config.train.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.train.weight_decay)
+    """AdamW (the paper's optimiser: lr 1e-4, constant, no warmup, no weight decay by default)."""
+    return optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=config.train.weight_decay)
 
 
 def _initializer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Callable[[], tuple[nnx.State, TrainState]],
@@ -169,6 +183,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     t = config.train
     if t.steps < 1 or t.batch_size < 1:
         problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
+    if t.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    if not 0 <= t.warmup_steps < t.steps:
+        problems.append(f"train.warmup_steps must be in [0, train.steps), got {t.warmup_steps}")
     if not 0.0 <= t.ema_decay < 1.0:
         problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if t.log_every < 1 or t.checkpoint_every < 1 or t.max_to_keep < 1:
@@ -272,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      f"resumed from step {start_step}" if resumed else "starting from scratch")
         step_fn = make_train_step(config, graphdef, fixed, build_diffusion(config), mesh)
         step_flops, peak_flops = _step_flops(config, step_fn, abstract_state, mesh)
+        lr_schedule = learning_rate_schedule(config)
 
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         history = _read_history(metrics_path, up_to_step=start_step)
@@ -313,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
                 record.update(step=step, steps_per_sec=len(window) / elapsed,
                               images_per_sec=len(window) * config.train.batch_size / elapsed,
-                              learning_rate=float(config.train.lr))
+                              learning_rate=float(lr_schedule(step - 1)))  # the last step's (optax counts from 0)
                 if step_flops:
                     record["mfu"] = step_flops * record["steps_per_sec"] / peak_flops
                 writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})

@@ -81,11 +81,27 @@ def test_train_step_is_a_pure_function_of_the_state():
     np.testing.assert_allclose(e1, p0 + (1 - c.train.ema_decay) * (p1 - p0), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("schedule, warmup, expected", [
+    ("constant", 0, {0: 1e-3, 40: 1e-3, 80: 1e-3}),          # the paper: constant, no warmup
+    ("constant", 20, {0: 0.0, 10: 5e-4, 20: 1e-3, 80: 1e-3}),
+    ("cosine", 0, {0: 1e-3, 40: 5e-4, 80: 0.0}),
+    ("cosine", 20, {0: 0.0, 10: 5e-4, 20: 1e-3, 50: 5e-4, 80: 0.0}),
+])
+def test_learning_rate_schedules(schedule, warmup, expected):
+    c = tiny_config()
+    c.train.update(lr_schedule=schedule, warmup_steps=warmup)
+    lr = train.learning_rate_schedule(c)
+    for step, value in expected.items():
+        assert float(lr(step)) == pytest.approx(value, abs=1e-9), (schedule, warmup, step)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("train.steps", 0, "train.steps"),
     ("train.ema_decay", 1.0, "ema_decay"),
     ("data.image_size", 32, "must equal model.input_size"),
     ("sample.sampler", "euler", "sampler"),
+    ("train.lr_schedule", "linear", "lr_schedule"),
+    ("train.warmup_steps", 80, "warmup_steps"),
     ("data.source", "imagenet", "data.source='imagenet' is not available"),
     ("model.block_type", "film", "block_type"),
     ("train.checkpoint_every", 0, "checkpoint_every"),
