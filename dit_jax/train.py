@@ -283,6 +283,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         resumed = state is not None
         state = state if resumed else init_state()
         start_step = int(state.step)
+        if start_step > config.train.steps:
+            raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="
+                             f"{config.train.steps}; raise train.steps to continue it, or use a new --workdir")
         last_checkpoint = start_step if resumed else None
         num_params = count_params(nnx.merge(graphdef, state.params, fixed))
         logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
@@ -385,22 +388,22 @@ def _ema_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixe
     return np.asarray(samples), np.asarray(labels)
 
 
-def _save_sample_grid(config: ml_collections.ConfigDict, samples: np.ndarray, path: str) -> bool:
-    """Pixel-space samples -> a PNG grid with one row per class (process 0); False if not pixel space."""
-    if config.data.source != "synthetic":
-        return False
+def _save_sample_grid(config: ml_collections.ConfigDict, samples: np.ndarray, path: str) -> None:
+    """Pixel-space samples -> a PNG grid with one row per class (on process 0)."""
     if jax.process_index() == 0:
         rows = synthetic.from_model_range(samples).reshape(-1, config.sample.per_class, *samples.shape[1:])
         save_grid(path, rows)
-    return True
 
 
 def _write_sample_grid(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
                        state: TrainState, workdir: str, writer: metric_writers.MetricWriter, step: int) -> None:
-    """The periodic EMA sample grid: ``workdir/samples/step_<step>.png`` and a TensorBoard image."""
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    """The periodic EMA sample grid of pixel-space data: ``workdir/samples/step_<step>.png`` and a TensorBoard image."""
+    if config.data.source != "synthetic":
+        return
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    if _save_sample_grid(config, _ema_samples(config, graphdef, fixed, state)[0], path) and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _save_sample_grid(config, _ema_samples(config, graphdef, fixed, state)[0], path)
+    if jax.process_index() == 0:
         writer.write_images(step, {"ema_samples": np.asarray(Image.open(path).convert("RGB"))[None]})
 
 
@@ -412,7 +415,8 @@ def _sample_and_score(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     out: dict[str, Any] = {"sample_seconds": time.time() - t0, "samples_png": "samples.png",
                            "sampler": f"{config.sample.sampler} {config.sample.respacing} steps, "
                                       f"guidance {config.sample.cfg_scale}"}
-    _save_sample_grid(config, samples, os.path.join(workdir, "samples.png"))
+    if config.data.source == "synthetic":
+        _save_sample_grid(config, samples, os.path.join(workdir, "samples.png"))
     if config.eval.class_consistency:
         out.update(_class_consistency(config, samples, labels))
     return out
