@@ -174,7 +174,7 @@ def test_no_readable_checkpoint_is_an_error_that_keeps_them(tmp_path):
     assert committed_steps(tmp_path) == [10]
 
 
-def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+def test_a_checkpoint_of_another_model_or_past_the_last_step_is_refused_and_kept(tmp_path):
     config = tiny_config(10, checkpoint_every=10)
     train.train_and_evaluate(config, str(tmp_path))
     metrics = (tmp_path / "metrics.jsonl").read_text()
@@ -185,6 +185,9 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
     assert committed_steps(tmp_path) == [10]
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
     assert int(restore_step(config, tmp_path, 10).step) == 10
+    # The same model asked to stop before the checkpoint's step: an error, not a silent no-op.
+    with pytest.raises(ValueError, match="at step 10, past train.steps=5"):
+        train.train_and_evaluate(tiny_config(5), str(tmp_path))
 
 
 def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path):

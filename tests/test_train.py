@@ -43,7 +43,7 @@ def tensorboard_steps(workdir) -> dict[str, list[int]]:
 
 def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     config = tiny_config()
-    config.train.sample_every = 40
+    config.train.update(sample_every=40, profile_steps=2)
     summary = train.train_and_evaluate(config, str(tmp_path))
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(5, 81, 5))
@@ -61,6 +61,7 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path):
         assert tags[tag] == list(range(5, 81, 5)), tag
     assert tags["ema_samples"] == [40, 80]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000040.png", "step_00000080.png"]
+    assert list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # the profile of steps 10-12
 
 
 def test_train_step_is_a_pure_function_of_the_state():
