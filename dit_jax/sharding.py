@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,28 +38,34 @@ COLUMN_PARALLEL = {("attn", "qkv"), ("cross_attn", "q"), ("cross_attn", "kv"), (
 # ... and by input, so each pair needs one reduction of its output and nothing in between.
 ROW_PARALLEL = {("attn", "proj"), ("cross_attn", "proj"), ("mlp", "fc2")}
 
-# Environment variables by which a launcher says this is one of several processes.
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+# Environment variables by which a cluster launcher (Slurm, Open MPI, Cloud TPU) says how many
+# processes it started; jax.distributed.initialize() reads the rest of the setup from them.
+_PROCESS_COUNT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
 def launched_multi_process(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the launcher started several JAX processes (explicit coordinator, Slurm, Open MPI, TPU pod)."""
-    if environ.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    for name in _MULTI_PROCESS_ENV[1:]:
+    """Whether a cluster launcher started several processes of this program."""
+    for name in _PROCESS_COUNT_ENV:
         value = environ.get(name, "")
         count = len(value.split(",")) if name == "TPU_WORKER_HOSTNAMES" else int(value or 1)
-        if value and count > 1:
+        if count > 1:
             return True
     return False
 
 
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when launched as several processes; a no-op otherwise or if done.
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Join the other processes of a multi-process run; a no-op in a single process or if done already.
 
-    Must run before anything touches the devices (call it first in ``main``).
+    Under Slurm, Open MPI or on a Cloud TPU pod everything is detected; elsewhere pass the
+    coordinator's ``host:port``, the number of processes and this one's id. Must run before
+    anything touches the devices (call it first in ``main``).
     """
-    if launched_multi_process() and not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if num_processes is not None and num_processes > 1:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    elif num_processes is None and launched_multi_process():
         jax.distributed.initialize()
 
 
@@ -164,6 +170,17 @@ def train_state_shardings(state: Any, mesh: Mesh) -> Any:
     return state.replace(step=replicated, rng=replicated, params=params,
                          opt_state=follow_params(state.opt_state, state.params, params, mesh),
                          ema_params=follow_params(state.ema_params, state.params, params, mesh))
+
+
+def create_sharded_state(init: Callable[[], Any], mesh: Mesh) -> tuple[Any, Any]:
+    """Run ``init`` (a train-state constructor) under jit with the rules' output layout.
+
+    Each device materialises only its own shards, which is how a state is created across
+    processes (``device_put`` cannot reach other hosts' devices) and for models too large
+    for one device. Returns the state and its shardings (for the step's in/out_shardings).
+    """
+    shardings = train_state_shardings(jax.eval_shape(init), mesh)
+    return jax.jit(init, out_shardings=shardings)(), shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -11,7 +12,8 @@ import pytest
 from flax import nnx
 
 from dit_jax.convert import load_official_state_dict, to_official_state_dict
-from dit_jax.models import BLOCK_TYPES, DiT, count_params, create_model
+from dit_jax import diffusion as gd
+from dit_jax.models import BLOCK_TYPES, DiT, count_params, create_model, precision_options
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
@@ -153,6 +155,80 @@ def test_state_dict_round_trip(official, reference):
     assert exported.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+# --- precision and rematerialisation ---------------------------------------------------
+
+def matmul_operand_types(model: DiT, inputs) -> list[str]:
+    """The StableHLO operand types of every matmul and convolution of a forward pass
+    (outputs may be wider: attention logits accumulate in float32)."""
+    text = jax.jit(lambda x, t, y: model(x, t, y)).lower(*inputs).as_text()
+    return [line.rsplit(" : (", 1)[1].split(") -> ")[0] for line in text.splitlines()
+            if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_output(reference, inputs, block_type):
+    config = dict(reference.config, block_type=block_type)
+    f32 = DiT(**config, rngs=nnx.Rngs(0))
+    bf16 = DiT(**config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    params = nnx.state(f32, nnx.Param)
+    # Non-zero gates and output layer, so every block shapes the output.
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
+    nnx.update(f32, params)
+    nnx.update(bf16, params)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    f32_types, bf16_types = matmul_operand_types(f32, inputs), matmul_operand_types(bf16, inputs)
+    assert len(bf16_types) == len(f32_types) > 2 * DEPTH
+    assert all("f32" in t and "bf16" not in t for t in f32_types)
+    assert all("bf16" in t and "f32" not in t for t in bf16_types)
+    expected, out = (nnx.jit(lambda m, x, t, y: m(x, t, y))(m, *inputs) for m in (f32, bf16))
+    assert out.dtype == jnp.float32
+    assert_close(out, expected, rtol=5e-2)
+    assert not np.allclose(out, expected, rtol=0, atol=1e-6)  # it did compute in lower precision
+
+
+def test_bfloat16_loss_and_gradients_are_float32(official, reference, inputs):
+    model = official_model(reference, dtype=jnp.bfloat16)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x, _, y = inputs
+    d = gd.create_diffusion("", learn_sigma=True)
+    t = jnp.array([1, 200, 500, 999])
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        return gd.training_losses(d, lambda x_t, tt: m(x_t, tt, y), x, t, jnp.ones_like(x))["loss"].mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert value.dtype == jnp.float32 and np.isfinite(value)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_block_remat_gives_the_same_gradients(reference, inputs):
+    grads = {}
+    for remat in (False, True):
+        model = official_model(reference, remat=remat)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params):
+            return jnp.sum(nnx.merge(graphdef, params, rest)(*inputs) ** 2)
+
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        assert len(re.findall(r"\b(?:remat2|checkpoint)\[", jaxpr)) == (DEPTH if remat else 0)
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+    assert jax.tree.structure(grads[True]) == jax.tree.structure(grads[False])
+    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
+        assert_close(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, remat, match", [
+    ("float16", "none", r"dtype 'float16' is not one of \('float32', 'bfloat16'\)"),
+    ("float32", "full", r"remat 'full' is not one of \('none', 'block'\)"),
+])
+def test_unknown_precision_options_are_rejected(dtype, remat, match):
+    with pytest.raises(ValueError, match=match):
+        precision_options(dtype, remat)
+    assert precision_options("bfloat16", "block") == dict(dtype=jnp.bfloat16, remat=True)
 
 
 # --- classifier-free guidance ---------------------------------------------------------

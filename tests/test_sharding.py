@@ -1,8 +1,18 @@
-"""Sharding: meshes, parameter rules, and sharded steps equal to one device (8 simulated CPUs)."""
+"""Sharding: meshes, parameter rules, and sharded steps equal to one device (8 simulated CPUs).
+
+Run as a script (``python tests/test_sharding.py PROCESS_ID PORT``) it is one of the two
+processes of ``test_two_processes_match_one_device``.
+"""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from configs import default
 from dit_jax import sharding, train
 
-CPUS = jax.devices("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 MESHES = [(8, 1, 1), (4, 2, 1), (1, 8, 1), (2, 2, 2)]
 
@@ -26,8 +36,29 @@ def tiny_config():
     return c
 
 
-def mesh_of(shape, devices=CPUS):
-    return sharding.create_mesh(dict(zip(sharding.MESH_AXES, shape)), devices[:int(np.prod(shape))])
+def tiny_problem():
+    """For the tiny model with a gradient-keeping SGD: a function creating its state, its
+    (unjitted) step, and a batch."""
+    c = tiny_config()
+    graphdef, fixed, _ = train.create_train_state(c)
+    # SGD whose state is the last gradient (a trace with decay 0): grads are compared exactly.
+    tx = optax.chain(optax.trace(decay=0.0), optax.scale(-0.5))
+
+    def init_state():
+        state = train.create_train_state(c)[2]
+        return state.replace(opt_state=tx.init(state.params))
+
+    step = functools.partial(train.train_step, graphdef=graphdef, fixed=fixed, diffusion=train.build_diffusion(c),
+                             tx=tx, ema_decay=0.9)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.standard_normal((16, 8, 8, 4)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    return init_state, step, batch
+
+
+def mesh_of(shape):
+    """A (data, fsdp, tensor) mesh over the first simulated CPU devices."""
+    return sharding.create_mesh(dict(zip(sharding.MESH_AXES, shape)), jax.devices("cpu")[:int(np.prod(shape))])
 
 
 def names_of(path):
@@ -36,25 +67,17 @@ def names_of(path):
 
 @pytest.fixture(scope="module")
 def setup():
-    """The tiny model's state with a gradient-keeping SGD, its step, a batch, and one-device steps."""
-    c = tiny_config()
-    graphdef, fixed, state = train.create_train_state(c)
-    # SGD whose state is the last gradient (a trace with decay 0): grads are compared exactly.
-    tx = optax.chain(optax.trace(decay=0.0), optax.scale(-0.5))
-    state = state.replace(opt_state=tx.init(state.params))
-    step = functools.partial(train.train_step, graphdef=graphdef, fixed=fixed, diffusion=train.build_diffusion(c),
-                             tx=tx, ema_decay=0.9)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.standard_normal((16, 8, 8, 4)).astype(np.float32),
-             "label": rng.integers(0, 10, 16).astype(np.int32)}
+    """``tiny_problem`` and its state and metrics after each of ``STEPS`` steps on one device."""
+    init_state, step, batch = tiny_problem()
+    state = init_state()
     single = mesh_of((1, 1, 1))
     ref_step = jax.jit(step)
-    states, losses = [jax.device_put(state, sharding.train_state_shardings(state, single))], []
+    states, metrics = [jax.device_put(state, sharding.train_state_shardings(state, single))], []
     for _ in range(STEPS):
-        new, metrics = ref_step(states[-1], sharding.global_batch(batch, single))
+        new, m = ref_step(states[-1], sharding.global_batch(batch, single))
         states.append(new)
-        losses.append(float(metrics["loss"]))
-    return state, step, batch, states[-1], losses
+        metrics.append(jax.device_get(m))
+    return state, step, batch, states[-1], metrics
 
 
 def assert_tree_close(actual, expected, rtol):
@@ -66,7 +89,7 @@ def assert_tree_close(actual, expected, rtol):
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_sharded_steps_match_one_device(setup, shape):
-    state, step, batch, ref_state, ref_losses = setup
+    state, step, batch, ref_state, ref_metrics = setup
     mesh = mesh_of(shape)
     shardings = sharding.train_state_shardings(state, mesh)
     # No out_shardings: what comes out is the layout GSPMD propagated through the step (it may
@@ -76,7 +99,7 @@ def test_sharded_steps_match_one_device(setup, shape):
     for _ in range(STEPS):
         current, metrics = sharded_step(jax.device_put(current, shardings), sharding.global_batch(batch, mesh))
         losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(losses, [m["loss"] for m in ref_metrics], rtol=1e-5)
     assert_tree_close(current.opt_state[0].trace, ref_state.opt_state[0].trace, rtol=1e-5)  # last grads
     assert_tree_close(current.params, ref_state.params, rtol=1e-5)
     assert_tree_close(current.ema_params, ref_state.ema_params, rtol=1e-5)
@@ -142,7 +165,7 @@ def test_optimizer_and_ema_follow_params_step_and_rng_replicated(abstract_state)
 
 
 def test_mesh_sizes_and_axis_types():
-    mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, CPUS)
+    mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices("cpu"))
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
     assert mesh.axis_types == (AxisType.Auto,) * 3
     assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
@@ -158,7 +181,7 @@ def test_mesh_sizes_and_axis_types():
 ])
 def test_bad_mesh_is_rejected(config, match):
     with pytest.raises(ValueError, match=match):
-        sharding.create_mesh(config, CPUS)
+        sharding.create_mesh(config, jax.devices("cpu"))
 
 
 def test_global_batch_is_split_over_data_and_fsdp():
@@ -196,7 +219,6 @@ def test_config_that_does_not_fit_the_mesh_is_rejected(overrides, match):
     ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
     ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
     ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
 ])
 def test_multi_process_launch_is_detected(environ, expected):
     assert sharding.launched_multi_process(environ) is expected
@@ -207,3 +229,41 @@ def test_single_process_initialisation_is_a_no_op():
     sharding.initialize_distributed()
     assert not jax.distributed.is_initialized()
     assert sharding.is_main_process()
+
+
+def run_process(process_id: int, port: str) -> None:
+    """One of two processes: its half of the batch, one step on a (2, 2, 2) mesh across both."""
+    sharding.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
+    init_state, step, batch = tiny_problem()
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    n = sharding.process_batch_size(len(batch["label"]), mesh)
+    local = {name: value[process_id * n:(process_id + 1) * n] for name, value in batch.items()}
+    state, shardings = sharding.create_sharded_state(init_state, mesh)
+    sharded_step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
+    _, metrics = sharded_step(state, sharding.global_batch(local, mesh))
+    print(json.dumps({"process": jax.process_index(), "main": sharding.is_main_process(), "local_batch": n,
+                      "devices": jax.device_count(), "loss": float(metrics["loss"]),
+                      "grad_norm": float(metrics["grad_norm"])}))
+
+
+def test_two_processes_match_one_device(setup):
+    """Two processes of 4 CPU devices each feed their own half of the batch: same step as one device."""
+    ref = setup[-1][0]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, __file__, str(i), port], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [(r["process"], r["main"], r["local_batch"], r["devices"]) for r in results] == [(0, True, 8, 8),
+                                                                                              (1, False, 8, 8)]
+    for r in results:
+        np.testing.assert_allclose([r["loss"], r["grad_norm"]], [ref["loss"], ref["grad_norm"]], rtol=1e-5)
+
+
+if __name__ == "__main__":
+    run_process(int(sys.argv[1]), sys.argv[2])
