@@ -22,6 +22,8 @@ from absl import logging
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
+from dit_jax import sharding
+
 ITEMS = ("state", "data", "config")
 # Config sections that define the parameters and what they compute: a checkpoint whose values
 # differ in any of them belongs to another model.
@@ -66,7 +68,7 @@ def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int], quarantine_dir: str) -> None:
     """Move unreadable step directories out of the manager's way (kept for inspection, not deleted)."""
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
         os.makedirs(quarantine_dir, exist_ok=True)
         for step in steps:
             target = os.path.join(quarantine_dir, str(step))

@@ -9,7 +9,7 @@ so a scheduler sees it did not finish and can rerun it.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import train
+from dit_jax import sharding, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).", lock_config=True)
@@ -20,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sharding.initialize_distributed()  # joins the other processes of a multi-host run; before any device use
     logging.info("config:\n%s", FLAGS.config)
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if "preempted_at_step" in result:

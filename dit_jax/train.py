@@ -117,8 +117,7 @@ def _on_mesh(config: ml_collections.ConfigDict, mesh: Mesh
     graphdef, init, (_, abstract_state) = _initializer(config)
     abstract_state = _place(abstract_state, mesh)
     fixed = jax.jit(lambda: init()[0], out_shardings=NamedSharding(mesh, PartitionSpec()))()
-    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-    return graphdef, fixed, abstract_state, jax.jit(lambda: init()[1], out_shardings=shardings)
+    return graphdef, fixed, abstract_state, lambda: sharding.create_sharded_state(lambda: init()[1], mesh)[0]
 
 
 def create_train_state(config: ml_collections.ConfigDict,
@@ -265,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_config(config)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    is_main = jax.process_index() == 0
+    is_main = sharding.is_main_process()
     mesh = sharding.create_mesh(config.mesh)
     source = input_pipeline.create_source(config)
     batches = input_pipeline.make_train_iterator(
@@ -390,7 +389,7 @@ def _ema_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixe
 
 def _save_sample_grid(config: ml_collections.ConfigDict, samples: np.ndarray, path: str) -> None:
     """Pixel-space samples -> a PNG grid with one row per class (on process 0)."""
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
         rows = synthetic.from_model_range(samples).reshape(-1, config.sample.per_class, *samples.shape[1:])
         save_grid(path, rows)
 
@@ -403,7 +402,7 @@ def _write_sample_grid(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
     path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _save_sample_grid(config, _ema_samples(config, graphdef, fixed, state)[0], path)
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
         writer.write_images(step, {"ema_samples": np.asarray(Image.open(path).convert("RGB"))[None]})
 
 
