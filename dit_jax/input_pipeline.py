@@ -1,8 +1,11 @@
 """Training input: a grain pipeline of shuffled, randomly flipped, batched examples.
 
-Examples are ``{"image": float32 [H, W, C] in [-1, 1], "label": int32}``; batches stack them.
-Each process reads only its own share (``shard_index`` of ``shard_count``), and the
-iterator's ``get_state``/``set_state`` let a checkpoint resume at the exact example.
+Examples are ``{"image": float32 [H, W, C], "label": int32}``; batches stack them. Images
+are synthetic pixels in [-1, 1] or pre-encoded ImageNet latents (``latents.LatentSource``:
+a fresh posterior sample of a random flip, times the VAE scale factor, at every read).
+Every epoch is one global permutation from the seed; each process reads only its own share
+of it (``shard_index`` of ``shard_count``), and the iterator's ``get_state``/``set_state``
+let a checkpoint resume at the exact example.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from dit_jax import synthetic
+from dit_jax import latents, synthetic
 
 
 class ArraySource:
@@ -39,15 +42,25 @@ def _to_float_random_flip(example: dict, rng: np.random.Generator) -> dict:
     return {"image": np.ascontiguousarray(image), "label": example["label"]}
 
 
-def make_train_iterator(source: ArraySource, *, batch_size: int, seed: int,
+Source = ArraySource | latents.LatentSource
+# Latent batches are made by 16 threads (reads and numpy release the GIL), at most 32 ahead:
+# grain's default 500-element buffer would hold gigabytes of XL-size batches.
+LATENT_READ_OPTIONS = grain.ReadOptions(num_threads=16, prefetch_buffer_size=32)
+
+
+def make_train_iterator(source: Source, *, batch_size: int, seed: int,
                         shard_index: int = 0, shard_count: int = 1) -> grain.DatasetIterator:
-    """An endless iterator of batches: reshuffled every epoch from ``seed``, this shard's share only."""
+    """An endless iterator of batches: a new global permutation every epoch, this shard's share of it."""
     if len(source) // shard_count < batch_size:
         raise ValueError(f"the dataset share ({len(source)} examples / {shard_count} shards) is smaller "
                          f"than one batch of {batch_size}; make more data or use a smaller batch")
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    ds = ds.shuffle(seed=seed).repeat().random_map(_to_float_random_flip, seed=seed + 1)
-    return iter(ds.batch(batch_size, drop_remainder=True))
+    if isinstance(source, latents.LatentSource):
+        # Shuffle indices; read and sample whole batches (parallel reads, one vectorised draw).
+        ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()[shard_index::shard_count]
+        ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1)
+        return iter(ds.to_iter_dataset(LATENT_READ_OPTIONS))
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[shard_index::shard_count]
+    return iter(ds.random_map(_to_float_random_flip, seed=seed + 1).batch(batch_size, drop_remainder=True))
 
 
 def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySource:
@@ -57,9 +70,28 @@ def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySo
     return ArraySource(images, labels)
 
 
-def create_source(config: ml_collections.ConfigDict) -> ArraySource:
+def latent_source(config: ml_collections.ConfigDict) -> latents.LatentSource:
+    """Pre-encoded latents in ``config.data.latents_dir``, checked against ``config.model``."""
+    source = latents.LatentSource(config.data.latents_dir)
+    h, w, c = source.shape
+    m, problems = config.model, []
+    if (m.input_size, m.input_size) != (h, w):
+        problems.append(f"model.input_size={m.input_size} but the latents are {h}x{w} "
+                        f"(from {source.metadata['resolution']}px images): use --config.model.input_size={h}")
+    if m.in_channels != c:
+        problems.append(f"model.in_channels={m.in_channels} but the latents have {c} channels")
+    if m.num_classes < source.num_classes:
+        problems.append(f"model.num_classes={m.num_classes} but the latents have {source.num_classes} classes")
+    if problems:
+        raise ValueError(f"the model does not fit the latents in {config.data.latents_dir}: " + "; ".join(problems))
+    return source
+
+
+def create_source(config: ml_collections.ConfigDict) -> Source:
     """The training data named by ``config.data.source``."""
     if config.data.source == "synthetic":
         return synthetic_source(config, seed=config.seed)
-    raise ValueError(f"data.source={config.data.source!r} is not available: use 'synthetic' (the ImageNet "
-                     "latent pipeline, data.source='latents' with data.latents_dir, is not part of this release yet)")
+    if config.data.source == "latents":
+        return latent_source(config)
+    raise ValueError(f"data.source={config.data.source!r} is not available: use 'latents' (pre-encoded ImageNet, "
+                     "with data.latents_dir) or 'synthetic'")

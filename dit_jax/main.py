@@ -1,4 +1,5 @@
-"""Entry point: parse flags and train (or resume: rerun the same command).
+"""Entry point: parse flags, join the other processes of a multi-process run, and train (or resume:
+rerun the same command).
 
     python -m dit_jax.main --config configs/default.py --workdir runs/demo [--config.train.steps=100]
 
@@ -15,12 +16,16 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the summary.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sharding.initialize_distributed()  # joins the other processes of a multi-host run; before any device use
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("config:\n%s", FLAGS.config)
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if "preempted_at_step" in result:

@@ -240,7 +240,11 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
 
 
 class DiT(nnx.Module):
-    """Diffusion Transformer over NHWC latents: ``model(x, t, y) -> eps (and variance values)``."""
+    """Diffusion Transformer over NHWC latents: ``model(x, t, y) -> eps (and variance values)``.
+
+    ``dtype`` is the compute type (parameters stay float32, the output is float32);
+    ``remat`` recomputes each block's activations in the backward pass to save memory.
+    """
 
     def __init__(
         self,

@@ -103,11 +103,8 @@ def create_mesh(mesh_config: Mapping[str, int], devices: list[jax.Device] | None
 
 def _names(path: tuple[Any, ...]) -> tuple[Any, ...]:
     """A pytree key path as plain names, without the ``.value`` of nnx Variables."""
-    names = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        names.append(name)
-    return tuple(names[:-1] if names and names[-1] == "value" else names)
+    names = tuple(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))) for key in path)
+    return names[:-1] if names and names[-1] == "value" else names
 
 
 def param_spec(names: tuple[Any, ...], shape: tuple[int, ...], axis_sizes: Mapping[str, int],
@@ -115,7 +112,7 @@ def param_spec(names: tuple[Any, ...], shape: tuple[int, ...], axis_sizes: Mappi
     """The partition spec of one parameter, from its path names (e.g. ``(..., "mlp", "fc1", "kernel")``)."""
     spec: list[Any] = [None] * len(shape)
     tensor, fsdp = axis_sizes.get("tensor", 1), axis_sizes.get("fsdp", 1)
-    layer, kind = tuple(names[-3:-1]), names[-1] if names else None
+    layer, kind = tuple(names[-3:-1]), (names[-1] if names else None)
     if tensor > 1 and kind in ("kernel", "bias"):
         axis = None
         if layer in COLUMN_PARALLEL:

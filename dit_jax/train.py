@@ -429,10 +429,12 @@ def _class_consistency(config: ml_collections.ConfigDict, samples: np.ndarray, l
     judge = classifier.train_classifier(synthetic.to_model_range(images), targets, num_classes=k, seed=config.seed)
     held_images, held_labels = synthetic.generate(config.eval.heldout_examples, num_classes=k, image_size=size,
                                                   seed=config.seed + 2000)
+    held_images = synthetic.to_model_range(held_images)
+    held_images[1::2] = held_images[1::2, :, ::-1]  # both orientations, like the DiT's (flipped) training data
     predicted = classifier.predict(judge, samples)
     per_class = [float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)]
     return {
-        "classifier_heldout_accuracy": classifier.accuracy(judge, synthetic.to_model_range(held_images), held_labels),
+        "classifier_heldout_accuracy": classifier.accuracy(judge, held_images, held_labels),
         "class_consistency": float(np.mean(predicted == labels)),
         "class_consistency_per_class": per_class,
         "chance": 1.0 / k,

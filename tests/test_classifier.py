@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from dit_jax import classifier
-from dit_jax.synthetic import generate, to_model_range
+from dit_jax.synthetic import CLASS_NAMES, generate, to_model_range
 
 NUM_CLASSES = 10
 
@@ -41,6 +41,14 @@ def test_judges_shape_not_colour(judge, held_out):
     images, labels = held_out
     assert classifier.accuracy(judge, images[..., ::-1], labels) >= 0.9
     assert classifier.accuracy(judge, np.roll(images, 1, axis=-1), labels) >= 0.9
+
+
+def test_recognises_mirrored_shapes(judge, held_out):
+    """The DiT trains on randomly flipped data, so a mirrored crescent is still a crescent."""
+    images, labels = held_out
+    chiral = np.isin(labels, [CLASS_NAMES.index("crescent"), CLASS_NAMES.index("checkerboard")])
+    assert chiral.sum() >= 150
+    assert classifier.accuracy(judge, images[chiral][:, :, ::-1], labels[chiral]) >= 0.9
 
 
 def test_robust_to_mild_noise(judge, held_out):

@@ -1,11 +1,16 @@
-"""The grain input pipeline: deterministic per seed, disjoint shards, flips, clear errors."""
+"""The grain input pipeline (synthetic images, pre-encoded latents): deterministic per seed, disjoint
+shares of a global shuffle, flips, fresh latent samples, exact resume, clear errors."""
 
 from __future__ import annotations
 
+import importlib
+import json
+
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 
-from dit_jax import input_pipeline, synthetic
+from dit_jax import extract_latents, input_pipeline, latents, synthetic
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +51,14 @@ def test_batches_are_model_range_floats_and_flips_of_the_data(source):
     assert 0 < sum(flipped for _, flipped in found) < 32
 
 
-def test_an_epoch_visits_each_example_of_the_shard_once(source):
+def test_an_epoch_is_split_between_shards(source):
     data = synthetic.to_model_range(source.images)
+    halves = []
     for shard in range(2):
         it = input_pipeline.make_train_iterator(source, batch_size=8, seed=0, shard_index=shard, shard_count=2)
         epoch = np.concatenate([next(it)["image"] for _ in range(6)])  # 48 examples = this shard's epoch
-        indices = sorted(_source_index(data, image)[0] for image in epoch)
-        assert indices == list(range(shard, 96, 2))
+        halves.append({_source_index(data, image)[0] for image in epoch})
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(96))
 
 
 def test_resume_from_iterator_state(source):
@@ -72,3 +78,112 @@ def test_bad_inputs_are_named(source):
         input_pipeline.ArraySource(np.zeros((4, 8, 8, 3), np.float32), np.zeros(4))
     with pytest.raises(ValueError, match="labels must have shape"):
         input_pipeline.ArraySource(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(5))
+
+
+# ---------------------------------------------------------------- pre-encoded latents
+
+SCALE = 0.5
+
+
+def write_latents(folder, n: int, *, std: float, per_shard: int = 40, shape=(2, 2, 4)) -> str:
+    """A latents folder whose record i has mean +(i+1) (view 0) / -(i+1) (flipped view) and the given std."""
+    shards = []
+    count = -(-n // per_shard)
+    for s in range(count):
+        name = latents.shard_name(s, count)
+        writer = ArrayRecordWriter(str(folder / name), extract_latents.WRITER_OPTIONS)
+        for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+            mean = np.stack([np.full(shape, i + 1.0), np.full(shape, -(i + 1.0))])
+            writer.write(latents.encode_record(i % 4, mean, np.full_like(mean, std), "float16"))
+        writer.close()
+        shards.append({"file": name, "num_records": min(n, (s + 1) * per_shard) - s * per_shard})
+    metadata = {"latent_shape": list(shape), "dtype": "float16", "scale_factor": SCALE, "resolution": 16,
+                "num_images": n, "counts_per_class": [n // 4] * 4, "shards": shards}
+    (folder / latents.METADATA).write_text(json.dumps(metadata))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def exact_latents(tmp_path_factory):
+    """std = 0: every sample identifies its record and view exactly."""
+    return latents.LatentSource(write_latents(tmp_path_factory.mktemp("exact"), 96, std=0.0))
+
+
+def record_and_view(batch) -> tuple[np.ndarray, np.ndarray]:
+    values = batch["image"][:, 0, 0, 0] / SCALE
+    assert np.all(batch["image"] == batch["image"][:, :1, :1, :1])  # one record's constant latent
+    return np.rint(np.abs(values)).astype(int) - 1, values < 0
+
+
+def test_latent_batches_are_scaled_views_of_the_records(exact_latents):
+    batch = next(input_pipeline.make_train_iterator(exact_latents, batch_size=32, seed=0))
+    assert batch["image"].shape == (32, 2, 2, 4) and batch["image"].dtype == np.float32
+    assert batch["label"].dtype == np.int32
+    index, flipped = record_and_view(batch)
+    assert list(batch["label"]) == list(index % 4)
+    assert 8 < flipped.sum() < 24  # each view with probability 1/2
+
+
+def test_latent_epochs_are_global_permutations_split_between_hosts(exact_latents):
+    epochs = []
+    for shard in range(2):
+        it = input_pipeline.make_train_iterator(exact_latents, batch_size=8, seed=0, shard_index=shard, shard_count=2)
+        epochs.append([np.concatenate([record_and_view(next(it))[0] for _ in range(6)]) for _ in range(2)])
+    for epoch in range(2):  # 48 examples per host per epoch: disjoint halves of one permutation of 96
+        a, b = epochs[0][epoch], epochs[1][epoch]
+        assert not set(a) & set(b) and sorted(np.concatenate([a, b])) == list(range(96))
+    assert not np.array_equal(epochs[0][0], epochs[0][1])  # reshuffled every epoch
+    assert not np.array_equal(np.sort(epochs[0][0]), np.arange(0, 96, 2))  # not a fixed strided share
+
+
+def test_latent_order_depends_only_on_the_seed(exact_latents):
+    order = lambda seed: np.concatenate([record_and_view(b)[0] for b in take(
+        input_pipeline.make_train_iterator(exact_latents, batch_size=8, seed=seed), 4)])
+    assert np.array_equal(order(0), order(0)) and not np.array_equal(order(0), order(1))
+
+
+def test_latents_are_fresh_posterior_samples_and_resume_exactly(tmp_path):
+    source = latents.LatentSource(write_latents(tmp_path, 64, std=0.5, shape=(8, 8, 4)))
+    it = input_pipeline.make_train_iterator(source, batch_size=64, seed=0)
+    first, second = take(it, 2)
+    for batch in (first, second):
+        mean = np.arange(1, 65)[:, None, None, None]  # record i sits at +-(i+1); recover it from the sample
+        z = batch["image"] / SCALE
+        index = np.rint(np.abs(z).mean(axis=(1, 2, 3))).astype(int) - 1
+        noise = (np.abs(z) - mean[index]) / 0.5
+        assert abs(noise.mean()) < 0.05 and 0.95 < noise.std() < 1.05
+    # Each epoch covers every record once, with new noise.
+    assert not np.allclose(np.sort(np.abs(first["image"]).ravel()), np.sort(np.abs(second["image"]).ravel()))
+
+    state = it.get_state()
+    expected = take(it, 3)
+    again = input_pipeline.make_train_iterator(source, batch_size=64, seed=0)
+    again.set_state(state)
+    for x, y in zip(expected, take(again, 3)):
+        assert np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"])
+
+
+def test_damaged_latent_folders_are_named(tmp_path):
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    write_latents(folder, 16, std=0.1)
+    metadata = json.loads((folder / latents.METADATA).read_text())
+    with pytest.raises(ValueError, match="corrupt latent record: 3 bytes"):
+        latents.decode_records([b"abc"], (2, 2, 4), "float16")
+    (folder / latents.METADATA).write_text(json.dumps({**metadata, "num_images": 17}))
+    with pytest.raises(ValueError, match="the shards hold 16 records but metadata.json counts 17"):
+        latents.LatentSource(str(folder))
+    (folder / metadata["shards"][0]["file"]).unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        latents.LatentSource(str(folder))
+
+
+@pytest.mark.parametrize("name, fits", [("dit_xl2_256", True), ("dit_b4_256", True), ("dit_xl2_512", False)])
+def test_paper_configs_read_latents_dir(tmp_path, name, fits):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.data.latents_dir = write_latents(tmp_path, 8, std=0.1, shape=(32, 32, 4))  # 256px latents
+    if fits:
+        assert len(input_pipeline.create_source(config)) == 8
+    else:
+        with pytest.raises(ValueError, match="model.input_size=64 but the latents are 32x32"):
+            input_pipeline.create_source(config)

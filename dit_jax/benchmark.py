@@ -1,0 +1,322 @@
+"""Throughput of the training step and of guided sampling, with FLOPs and MFU; optionally vs PyTorch.
+
+``python -m dit_jax.benchmark --model DiT-XL/2 --batch 32 --steps 20 --dtype bfloat16`` times
+the project's real jitted train step (``train.make_train_step``: hybrid loss, label dropout,
+AdamW, EMA) on a fixed on-device batch of random latents, so no input pipeline is measured,
+with the state and batch laid out on a device mesh (``sharding.py``; ``--mesh``), then a
+guided DDPM run (``sample.generate``, 250 steps unless ``--sample_steps``). Each timed call
+ends with ``block_until_ready``; warm-up calls (compilation included) are not timed.
+
+Train FLOPs come from XLA's cost analysis of the step (see ``flops.py``: a multiply-add is
+two flops; everything the step computes counts, optimiser and EMA included). They are
+counted on the lowered, global program, before XLA's fusion duplicates cheap elementwise
+work into several kernels (the compiled per-device count times the devices is a few %
+higher on tiny models): these are the model's flops, so the ratio to the devices' dense
+peak for ``--dtype`` is the MFU, "unknown" where the device is not in
+``flops.peak_flops_per_device``'s table.
+
+``--torch`` also times the same model and batch in PyTorch on the CPU or CUDA device:
+diffusers' ``DiTTransformer2DModel`` (see ``torch_train_benchmark`` for what each side computes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dit_jax import flops, sample, sharding, train
+from dit_jax.models import DTYPES, MODELS, count_params
+from dit_jax.recipes import paper_config
+
+def _timed(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    """Seconds of each of ``steps`` calls after ``warmup`` untimed ones; each waits for its result."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _summary(seconds: list[float], batch: int) -> dict[str, float]:
+    median = statistics.median(seconds)
+    return {"step_seconds_median": median, "step_seconds_min": min(seconds),
+            "step_seconds_mean": statistics.fmean(seconds), "images_per_sec": batch / median}
+
+
+def random_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
+    """A batch of standard-normal latents and uniform labels, shaped as ``config`` says."""
+    m, n = config.model, config.train.batch_size
+    rng = np.random.default_rng(seed)
+    return {"image": rng.standard_normal((n, m.input_size, m.input_size, m.in_channels), np.float32),
+            "label": rng.integers(0, m.num_classes, n, dtype=np.int32)}
+
+
+def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> dict[str, Any]:
+    """Step time, images/s, train FLOPs per image and MFU of ``train.make_train_step`` on ``config``.
+
+    The state and batch are placed on the mesh ``config.mesh`` over all devices.
+    """
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1 (the first call compiles), got {steps}, {warmup}")
+    num_devices = jax.device_count()
+    sharding.check_config(config, num_devices)
+    mesh = sharding.create_mesh(config.mesh)
+    graphdef, fixed, state = train.create_train_state(config)
+    state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
+    batch = jax.device_put(random_batch(config, config.seed + 1), sharding.batch_sharding(mesh))
+    step_fn = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
+    lowered = step_fn.lower(state, batch)
+    flops_per_step = flops.compiled_flops(lowered, num_devices)  # the global program: no per-device scaling
+    compiled = lowered.compile()
+
+    def call():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return state, metrics
+
+    seconds = _timed(call, steps, warmup)
+    result = {"num_params": count_params(nnx.merge(graphdef, state.params, fixed)), "num_devices": num_devices,
+              "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
+              "batch": config.train.batch_size, "steps": steps,
+              **_summary(seconds, config.train.batch_size),
+              "train_flops_per_image": flops_per_step / config.train.batch_size}
+    result.update(_utilisation(flops_per_step / result["step_seconds_median"], config.dtype))
+    return result
+
+
+def _utilisation(flops_per_sec: float, dtype: str) -> dict[str, float | None]:
+    """Achieved TFLOP/s, the devices' summed dense peak and their ratio (MFU); ``None`` where the peak is unknown."""
+    peak = flops.peak_flops_per_device(jax.devices()[0], DTYPES[dtype])
+    peak = None if peak is None else jax.device_count() * peak
+    return {"achieved_tflops_per_sec": flops_per_sec / 1e12,
+            "peak_tflops_per_sec": None if peak is None else peak / 1e12,
+            "mfu": None if peak is None else flops_per_sec / peak}
+
+
+def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float) -> dict[str, Any]:
+    """Images/s, FLOPs per image and MFU of one guided DDPM run of ``num_steps`` over ``train.batch_size`` labels.
+
+    The model is freshly initialised (the weights do not change the work) and replicated
+    over the mesh ``config.mesh``; the labels are split over its batch axes. The run is
+    done twice with the same shapes; the first compiles and is not timed. XLA counts a
+    ``lax.scan`` body once, so the FLOPs are those of one guided model evaluation (the
+    doubled batch) times ``num_steps``; the sampler's own elementwise update is left out.
+    """
+    mesh = sharding.create_mesh(config.mesh)
+    model = train.build_model(config, rngs=nnx.Rngs(config.seed))
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    diffusion = train.build_diffusion(config, str(num_steps))
+    n = config.train.batch_size
+    labels = jax.device_put(np.arange(n, dtype=np.int32) % config.model.num_classes, sharding.batch_sharding(mesh))
+
+    def call():
+        return sample.generate(model, diffusion, labels, jax.random.key(config.seed), cfg_scale=cfg_scale)
+
+    graphdef, state = nnx.split(model)
+    m = config.model
+
+    def guided_eval(state, x, t, y):
+        return nnx.merge(graphdef, state).forward_with_cfg(x, t, y, cfg_scale)
+
+    x = jax.ShapeDtypeStruct((2 * n, m.input_size, m.input_size, m.in_channels), np.float32)
+    t = y = jax.ShapeDtypeStruct((2 * n,), np.int32)
+    flops_per_image = num_steps * flops.compiled_flops(jax.jit(guided_eval).lower(state, x, t, y), 1) / n
+    (seconds,) = _timed(call, 1, 1)
+    return {"images": n, "sample_steps": num_steps, "cfg_scale": cfg_scale, "seconds": seconds,
+            "images_per_sec": n / seconds, "sample_flops_per_image": flops_per_image,
+            **_utilisation(flops_per_image * n / seconds, config.dtype)}
+
+
+def _architecture(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Patch size, width, depth and heads of ``config.model`` (a paper model or explicit sizes)."""
+    m = config.model
+    if m.name:
+        return {k: MODELS[m.name][k] for k in ("patch_size", "hidden_size", "depth", "num_heads")}
+    return dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads)
+
+
+def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> dict[str, Any]:
+    """The same training step in PyTorch: diffusers' ``DiTTransformer2DModel``, AdamW and EMA.
+
+    Both sides draw timesteps, noise and label dropout per step, run the DiT on the noised
+    batch and backpropagate mse(eps) + vb, then take an AdamW step and update the EMA.
+    ``train.train_step`` computes the official vb (KL of the true posterior to the
+    predicted one, the decoder NLL where t = 0) and the gradient norm; this side computes
+    the KL for every t (the elementwise work of both is negligible next to the transformer).
+    diffusers' DiT gives every block its own timestep/label embedder, so it has more
+    parameters (``num_params``) than the official DiT; its attention is PyTorch's
+    ``scaled_dot_product_attention``. Runs eagerly on CUDA if available, else on the CPU
+    with one thread per core.
+    """
+    import torch  # only this benchmark needs PyTorch
+    from diffusers import DiTTransformer2DModel
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    m, arch = config.model, _architecture(config)
+    if m.block_type != "adaln_zero" or m.mlp_ratio != 4.0 or m.class_dropout_prob != 0.1:
+        raise ValueError("diffusers' DiT is adaLN-Zero with mlp_ratio 4 and label dropout 0.1; got block_type="
+                         f"{m.block_type}, mlp_ratio={m.mlp_ratio}, class_dropout_prob={m.class_dropout_prob}")
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1, got {steps}, {warmup}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    channels, n = m.in_channels, config.train.batch_size
+    model = DiTTransformer2DModel(
+        num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
+        in_channels=channels, out_channels=2 * channels if m.learn_sigma else channels, num_layers=arch["depth"],
+        sample_size=m.input_size, patch_size=arch["patch_size"], num_embeds_ada_norm=m.num_classes,
+        norm_eps=1e-6).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config.train.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
+    d = train.build_diffusion(config)
+    tables = {name: torch.tensor(np.asarray(getattr(d, name)), device=device) for name in (
+        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+        "posterior_log_variance_clipped", "log_betas")}
+    x = torch.randn(n, channels, m.input_size, m.input_size, device=device)  # NCHW, as diffusers wants
+    y = torch.randint(0, m.num_classes, (n,), device=device)
+
+    def loss_fn() -> torch.Tensor:
+        t = torch.randint(0, d.num_timesteps, (n,), device=device)
+        at = {name: table[t].view(n, 1, 1, 1) for name, table in tables.items()}
+        noise = torch.randn_like(x)
+        x_t = at["sqrt_alphas_cumprod"] * x + at["sqrt_one_minus_alphas_cumprod"] * noise
+        out = model(x_t, timestep=t, class_labels=y).sample
+        if not m.learn_sigma:
+            return ((noise - out) ** 2).mean()
+        eps, var_values = out.split(channels, dim=1)
+        mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+        true_mean = at["posterior_mean_coef1"] * x + at["posterior_mean_coef2"] * x_t
+        true_log_var = at["posterior_log_variance_clipped"]
+        frac = (var_values + 1) / 2
+        log_var = frac * at["log_betas"] + (1 - frac) * true_log_var
+        pred_x0 = at["sqrt_recip_alphas_cumprod"] * x_t - at["sqrt_recipm1_alphas_cumprod"] * eps.detach()
+        mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x_t
+        kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                    + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        return (mse + kl.mean(dim=(1, 2, 3)) / np.log(2.0)).mean()
+
+    def call() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+        ema.update_parameters(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = _timed(call, steps, warmup)
+    return {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+            "threads": torch.get_num_threads(), "batch": n, "steps": steps, **_summary(seconds, n)}
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_steps: int, cfg_scale: float,
+        with_torch: bool) -> dict[str, Any]:
+    """All benchmarks ``config`` asks for, as one JSON-ready dict (PyTorch right after ours)."""
+    result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size,
+                              "train": train_benchmark(config, steps=steps, warmup=warmup)}
+    if with_torch:
+        result["torch_train"] = torch_train_benchmark(config, steps=steps, warmup=warmup)
+        result["torch_over_jax_step_time"] = {
+            stat: result["torch_train"][f"step_seconds_{stat}"] / result["train"][f"step_seconds_{stat}"]
+            for stat in ("median", "min")}
+    if sample_steps:
+        result["sample"] = sample_benchmark(config, num_steps=sample_steps, cfg_scale=cfg_scale)
+    return result
+
+
+def _percent(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The ``run`` result as readable lines."""
+    t = result["train"]
+    lines = [
+        f"{result['model']} on {t['num_devices']} x {t['device_kind']} (mesh {t['mesh']}), {t['dtype']}, "
+        f"{result['latent_size']}x{result['latent_size']} latents, batch {t['batch']}, {t['num_params']:,} parameters",
+        f"train step: {1e3 * t['step_seconds_median']:.1f} ms median, {1e3 * t['step_seconds_min']:.1f} ms min "
+        f"over {t['steps']} steps; {t['images_per_sec']:.1f} images/s",
+        f"train FLOPs/image: {t['train_flops_per_image'] / 1e9:.2f} GFLOP (XLA cost analysis, multiply-add = 2); "
+        f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {_percent(t['mfu'])}",
+    ]
+    if "torch_train" in result:
+        p, ratio = result["torch_train"], result["torch_over_jax_step_time"]
+        lines.append(f"PyTorch (diffusers DiT, {p['num_params']:,} parameters, {p['device']}, {p['threads']} "
+                     f"threads): {1e3 * p['step_seconds_median']:.1f} ms median, {1e3 * p['step_seconds_min']:.1f} "
+                     f"ms min; {p['images_per_sec']:.1f} images/s")
+        lines.append(f"PyTorch / JAX step time: {ratio['median']:.2f} (median), {ratio['min']:.2f} (min)")
+    if "sample" in result:
+        s = result["sample"]
+        lines.append(f"sampling: {s['images']} images, {s['sample_steps']}-step guided DDPM (scale "
+                     f"{s['cfg_scale']}): {s['seconds']:.2f} s, {s['images_per_sec']:.2f} images/s; "
+                     f"{s['sample_flops_per_image'] / 1e9:.1f} GFLOP/image, {s['achieved_tflops_per_sec']:.3f} "
+                     f"TFLOP/s; MFU {_percent(s['mfu'])}")
+    return "\n".join(lines)
+
+
+def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str]) -> ml_collections.ConfigDict:
+    """The paper config of ``model`` with the benchmark's batch, dtype and ``axis=size`` mesh entries."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    config = paper_config(model, image_size)
+    config.train.batch_size = batch
+    config.dtype = dtype
+    for entry in mesh:
+        axis, _, size = entry.partition("=")
+        if axis not in config.mesh or not size.lstrip("-").isdigit():
+            raise ValueError(f"mesh entries are axis=size with axis one of {list(config.mesh)}, got {entry!r}")
+        config.mesh[axis] = int(size)
+    return config
+
+
+def _define_flags() -> None:
+    """The command line. Defined only when run as a program: ``model_stats`` has a ``--json``
+    flag too, and both modules are imported side by side (tests, notebooks)."""
+    flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
+    flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
+    flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
+                      "default: all devices on data.")
+    flags.DEFINE_integer("batch", 32, "Global batch: training examples per step, images per sampling run.")
+    flags.DEFINE_integer("steps", 20, "Timed training steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed training steps first (the first one compiles).")
+    flags.DEFINE_integer("sample_steps", 250, "DDPM steps of the timed guided sampling run; 0 skips it.")
+    flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
+    flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.sample_steps < 0:
+        raise app.UsageError(f"--sample_steps must be >= 0, got {f.sample_steps}")
+    try:
+        config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,
+                 with_torch=f.torch)
+    print(json.dumps(result, indent=1) if f.json else format_report(result))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

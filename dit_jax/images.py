@@ -1,0 +1,160 @@
+"""Image sources for latent extraction, and the ADM centre crop the official DiT applies.
+
+A source is a sized, ordered collection of ``(key, encoded bytes or error, label)`` records:
+an ImageFolder tree (``<root>/<class>/*.JPEG``, class index = sorted folder order, as
+torchvision's ImageFolder and the official code number ImageNet's classes), any flat folder
+of images (one class), or a TensorFlow Datasets split such as ``imagenet2012``. Decoding is
+separate (``load_image``) so every source gets the same handling of bad files: corrupt or
+truncated files raise ``BadImage`` (the caller skips and reports them); CMYK, greyscale,
+palette and alpha images are converted to RGB the way ImageFolder's loader does.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+Record = tuple[str, "bytes | OSError", int]
+
+
+class BadImage(ValueError):
+    """An image that cannot be decoded (corrupt, truncated, unreadable): skip it and report why."""
+
+
+def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's preprocessing (used by the official DiT): uint8 ``[size, size, 3]`` from an RGB image.
+
+    Halve with a box filter while the short side is at least twice ``size`` (cheap and
+    alias-free), bicubic-resize the short side to ``size``, then take the centre square.
+    """
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)))
+
+
+def load_image(data: bytes) -> tuple[Image.Image, str]:
+    """Decode to an RGB PIL image; also the original mode ("RGB" when nothing was converted).
+
+    Raises ``BadImage`` for anything PIL cannot fully decode, truncated files included.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now: truncation and corruption surface here, not later
+        mode = image.mode
+        return (image if mode == "RGB" else image.convert("RGB")), mode
+    except UnidentifiedImageError as err:  # its message names a BytesIO address: say it plainly
+        raise BadImage(f"{type(err).__name__}: not an image format PIL can read") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImage(f"{type(err).__name__}: {err}") from err
+
+
+def preprocess(data: bytes, size: int) -> tuple[np.ndarray, str]:
+    """Encoded image bytes -> (uint8 ``[size, size, 3]`` ADM crop, original mode)."""
+    image, mode = load_image(data)
+    return adm_center_crop(image, size), mode
+
+
+class ImageSource(Protocol):
+    """What latent extraction reads: ordered records and the facts that go into the metadata."""
+
+    num_classes: int
+
+    def __len__(self) -> int: ...
+
+    def records(self, start: int, stop: int) -> Iterator[Record]:
+        """Records ``start..stop-1``: key, encoded bytes (or the OSError reading them), label."""
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description of the source (kind, location, classes) for the metadata."""
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(EXTENSIONS) and not name.startswith(".")
+
+
+class FolderSource:
+    """Images under a folder: one class per sub-folder (ImageFolder), or a single class if there are none."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist")
+        self.root = root
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.class_names = subdirs or [os.path.basename(os.path.normpath(root))]
+        self.files: list[tuple[str, int]] = []
+        for label, name in enumerate(subdirs):
+            folder = os.path.join(root, name)
+            for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+                dirnames.sort()
+                self.files += [(os.path.relpath(os.path.join(dirpath, f), root), label)
+                               for f in sorted(filenames) if _is_image(f)]
+        if not subdirs:
+            self.files = [(f, 0) for f in sorted(os.listdir(root)) if _is_image(f)]
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(EXTENSIONS)}) under {root!r}: expected "
+                                    "<root>/<class>/<image> (ImageFolder, e.g. ImageNet's train/<wnid>/*.JPEG) "
+                                    "or a folder of images")
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def records(self, start: int, stop: int) -> Iterator[Record]:
+        for relpath, label in self.files[start:stop]:
+            try:
+                with open(os.path.join(self.root, relpath), "rb") as f:
+                    yield relpath, f.read(), label
+            except OSError as err:
+                yield relpath, err, label
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "folder", "root": os.path.abspath(self.root), "num_images": len(self),
+                "class_names": self.class_names}
+
+
+class TfdsSource:
+    """A TensorFlow Datasets split read in file order with the images left encoded (e.g. imagenet2012).
+
+    ImageNet needs its manual download: ``manual_dir`` holds ILSVRC2012_img_train.tar (and
+    _val.tar); the first use prepares the dataset in ``data_dir`` (tfds' own one-off step).
+    """
+
+    def __init__(self, name: str, *, split: str = "train", data_dir: str | None = None,
+                 manual_dir: str | None = None):
+        import tensorflow_datasets as tfds  # heavy; only this source needs it
+
+        self._tfds = tfds
+        self.name, self.split = name, split
+        self.builder = tfds.builder(name, data_dir=data_dir)
+        if manual_dir is not None or not self.builder.is_prepared():
+            self.builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        label = self.builder.info.features["label"]
+        self.class_names = list(label.names)
+        self.num_classes = label.num_classes
+        self._len = self.builder.info.splits[split].num_examples
+
+    def __len__(self) -> int:
+        return self._len
+
+    def records(self, start: int, stop: int) -> Iterator[Record]:
+        features = self.builder.info.features
+        decoders = {"image": self._tfds.decode.SkipDecoding()}
+        ds = self.builder.as_dataset(split=f"{self.split}[{start}:{stop}]", decoders=decoders, shuffle_files=False)
+        for i, example in enumerate(ds.as_numpy_iterator()):
+            key = example["file_name"].decode() if "file_name" in features else f"{self.split}[{start + i}]"
+            yield key, example["image"], int(example["label"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "tfds", "name": self.name, "split": self.split, "data_dir": self.builder.data_dir,
+                "num_images": len(self), "class_names": self.class_names}

@@ -1,0 +1,124 @@
+"""The benchmark's figures on a tiny DiT: structure, positivity, FLOPs against the lowered count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from dit_jax import benchmark, train
+from dit_jax.flops import xla_gflops
+from dit_jax.models import count_params
+from dit_jax.recipes import base_config
+
+BATCH = 8
+MESH = {"data": 4, "fsdp": 2, "tensor": 1}  # the 8 CPU devices that conftest.py simulates
+
+
+def tiny_config():
+    c = base_config()
+    c.model.name = ""
+    c.model.update(patch_size=2, hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=10)
+    c.train.batch_size = BATCH
+    c.mesh.update(MESH)
+    return c
+
+
+def lowered_train_flops_per_image(config) -> float:
+    """The count model_stats' way (``xla_gflops`` of the lowered program), of the benchmark's step."""
+    graphdef, fixed, state = train.create_train_state(config)
+    step = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
+    return 2e9 * xla_gflops(step, state, benchmark.random_batch(config, 0)) / config.train.batch_size
+
+
+@pytest.fixture(scope="module")
+def result():
+    return benchmark.run(tiny_config(), steps=2, warmup=1, sample_steps=2, cfg_scale=4.0, with_torch=True)
+
+
+def test_train_figures(result):
+    t = result["train"]
+    config = tiny_config()
+    assert t["num_params"] == count_params(train.build_model(config, rngs=nnx.Rngs(0)))
+    assert t["num_devices"] == jax.device_count() == 8 and t["batch"] == BATCH and t["steps"] == 2
+    assert t["mesh"] == MESH
+    assert 0 < t["step_seconds_min"] <= t["step_seconds_median"]
+    assert t["step_seconds_min"] <= t["step_seconds_mean"]
+    assert t["images_per_sec"] == pytest.approx(BATCH / t["step_seconds_median"])
+    assert t["achieved_tflops_per_sec"] == pytest.approx(
+        t["train_flops_per_image"] * BATCH / t["step_seconds_median"] / 1e12)
+    assert t["mfu"] is None and t["peak_tflops_per_sec"] is None  # no peak is known for a CPU
+
+
+def test_train_flops_equal_the_lowered_count(result):
+    # The lowered program is the global one: sharding it changes where the work runs, not the count.
+    expected = lowered_train_flops_per_image(tiny_config())
+    assert result["train"]["train_flops_per_image"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_torch_figures(result):
+    p = result["torch_train"]
+    assert p["device"] == "cpu" and p["threads"] == os.cpu_count() and p["batch"] == BATCH
+    assert p["num_params"] > 0
+    assert 0 < p["step_seconds_min"] <= p["step_seconds_median"]
+    ratio = result["torch_over_jax_step_time"]
+    assert ratio["median"] == pytest.approx(p["step_seconds_median"] / result["train"]["step_seconds_median"])
+    assert ratio["min"] == pytest.approx(p["step_seconds_min"] / result["train"]["step_seconds_min"])
+
+
+def test_sample_figures(result):
+    s = result["sample"]
+    assert s["images"] == BATCH and s["sample_steps"] == 2 and s["seconds"] > 0
+    assert s["images_per_sec"] == pytest.approx(BATCH / s["seconds"])
+    # Two steps, each one model evaluation of the doubled (conditional + null) batch; guidance adds a little.
+    model = train.build_model(tiny_config(), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x, t = jnp.zeros((2 * BATCH, 8, 8, 4)), jnp.zeros((2 * BATCH,), jnp.int32)
+    forward = 2e9 * xla_gflops(lambda state, x, t: nnx.merge(graphdef, state)(x, t, t), state, x, t)
+    assert s["sample_flops_per_image"] == pytest.approx(2 * forward / BATCH, rel=0.01)
+    assert s["sample_flops_per_image"] > 2 * forward / BATCH
+    assert s["achieved_tflops_per_sec"] == pytest.approx(s["sample_flops_per_image"] * s["images_per_sec"] / 1e12)
+    assert s["mfu"] is None
+
+
+def test_report_and_json(result):
+    report = benchmark.format_report(result)
+    assert "MFU unknown" in report and "PyTorch / JAX step time" in report and "2-step guided DDPM" in report
+    assert json.loads(json.dumps(result)) == result
+
+
+def test_bad_arguments_are_reported():
+    with pytest.raises(ValueError, match="steps and warmup"):
+        benchmark.train_benchmark(tiny_config(), steps=0, warmup=1)
+    config = tiny_config()
+    config.model.block_type = "in_context"
+    with pytest.raises(ValueError, match="adaLN-Zero"):
+        benchmark.torch_train_benchmark(config, steps=1, warmup=1)
+
+
+def test_cli_rejects_bad_flags():
+    for args, expected in ((["--model", "DiT-M/3"], "DiT-M/3"), (["--mesh", "rows=2"], "rows=2")):
+        out = subprocess.run([sys.executable, "-m", "dit_jax.benchmark", *args], capture_output=True, text=True)
+        assert out.returncode != 0 and expected in out.stderr
+
+
+def test_make_config():
+    config = benchmark.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"])
+    assert config.model.name == "DiT-S/2" and config.model.input_size == 64 and config.train.batch_size == 4
+    assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
+    for mesh in (["rows=2"], ["data=two"], ["data"]):
+        with pytest.raises(ValueError, match="axis=size"):
+            benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=mesh)
+
+
+def test_bfloat16_step():
+    config = tiny_config()
+    config.dtype = "bfloat16"
+    t = benchmark.train_benchmark(config, steps=1, warmup=1)
+    assert t["dtype"] == "bfloat16" and t["step_seconds_median"] > 0 and t["train_flops_per_image"] > 0

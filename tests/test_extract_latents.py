@@ -1,0 +1,191 @@
+"""Latent extraction end to end on a small image tree with bad files and a tiny random VAE.
+
+Checks what is stored (posterior mean/std of each image and its flip), the skip report,
+shard integrity, resumption after a SIGKILL, idempotence, and a short training run on the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+from configs import default
+from dit_jax import extract_latents, images, input_pipeline, latents, train, vae
+from tests.conftest import ODD_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(resolution=16, images_per_shard=6, batch_size=4)  # 29 files -> 5 shards, 2 batches each
+
+
+@pytest.fixture(scope="module")
+def model(tiny_vae_dir):
+    return vae.load_vae(str(tiny_vae_dir))
+
+
+@pytest.fixture(scope="module")
+def extracted(image_tree, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents")
+    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae="tiny",
+                                       **SETTINGS)
+    return out, metadata
+
+
+def file_times(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_metadata_counts_and_skip_report(extracted):
+    out, metadata = extracted
+    assert metadata == json.loads((out / latents.METADATA).read_text())
+    assert metadata["num_source_images"] == 29 and metadata["num_images"] == 27
+    assert metadata["counts_per_class"] == [9, 9, 9]  # 8 + grey; 8 + alpha, corrupt; 8 + cmyk, truncated
+    assert metadata["latent_shape"] == [8, 8, 4] and metadata["dtype"] == "float16"
+    assert metadata["scale_factor"] == 0.18215 and metadata["resolution"] == 16 and metadata["vae"] == "tiny"
+    assert metadata["source"]["class_names"] == ["n01", "n02", "n03"]
+    skipped = {s["key"]: s["reason"] for s in metadata["skipped"]}
+    assert sorted(skipped) == sorted(k for k, v in ODD_FILES.items() if v == "skip") == sorted(
+        k for k in ODD_FILES if "corrupt" in k or "truncated" in k)
+    assert "truncated" in skipped["n03/truncated.JPEG"] and metadata["num_skipped"] == 2
+    assert skipped["n02/corrupt.JPEG"] == "UnidentifiedImageError: not an image format PIL can read"
+    converted = {k: mode for mode, keys in metadata["converted_to_rgb"].items() for k in keys}
+    assert converted == {k: v for k, v in ODD_FILES.items() if v != "skip"}
+
+
+def test_shards_are_complete_and_nothing_temporary_is_left(extracted):
+    out, metadata = extracted
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert len(metadata["shards"]) == 5
+    for shard in metadata["shards"]:
+        reader = ArrayRecordReader(str(out / shard["file"]))
+        assert reader.num_records() == shard["num_records"]
+        records = latents.decode_records(reader.read_all(), (8, 8, 4), "float16")
+        reader.close()
+        assert np.all(np.isfinite(records["mean"])) and np.all(records["std"] > 0)
+    assert sum(s["num_records"] for s in metadata["shards"]) == 27
+
+
+def test_records_hold_the_posterior_of_each_image_and_its_flip(extracted, image_tree, model):
+    out, metadata = extracted
+    source = images.FolderSource(str(image_tree))
+    skipped = {s["key"] for s in metadata["skipped"]}
+    kept = [(key, label) for key, label in source.files if key not in skipped]
+    records = latents.LatentSource(str(out)).read(np.arange(27))
+    assert list(records["label"]) == [label for _, label in kept]
+    pixels = np.stack([images.preprocess((image_tree / key).read_bytes(), 16)[0] for key, _ in kept])
+    x = jnp.asarray(pixels, jnp.float32) / 127.5 - 1
+    for view, batch in enumerate((x, x[:, :, ::-1])):
+        mean, logvar = model.encode(batch)
+        np.testing.assert_allclose(records["mean"][:, view].astype(np.float32), mean, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(records["std"][:, view].astype(np.float32), np.exp(0.5 * logvar),
+                                   rtol=2e-3, atol=1e-4)
+    # The flip's latent is a different encoding, not a mirrored copy of the image's.
+    assert not np.allclose(records["mean"][:, 1], records["mean"][:, 0][:, :, ::-1], atol=1e-2)
+
+
+def test_rerun_on_finished_output_does_nothing(extracted, image_tree, model):
+    out, metadata = extracted
+    before = file_times(out)
+    again = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae="tiny", **SETTINGS)
+    assert again == metadata and file_times(out) == before
+
+
+def test_other_settings_never_mix_into_an_existing_folder(extracted, image_tree, model):
+    out, _ = extracted
+    before = file_times(out)
+    with pytest.raises(FileExistsError, match="differs in: latent_shape, resolution"):
+        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae="tiny",
+                                **{**SETTINGS, "resolution": 32})
+    assert file_times(out) == before
+
+
+def test_killed_run_resumes_to_the_same_result_on_several_devices(extracted, image_tree, tiny_vae_dir, tmp_path):
+    """SIGKILL a 2-device run blocked mid-shard (on a FIFO), resume it, compare with the clean 1-device run."""
+    tree = tmp_path / "train"
+    shutil.copytree(image_tree, tree)
+    blocker = tree / "n03/img0.JPEG"  # file 20 of 29: in shard 3, after shards 0-2 are done
+    blocker.unlink()
+    os.mkfifo(blocker)
+    out = tmp_path / "latents"
+    command = [sys.executable, "-m", "dit_jax.extract_latents", f"--images={tree}", f"--out={out}",
+               f"--vae={tiny_vae_dir}", "--resolution=16", "--images_per_shard=6", "--batch_size=4"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = out / "shard-00002-of-00005.json"
+    deadline = time.time() + 120
+    while not done.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert done.exists(), process.stderr.read().decode()[-2000:] if process.poll() is not None else "timed out"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert not (out / latents.METADATA).exists() and not (out / "shard-00003-of-00005.json").exists()
+    with pytest.raises(FileNotFoundError, match="has not finished"):
+        latents.read_metadata(str(out))
+    finished = {n: t for n, t in file_times(out).items() if n.startswith(("shard-00000", "shard-00001", "shard-00002"))}
+
+    blocker.unlink()
+    shutil.copy(image_tree / "n03/img0.JPEG", blocker)
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "encoding 11 images in 2 shards (of 5) on 2 device(s)" in resumed.stderr
+    assert {n: t for n, t in file_times(out).items() if n in finished} == finished  # not redone
+
+    clean_dir, clean = extracted
+    metadata = latents.read_metadata(str(out))
+    different = {k for k in clean if clean[k] != metadata.get(k)}
+    assert different == {"source", "vae"}, different  # only the paths differ
+    ours, reference = (latents.LatentSource(str(d)).read(np.arange(27)) for d in (out, clean_dir))
+    assert np.array_equal(ours["label"], reference["label"])
+    np.testing.assert_allclose(ours["mean"].astype(np.float32), reference["mean"].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(ours["std"].astype(np.float32), reference["std"].astype(np.float32), atol=2e-3)
+
+
+def latent_config(latents_dir: str):
+    c = default.get_config()
+    c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=3,
+                   guidance="official")
+    c.data.update(source="latents", latents_dir=latents_dir)
+    c.train.update(steps=6, batch_size=8, log_every=3)
+    c.sample.update(per_class=1, respacing="2")
+    c.eval.class_consistency = False
+    return c
+
+
+def test_short_training_run_reads_the_latents(extracted, tmp_path):
+    summary = train.train_and_evaluate(latent_config(str(extracted[0])), str(tmp_path))
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [3, 6] and all(np.isfinite(h["loss"]) for h in history)
+    assert summary["steps"] == 6
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("input_size", 16, "model.input_size=16 but the latents are 8x8"),
+    ("in_channels", 3, "model.in_channels=3 but the latents have 4 channels"),
+    ("num_classes", 2, "model.num_classes=2 but the latents have 3 classes"),
+])
+def test_model_that_does_not_fit_the_latents_is_named(extracted, field, value, message):
+    c = latent_config(str(extracted[0]))
+    c.model[field] = value
+    with pytest.raises(ValueError, match=message):
+        input_pipeline.create_source(c)
+
+
+def test_missing_latents_dir_says_how_to_make_one(tmp_path):
+    c = latent_config("")
+    with pytest.raises(ValueError, match="python -m dit_jax.extract_latents"):
+        input_pipeline.create_source(c)
+    c.data.latents_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a latents folder"):
+        input_pipeline.create_source(c)
