@@ -1,6 +1,10 @@
-"""Entry point: parse flags, join the other processes of a multi-process run, and train.
+"""Entry point: parse flags, join the other processes of a multi-process run, and train (or resume:
+rerun the same command).
 
     python -m dit_jax.main --config configs/default.py --workdir runs/demo [--config.train.steps=100]
+
+A run stopped by SIGTERM (preemption) checkpoints and exits with status 143 (128 + SIGTERM),
+so a scheduler sees it did not finish and can rerun it.
 """
 
 from absl import app, flags, logging
@@ -10,7 +14,7 @@ from dit_jax import sharding, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for logs, samples and the summary.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the summary.")
 flags.mark_flags_as_required(["config", "workdir"])
 # Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
@@ -23,7 +27,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("config:\n%s", FLAGS.config)
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if "preempted_at_step" in result:
+        raise SystemExit(143)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 0          # linear warmup from 0 (the paper: none)
     c.train.weight_decay = 0.0
     c.train.ema_decay = 0.9999
-    c.train.log_every = 100
+    c.train.log_every = 100           # metrics (TensorBoard, metrics.jsonl, console) every this many steps
+    c.train.checkpoint_every = 5_000  # async Orbax checkpoint every this many steps (also at the end and on SIGTERM)
+    c.train.max_to_keep = 3           # newest checkpoints kept in WORKDIR/checkpoints
+    c.train.sample_every = 0          # EMA sample grid (TensorBoard + WORKDIR/samples/) every this many steps; 0 = off
+    c.train.profile_steps = 0         # profile this many steps (from 10 steps after the start) to WORKDIR; 0 = off
 
     c.sample = ml_collections.ConfigDict()
     c.sample.per_class = 8            # final grid: this many samples of each class

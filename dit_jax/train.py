@@ -7,11 +7,14 @@ and RNG in one ``TrainState`` pytree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -20,11 +23,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from clu import metric_writers, periodic_actions
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
 
-from dit_jax import classifier, diffusion as gd, input_pipeline, sample, synthetic
+from dit_jax import checkpointing, classifier, diffusion as gd, flops, input_pipeline, sample, sharding, synthetic
 from dit_jax.image_grid import save_grid
-from dit_jax.models import DiT, count_params, create_model, precision_options
+from dit_jax.models import DTYPES, DiT, count_params, create_model, precision_options
 
 
 @flax.struct.dataclass
@@ -76,15 +83,57 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
                        weight_decay=config.train.weight_decay)
 
 
-def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
-    """Initialise the model, optimiser and EMA; returns (graphdef, fixed state, train state)."""
-    key = jax.random.key(config.seed)
-    init_key, state_key = jax.random.split(key)
-    model = build_model(config, rngs=nnx.Rngs(init_key))
-    graphdef, params, fixed = nnx.split(model, nnx.Param, ...)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params),
-                       ema_params=jax.tree.map(jnp.copy, params), rng=state_key)
-    return graphdef, fixed, state
+def _initializer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Callable[[], tuple[nnx.State, TrainState]],
+                                                             tuple[nnx.State, TrainState]]:
+    """(graphdef, ``init() -> (fixed state, train state)`` from ``config.seed``, their abstract shapes)."""
+    graphdefs = []
+
+    def init() -> tuple[nnx.State, TrainState]:
+        init_key, state_key = jax.random.split(jax.random.key(config.seed))
+        graphdef, params, fixed = nnx.split(build_model(config, rngs=nnx.Rngs(init_key)), nnx.Param, ...)
+        graphdefs.append(graphdef)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params),
+                           ema_params=jax.tree.map(jnp.copy, params), rng=state_key)
+        return fixed, state
+
+    abstract = jax.eval_shape(init)
+    return graphdefs[0], init, abstract
+
+
+def _place(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """Abstract state leaves with their ``sharding.train_state_shardings`` on ``mesh``."""
+    shardings = sharding.train_state_shardings(abstract_state, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def _on_mesh(config: ml_collections.ConfigDict, mesh: Mesh
+             ) -> tuple[nnx.GraphDef, nnx.State, TrainState, Callable[[], TrainState]]:
+    """(graphdef, replicated fixed state, abstract sharded train state, a jitted initialiser of that state).
+
+    The train state is created directly in its sharded layout (``sharding.train_state_shardings``),
+    so a big model never sits whole on one device; computing only the fixed state lets XLA skip
+    the parameter initialisation when a checkpoint will be restored instead.
+    """
+    graphdef, init, (_, abstract_state) = _initializer(config)
+    abstract_state = _place(abstract_state, mesh)
+    fixed = jax.jit(lambda: init()[0], out_shardings=NamedSharding(mesh, PartitionSpec()))()
+    return graphdef, fixed, abstract_state, lambda: sharding.create_sharded_state(lambda: init()[1], mesh)[0]
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
+    """Initialise the model, optimiser and EMA (sharded over ``mesh`` if given); (graphdef, fixed state, train state)."""
+    if mesh is None:
+        graphdef, init, _ = _initializer(config)
+        fixed, state = init()
+        return graphdef, fixed, state
+    graphdef, fixed, _, init_state = _on_mesh(config, mesh)
+    return graphdef, fixed, init_state()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """The train state's shapes, dtypes and shardings on ``mesh``, without computing it (a restore target)."""
+    return _place(_initializer(config)[2][1], mesh)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, fixed: nnx.State,
@@ -113,23 +162,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
-                    diffusion: gd.Diffusion) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``train_step`` bound to this run's model, chain and optimiser, jitted with the state donated."""
+                    diffusion: gd.Diffusion, mesh: Mesh | None = None,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``train_step`` bound to this run's model, chain and optimiser, jitted with the state donated.
+
+    With a ``mesh`` the state keeps ``sharding.train_state_shardings`` and the batch ``sharding.batch_sharding``.
+    """
     step = functools.partial(train_step, graphdef=graphdef, fixed=fixed, diffusion=diffusion,
                              tx=make_optimizer(config), ema_decay=config.train.ema_decay)
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_train_state(config, mesh))
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
     problems = []
-    if config.train.steps < 1 or config.train.batch_size < 1:
-        problems.append(f"train.steps and train.batch_size must be >= 1 (got {config.train.steps}, {config.train.batch_size})")
-    if config.train.lr_schedule not in LR_SCHEDULES:
-        problems.append(f"train.lr_schedule {config.train.lr_schedule!r} is not one of {LR_SCHEDULES}")
-    if not 0 <= config.train.warmup_steps < config.train.steps:
-        problems.append(f"train.warmup_steps must be in [0, train.steps), got {config.train.warmup_steps}")
-    if not 0.0 <= config.train.ema_decay < 1.0:
-        problems.append(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    t = config.train
+    if t.steps < 1 or t.batch_size < 1:
+        problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
+    if t.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    if not 0 <= t.warmup_steps < t.steps:
+        problems.append(f"train.warmup_steps must be in [0, train.steps), got {t.warmup_steps}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.log_every < 1 or t.checkpoint_every < 1 or t.max_to_keep < 1:
+        problems.append(f"train.log_every, train.checkpoint_every and train.max_to_keep must be >= 1 "
+                        f"(got {t.log_every}, {t.checkpoint_every}, {t.max_to_keep})")
+    if t.sample_every < 0 or t.profile_steps < 0:
+        problems.append(f"train.sample_every and train.profile_steps must be >= 0 (0 = off), "
+                        f"got {t.sample_every}, {t.profile_steps}")
     if config.data.source == "synthetic" and config.data.image_size != config.model.input_size:
         problems.append(f"data.image_size ({config.data.image_size}) must equal model.input_size "
                         f"({config.model.input_size}) for pixel-space synthetic data")
@@ -137,49 +201,157 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"sample.sampler {config.sample.sampler!r} is not one of {sample.SAMPLERS}")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+    sharding.check_config(config, jax.device_count())
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (a preemption notice), so the loop can checkpoint and stop cleanly.
+
+    Multi-process runs leave SIGTERM to JAX's preemption service (``manager.reached_preemption``).
+    """
+    event = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _step_flops(config: ml_collections.ConfigDict, step_fn: Callable, abstract_state: TrainState,
+                mesh: Mesh) -> tuple[float | None, float | None]:
+    """(flops of one train step, peak flops/s of the mesh), or (None, None) when the device's peak is unknown."""
+    peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
+    if not peak:
+        return None, None
+    m, batch = config.model, sharding.batch_sharding(mesh)
+    batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size, m.input_size, m.input_size, m.in_channels),
+                                                jnp.float32, sharding=batch),
+                  "label": jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32, sharding=batch)}
+    return flops.compiled_flops(step_fn.lower(abstract_state, batch_spec), 1), peak * mesh.devices.size
+
+
+def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:
+    """(step, loss) of the first step whose loss or gradient norm is not finite, or None."""
+    for step, metrics in checks:
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            return step, loss
+    return None
+
+
+def _read_history(path: str, *, up_to_step: int) -> list[dict[str, Any]]:
+    """The log lines of ``metrics.jsonl`` up to ``up_to_step`` (a resumed run drops the lines after its checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    return [h for h in history if h["step"] <= up_to_step]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train ``config`` in ``workdir``, then sample a guided grid from the EMA weights.
+    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), then sample the EMA model.
 
-    Writes ``samples.png`` (one row per class), ``metrics.jsonl`` and ``summary.json``; with
+    Checkpoints go to ``workdir/checkpoints`` every ``train.checkpoint_every`` steps, at the end and
+    on SIGTERM (then the run stops and returns ``{"preempted_at_step": step}``). Process 0 writes
+    TensorBoard events and ``metrics.jsonl``, EMA sample grids every ``train.sample_every`` steps,
+    and at the end ``samples.png`` (one row per class) and ``summary.json``; with
     ``eval.class_consistency`` a classifier trained on the synthetic data scores the samples.
     """
     _check_config(config)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
+    is_main = sharding.is_main_process()
+    mesh = sharding.create_mesh(config.mesh)
     source = input_pipeline.create_source(config)
-    batches = input_pipeline.make_train_iterator(source, batch_size=config.train.batch_size, seed=config.seed)
-    graphdef, fixed, state = create_train_state(config)
-    num_params = count_params(nnx.merge(graphdef, state.params, fixed))
-    logging.info("model: %s, %d trainable parameters", config.model.name or "custom DiT", num_params)
-    diffusion = build_diffusion(config)
-    step_fn = make_train_step(config, graphdef, fixed, diffusion)
+    batches = input_pipeline.make_train_iterator(
+        source, batch_size=sharding.process_batch_size(config.train.batch_size, mesh), seed=config.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    with contextlib.ExitStack() as stack:
+        manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
+                                               max_to_keep=config.train.max_to_keep)
+        stack.callback(manager.close)  # waits for the last async save
+        # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
+        graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
+        state = checkpointing.restore_latest(manager, abstract_state, batches, config,
+                                             quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
+        resumed = state is not None
+        state = state if resumed else init_state()
+        start_step = int(state.step)
+        if start_step > config.train.steps:
+            raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="
+                             f"{config.train.steps}; raise train.steps to continue it, or use a new --workdir")
+        last_checkpoint = start_step if resumed else None
+        num_params = count_params(nnx.merge(graphdef, state.params, fixed))
+        logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
+                     num_params, dict(mesh.shape),
+                     f"resumed from step {start_step}" if resumed else "starting from scratch")
+        step_fn = make_train_step(config, graphdef, fixed, build_diffusion(config), mesh)
+        step_flops, peak_flops = _step_flops(config, step_fn, abstract_state, mesh)
+        lr_schedule = learning_rate_schedule(config)
 
-    history = []
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    window_start, window_steps, window_sums = time.time(), 0, None
-    with open(metrics_path, "w") as metrics_file:
-        for step in range(1, config.train.steps + 1):
-            state, metrics = step_fn(state, next(batches))
-            # Sum on device; one transfer per log line, averaged over the steps since the last.
-            window_sums = metrics if window_sums is None else jax.tree.map(jnp.add, window_sums, metrics)
-            window_steps += 1
-            if step % config.train.log_every == 0 or step == config.train.steps:
-                metrics = {k: float(v) / window_steps for k, v in jax.device_get(window_sums).items()}
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"non-finite loss {metrics['loss']} by step {step}; lower train.lr "
-                                             "or check the data")
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        history = _read_history(metrics_path, up_to_step=start_step)
+        writer = metric_writers.create_default_writer(workdir if is_main else None, just_logging=not is_main)
+        stack.callback(writer.close)
+        hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps,
+                                                 every_steps=config.train.log_every)]
+        if is_main and config.train.profile_steps:
+            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
+                                                  profile_duration_ms=None, first_profile=start_step + 10,
+                                                  every_secs=None))
+        sigterm = stack.enter_context(_stop_on_sigterm())
+        log = stack.enter_context(open(metrics_path, "w")) if is_main else None
+        if log:
+            log.writelines(json.dumps(h) + "\n" for h in history)
+        window_start, window, unchecked = time.time(), [], []
+        for step in range(start_step + 1, config.train.steps + 1):
+            state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+            window.append(metrics)
+            unchecked.append((step, metrics))
+            for hook in hooks:
+                hook(step)
+            stop = sigterm.is_set() or manager.reached_preemption(step)
+            save = stop or step % config.train.checkpoint_every == 0 or step == config.train.steps
+            log_now = step % config.train.log_every == 0 or step == config.train.steps
+            if save or log_now:
+                # Never log or checkpoint past a non-finite step.
+                bad = _first_non_finite(unchecked)
+                if bad is not None:
+                    where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} "
+                             "(rerunning the same command resumes from it)" if last_checkpoint is not None
+                             else "no checkpoint was written")
+                    raise FloatingPointError(f"non-finite loss {bad[1]} at step {bad[0]}; stopping: {where}. "
+                                             "Lower train.lr or check the data.")
+                unchecked = []
+            if log_now:
                 elapsed = time.time() - window_start
-                metrics.update(step=step, steps_per_sec=window_steps / elapsed,
-                               images_per_sec=window_steps * config.train.batch_size / elapsed)
-                logging.info("step %d: loss %.4f (mse %.4f, vb %.4f), grad norm %.3f, %.2f steps/s", step,
-                             metrics["loss"], metrics["mse"], metrics.get("vb", 0.0), metrics["grad_norm"],
-                             metrics["steps_per_sec"])
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                history.append(metrics)
-                window_start, window_steps, window_sums = time.time(), 0, None
+                record = {k: float(np.mean(v)) for k, v in
+                          jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
+                record.update(step=step, steps_per_sec=len(window) / elapsed,
+                              images_per_sec=len(window) * config.train.batch_size / elapsed,
+                              learning_rate=float(lr_schedule(step - 1)))  # the last step's (optax counts from 0)
+                if step_flops:
+                    record["mfu"] = step_flops * record["steps_per_sec"] / peak_flops
+                writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                history.append(record)
+                window_start, window = time.time(), []
+            if save:
+                checkpointing.save(manager, step, state, batches, config, force=True)
+                last_checkpoint = step
+            if config.train.sample_every and step % config.train.sample_every == 0:
+                _write_sample_grid(config, graphdef, fixed, state, workdir, writer, step)
+            if stop:
+                logging.warning("SIGTERM: stopped at step %d after checkpointing it; rerun the same command "
+                                "to resume", step)
+                return {"preempted_at_step": step}
     train_seconds = time.time() - start
 
     summary: dict[str, Any] = {
@@ -187,38 +359,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "trainable_params": int(num_params),
         "steps": config.train.steps,
         "batch_size": config.train.batch_size,
+        "resumed_from_step": start_step,
         "first_loss": history[0]["loss"],  # mean over the first log window
         "final_loss": history[-1]["loss"],  # mean over the last log window
-        "train_seconds": train_seconds,
-        "steps_per_sec": config.train.steps / train_seconds,
+        "train_seconds": train_seconds,  # this invocation's training steps only
+        "steps_per_sec": (config.train.steps - start_step) / train_seconds,
     }
     summary.update(_sample_and_score(config, graphdef, fixed, state, workdir))
     summary["total_seconds"] = time.time() - start
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     logging.info("summary: %s", json.dumps(summary))
     return summary
+
+
+def _ema_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
+                 state: TrainState) -> tuple[np.ndarray, np.ndarray]:
+    """Guided EMA samples of the first ``sample.num_classes`` classes, ``sample.per_class`` each; (samples, labels)."""
+    num_classes = min(config.sample.num_classes, config.model.num_classes)
+    labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.sample.per_class)
+    ema_model = nnx.merge(graphdef, state.ema_params, fixed)
+    samples = sample.generate(ema_model, build_diffusion(config, config.sample.respacing), labels,
+                              jax.random.key(config.seed + 1), cfg_scale=config.sample.cfg_scale,
+                              sampler=config.sample.sampler)
+    samples = multihost_utils.process_allgather(jnp.clip(samples, -1, 1), tiled=True)
+    return np.asarray(samples), np.asarray(labels)
+
+
+def _save_sample_grid(config: ml_collections.ConfigDict, samples: np.ndarray, path: str) -> None:
+    """Pixel-space samples -> a PNG grid with one row per class (on process 0)."""
+    if sharding.is_main_process():
+        rows = synthetic.from_model_range(samples).reshape(-1, config.sample.per_class, *samples.shape[1:])
+        save_grid(path, rows)
+
+
+def _write_sample_grid(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
+                       state: TrainState, workdir: str, writer: metric_writers.MetricWriter, step: int) -> None:
+    """The periodic EMA sample grid of pixel-space data: ``workdir/samples/step_<step>.png`` and a TensorBoard image."""
+    if config.data.source != "synthetic":
+        return
+    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _save_sample_grid(config, _ema_samples(config, graphdef, fixed, state)[0], path)
+    if sharding.is_main_process():
+        writer.write_images(step, {"ema_samples": np.asarray(Image.open(path).convert("RGB"))[None]})
 
 
 def _sample_and_score(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
                       state: TrainState, workdir: str) -> dict[str, Any]:
     """Guided EMA samples of each class -> samples.png; optionally their class consistency."""
-    num_classes = min(config.sample.num_classes, config.model.num_classes)
-    labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.sample.per_class)
-    ema_model = nnx.merge(graphdef, state.ema_params, fixed)
     t0 = time.time()
-    samples = sample.generate(ema_model, build_diffusion(config, config.sample.respacing), labels,
-                              jax.random.key(config.seed + 1), cfg_scale=config.sample.cfg_scale,
-                              sampler=config.sample.sampler)
-    samples = np.asarray(jnp.clip(samples, -1, 1))
+    samples, labels = _ema_samples(config, graphdef, fixed, state)
     out: dict[str, Any] = {"sample_seconds": time.time() - t0, "samples_png": "samples.png",
                            "sampler": f"{config.sample.sampler} {config.sample.respacing} steps, "
                                       f"guidance {config.sample.cfg_scale}"}
     if config.data.source == "synthetic":
-        rows = synthetic.from_model_range(samples).reshape(num_classes, config.sample.per_class, *samples.shape[1:])
-        save_grid(os.path.join(workdir, "samples.png"), rows)
+        _save_sample_grid(config, samples, os.path.join(workdir, "samples.png"))
     if config.eval.class_consistency:
-        out.update(_class_consistency(config, samples, np.asarray(labels)))
+        out.update(_class_consistency(config, samples, labels))
     return out
 
 

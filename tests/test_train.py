@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
 from dit_jax import train
@@ -29,8 +30,21 @@ def tiny_config():
     return c
 
 
+def tensorboard_steps(workdir) -> dict[str, list[int]]:
+    """Each tag in the run's TensorBoard event files, with the steps it was written at."""
+    tags: dict[str, list[int]] = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        accumulator = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            tags.setdefault(tag, []).extend(event.step for event in accumulator.Tensors(tag))
+    return tags
+
+
 def test_short_run_loss_falls_and_writes_outputs(tmp_path):
-    summary = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    config = tiny_config()
+    config.train.update(sample_every=40, profile_steps=2)
+    summary = train.train_and_evaluate(config, str(tmp_path))
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(5, 81, 5))
     losses = np.array([h["loss"] for h in history])
@@ -41,6 +55,13 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     assert summary["final_loss"] == history[-1]["loss"]
     assert (tmp_path / "samples.png").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 80
+    # TensorBoard: every metric at every log step, and the EMA sample grids (also PNGs in the workdir).
+    tags = tensorboard_steps(tmp_path)
+    for tag in ("loss", "mse", "vb", "grad_norm", "learning_rate", "steps_per_sec", "images_per_sec"):
+        assert tags[tag] == list(range(5, 81, 5)), tag
+    assert tags["ema_samples"] == [40, 80]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000040.png", "step_00000080.png"]
+    assert list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # the profile of steps 10-12
 
 
 def test_train_step_is_a_pure_function_of_the_state():
@@ -84,6 +105,8 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     ("train.warmup_steps", 80, "warmup_steps"),
     ("data.source", "imagenet", "data.source='imagenet' is not available"),
     ("model.block_type", "film", "block_type"),
+    ("train.checkpoint_every", 0, "checkpoint_every"),
+    ("train.sample_every", -1, "sample_every"),
 ])
 def test_bad_config_values_are_named(tmp_path, field, value, message):
     c = tiny_config()

@@ -1,0 +1,235 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, corrupt-latest fallback, wrong-model refusal, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from configs import default
+from dit_jax import checkpointing, input_pipeline, sharding, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds.
+TINY = dict(model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4), data=dict(num_train=256),
+            train=dict(batch_size=16, log_every=1, checkpoint_every=10, max_to_keep=3),
+            sample=dict(per_class=1, num_classes=2, respacing="2"), eval=dict(class_consistency=False))
+
+
+CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                 "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+    """A persistent compilation cache for this module: its runs (and subprocesses) compile the same tiny step."""
+    values = (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)
+    saved = [getattr(jax.config, name) for name in CACHE_OPTIONS]
+    for name, value in zip(CACHE_OPTIONS, values):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    yield {name.upper(): str(value) for name, value in zip(CACHE_OPTIONS, values)}
+    for name, value in zip(CACHE_OPTIONS, saved):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def tiny_config(steps: int, **train_fields):
+    c = default.get_config()
+    for section, fields in TINY.items():
+        c[section].update(fields)
+    c.train.update(steps=steps, **train_fields)
+    return c
+
+
+def restore_step(config, workdir: Path, step: int) -> train.TrainState:
+    """The ``TrainState`` saved at ``step`` in ``workdir``."""
+    _, _, state = train.create_train_state(config)
+    manager = checkpointing.create_manager(str(workdir / "checkpoints"), every_steps=1, max_to_keep=10)
+    try:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    finally:
+        manager.close()
+
+
+def assert_states_equal(a: train.TrainState, b: train.TrainState) -> None:
+    leaves_a, leaves_b = jax.tree.leaves(jax.random.key_data(a.rng)), jax.tree.leaves(jax.random.key_data(b.rng))
+    leaves_a += jax.tree.leaves(a.replace(rng=0))
+    leaves_b += jax.tree.leaves(b.replace(rng=0))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    """Step directories Orbax has committed (it renames a finished temporary directory to the step number)."""
+    path = workdir / "checkpoints"
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+STEPS = 80
+
+
+def main_command(workdir: Path) -> list[str]:
+    overrides = [f"--config.{section}.{k}={v}" for section, fields in TINY.items() for k, v in fields.items()]
+    return [sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir),
+            f"--config.train.steps={STEPS}", *overrides]
+
+
+def start_and_signal_after_checkpoint(workdir: Path, env: dict, sig: int, after_step: int) -> tuple[int, str]:
+    """Run main; once a checkpoint newer than ``after_step`` is committed, send ``sig``; (return code, stderr)."""
+    proc = subprocess.Popen(main_command(workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not any(s > after_step for s in committed_steps(workdir)) and proc.poll() is None:
+            assert time.time() < deadline, "no checkpoint was committed within 300 s"
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stderr
+
+
+def test_sigkill_and_sigterm_then_rerun_match_an_uninterrupted_run(tmp_path, compile_once):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    env = {**os.environ, **compile_once}
+    train.train_and_evaluate(tiny_config(STEPS), str(reference))
+
+    # SIGKILL: no chance to clean up; whatever is committed must be enough to resume.
+    code, stderr = start_and_signal_after_checkpoint(interrupted, env, signal.SIGKILL, after_step=0)
+    assert code == -signal.SIGKILL, stderr[-3000:]
+    assert not (interrupted / "summary.json").exists()
+    killed_at = max(committed_steps(interrupted))
+    assert killed_at < STEPS
+
+    # SIGTERM (a preemption notice): checkpoint the current step, exit 143.
+    code, stderr = start_and_signal_after_checkpoint(interrupted, env, signal.SIGTERM, after_step=killed_at)
+    assert code == 143, stderr[-3000:]
+    assert f"resumed from step {killed_at}" in stderr
+    stopped_at = max(committed_steps(interrupted))
+    assert killed_at < stopped_at < STEPS
+    assert f"stopped at step {stopped_at}" in stderr
+
+    proc = subprocess.run(main_command(interrupted), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in proc.stderr
+
+    # Same losses at every step, bit for bit, and the same final state.
+    assert losses(interrupted) == losses(reference)
+    assert sorted(losses(reference)) == list(range(1, STEPS + 1))
+    config = tiny_config(STEPS)
+    assert_states_equal(restore_step(config, interrupted, STEPS), restore_step(config, reference, STEPS))
+
+
+def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_path, caplog):
+    config = tiny_config(30, checkpoint_every=10)
+    train.train_and_evaluate(config, str(tmp_path))
+    assert committed_steps(tmp_path) == [10, 20, 30]
+    final = restore_step(config, tmp_path, 30)
+
+    # Step 30 loses half of its largest array file; an empty step 40 looks like a killed write.
+    data_files = [p for p in (tmp_path / "checkpoints" / "30" / "state").rglob("*") if p.is_file()]
+    largest = max(data_files, key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+    (tmp_path / "checkpoints" / "40").mkdir()
+
+    with caplog.at_level(logging.WARNING):
+        summary = train.train_and_evaluate(config, str(tmp_path))
+    messages = caplog.text
+    assert "checkpoint step 40" in messages and "checkpoint step 30" in messages and "corrupt or incomplete" in messages
+    assert summary["resumed_from_step"] == 20
+    # The unreadable steps are kept aside, not deleted, and retraining from 20 rebuilt step 30 exactly.
+    assert sorted(p.name for p in (tmp_path / "checkpoints_corrupt").iterdir()) == ["30", "40"]
+    assert committed_steps(tmp_path) == [10, 20, 30]
+    assert_states_equal(restore_step(config, tmp_path, 30), final)
+
+
+def test_no_readable_checkpoint_is_an_error_that_keeps_them(tmp_path):
+    config = tiny_config(10, checkpoint_every=10)
+    train.train_and_evaluate(config, str(tmp_path))
+    os.remove(tmp_path / "checkpoints" / "10" / "data" / "process_0-of-1.json")
+    with pytest.raises(checkpointing.NoIntactCheckpointError, match="step 10.*Move them away"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert committed_steps(tmp_path) == [10]
+
+
+def test_a_checkpoint_of_another_model_or_past_the_last_step_is_refused_and_kept(tmp_path):
+    config = tiny_config(10, checkpoint_every=10)
+    train.train_and_evaluate(config, str(tmp_path))
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    other = tiny_config(20, checkpoint_every=10)
+    other.model.hidden_size = 64
+    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"another model.*model\.hidden_size: 32 -> 64"):
+        train.train_and_evaluate(other, str(tmp_path))
+    assert committed_steps(tmp_path) == [10]
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert int(restore_step(config, tmp_path, 10).step) == 10
+    # The same model asked to stop before the checkpoint's step: an error, not a silent no-op.
+    with pytest.raises(ValueError, match="at step 10, past train.steps=5"):
+        train.train_and_evaluate(tiny_config(5), str(tmp_path))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path):
+    # An absurd learning rate blows the parameters up after the first update.
+    config = tiny_config(20, checkpoint_every=1, lr=1e30)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+).*last good checkpoint is step") as err:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
+    steps = committed_steps(tmp_path)
+    assert f"checkpoint is step {max(steps)} " in str(err.value)
+    assert max(steps) == bad_step - 1
+    # Every checkpoint written holds finite numbers.
+    for step in steps:
+        state = restore_step(config, tmp_path, step)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.ema_params)))
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    assert jax.device_count() == 8  # tests/conftest.py simulates 8 CPU devices
+    config = tiny_config(10, checkpoint_every=10)
+    train.train_and_evaluate(config, str(tmp_path))  # mesh data=8
+    on_one_device = restore_step(config, tmp_path, 10)
+
+    # Four devices, two-way data and two-way FSDP: the large weights come back split.
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
+    manager = checkpointing.create_manager(str(tmp_path / "checkpoints"), every_steps=1, max_to_keep=3)
+    iterator = input_pipeline.make_train_iterator(input_pipeline.create_source(config), batch_size=16, seed=0)
+    try:
+        on_four = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), iterator, config,
+                                               quarantine_dir=str(tmp_path / "unused"))
+    finally:
+        manager.close()
+    assert_states_equal(on_four, on_one_device)
+    fc1 = on_four.params["blocks"][0]["mlp"]["fc1"]["kernel"][...]
+    assert fc1.sharding.mesh.devices.size == 4 and "fsdp" in fc1.sharding.spec
+    assert iterator.get_state() == json.loads(
+        (tmp_path / "checkpoints" / "10" / "data" / "process_0-of-1.json").read_text())
+
+    # The run itself resumes on another layout of the devices and keeps training.
+    config.mesh.update(data=2, fsdp=2, tensor=2)
+    config.train.steps = 12
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["resumed_from_step"] == 10
+    assert np.isfinite(summary["final_loss"])
