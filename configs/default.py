@@ -25,7 +25,7 @@ def get_config():
 
     # On 2 CPU cores a short run learns most from many small, fast updates: a higher
     # learning rate than the paper's 1e-4 and a short EMA horizon (~200 steps).
-    c.train.steps = 6500
+    c.train.steps = 6000
     c.train.batch_size = 32
     c.train.lr = 1e-3
     c.train.ema_decay = 0.995

@@ -1,7 +1,7 @@
 """FLOP counting from XLA's cost analysis, and the peak FLOP rates of accelerators, for MFU.
 
 Two conventions meet here. XLA (and every accelerator's peak figure) counts a multiply-add
-as two flops; the DiT paper's "Gflops" count it as one. ``compiled_flops`` and
+as two flops; the DiT paper's "Gflops" count it as one. ``lowered_flops`` and
 ``peak_flops_per_device`` use XLA's convention, so their ratio is the model FLOPs
 utilisation; ``xla_gflops`` uses the paper's, for comparison with its Table 4.
 """
@@ -68,36 +68,12 @@ def _cost_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None
     return float(analysis["flops"])
 
 
-def compiled_flops(compiled: jax.stages.Compiled | jax.stages.Lowered, num_devices: int) -> float:
-    """Flops of one run of a program over all devices (a multiply-add counts as two).
-
-    A compiled SPMD program is the per-device program, so its count is multiplied by
-    ``num_devices`` (the devices it runs on). A lowered program is still the global,
-    unpartitioned one: its count is already the total and ``num_devices`` is not applied.
-    Backends that analyse only compiled programs (CUDA) get the lowered program compiled.
-    """
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-    if not isinstance(compiled, (jax.stages.Lowered, jax.stages.Compiled)):
-        raise TypeError(f"expected a jax Compiled or Lowered program (jax.jit(f).lower(...)[.compile()]), "
-                        f"got {type(compiled).__name__}")
-    if isinstance(compiled, jax.stages.Lowered):
-        flops = _cost_flops(compiled)
-        if flops is not None:
-            return flops
-        compiled = compiled.compile()
-    flops = _cost_flops(compiled)
-    if flops is None:
-        raise ValueError("XLA's cost analysis of this program has no flop count; this backend does not report one")
-    return flops * num_devices
-
-
 def lowered_flops(fn: Callable[..., Any], *args: Any) -> float:
     """Flops (a multiply-add counts as two) of ``fn(*args)`` as XLA counts the whole program.
 
     The program is lowered for the host CPU from the arguments' shapes alone, never compiled:
-    the pre-optimisation count is the global, unpartitioned program's, costs no compile time,
-    and works on GPUs too, whose XLA backend analyses only compiled per-device programs (and
+    the pre-optimisation count is the global, unpartitioned program's (a sharded step's total
+    over all its devices), costs no compile time, and works on GPUs too, whose XLA backend analyses only compiled per-device programs (and
     there misses the matmuls it hands to cuBLAS).
     """
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)

@@ -71,10 +71,12 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """``train.lr`` after ``train.warmup_steps`` of linear warmup: constant (the paper) or cosine-decayed to 0."""
     t = config.train
     if t.lr_schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, t.steps)
-    # (optax.warmup_constant_schedule gives 0 forever when warmup_steps == 0.)
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), optax.constant_schedule(t.lr)],
-                                [t.warmup_steps])
+        schedule = optax.cosine_decay_schedule(t.lr, t.steps - t.warmup_steps)
+    else:
+        schedule = optax.constant_schedule(t.lr)
+    if not t.warmup_steps:
+        return schedule
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), schedule], [t.warmup_steps])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -231,7 +233,7 @@ def _step_flops(config: ml_collections.ConfigDict, step_fn: Callable, abstract_s
     batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size, m.input_size, m.input_size, m.in_channels),
                                                 jnp.float32, sharding=batch),
                   "label": jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32, sharding=batch)}
-    return flops.compiled_flops(step_fn.lower(abstract_state, batch_spec), 1), peak * mesh.devices.size
+    return flops.lowered_flops(step_fn, abstract_state, batch_spec), peak * mesh.devices.size
 
 
 def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:

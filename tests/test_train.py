@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
-from dit_jax import train
+from dit_jax import flops, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +63,26 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     assert tags["ema_samples"] == [40, 80]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000040.png", "step_00000080.png"]
     assert list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # the profile of steps 10-12
+
+
+def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch):
+    """A CPU has no peak in the table; give it one and each log line carries the step's utilisation."""
+    peak = 1e12
+    monkeypatch.setattr(flops, "peak_flops_per_device", lambda device, dtype=None: peak)
+    config = tiny_config()
+    config.train.update(steps=10, log_every=5)
+    train.train_and_evaluate(config, str(tmp_path))
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # The default mesh spans every device (8 simulated ones in the tests): the peak is theirs together.
+    step_flops = [h["mfu"] * peak * jax.device_count() / h["steps_per_sec"] for h in history]
+    assert step_flops[0] == pytest.approx(step_flops[1], rel=1e-6)  # the same step every time
+    # Forward, backward (about 2x) and the optimiser: 2.5x-4x the forward's flops over the batch.
+    graphdef, fixed, state = train.create_train_state(config)
+    m = config.model
+    x = jnp.zeros((config.train.batch_size, m.input_size, m.input_size, m.in_channels))
+    y = jnp.zeros((config.train.batch_size,), jnp.int32)
+    forward = flops.lowered_flops(lambda p, x, t, y: nnx.merge(graphdef, p, fixed)(x, t, y), state.params, x, y, y)
+    assert 2.5 * forward < step_flops[0] < 4 * forward
 
 
 def test_train_step_is_a_pure_function_of_the_state():
