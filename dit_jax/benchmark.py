@@ -17,6 +17,10 @@ peak for ``--dtype`` is the MFU, "unknown" where the device is not in
 
 ``--torch`` also times the same model and batch in PyTorch on the CPU or CUDA device:
 diffusers' ``DiTTransformer2DModel`` (see ``torch_train_benchmark`` for what each side computes).
+
+``--loader_dir DIR`` instead measures the training input: the latents/s that the grain
+pipeline over an ``extract_latents`` folder delivers on this host (shuffled reads, a fresh
+posterior sample and a random flip per latent, batched, prefetched).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import flops, sample, sharding, train
+from dit_jax import flops, input_pipeline, latents, sample, sharding, train
 from dit_jax.models import DTYPES, MODELS, count_params
 from dit_jax.recipes import paper_config
 
@@ -239,6 +243,27 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_st
     return result
 
 
+def loader_benchmark(latents_dir: str, *, batch_size: int, batches: int, warmup: int) -> dict[str, Any]:
+    """Latents/s (wall clock) and latents per CPU-second of the training input over ``latents_dir``.
+
+    ``warmup`` batches first fill the prefetch buffer and are passed, so the timed window
+    measures production, not the buffer.
+    """
+    if batch_size < 1 or batches < 1 or warmup < 0:
+        raise ValueError(f"batch_size and batches must be >= 1 and warmup >= 0, got {batch_size}, {batches}, {warmup}")
+    source = latents.LatentSource(latents_dir)
+    batches_it = input_pipeline.make_train_iterator(source, batch_size=batch_size, seed=0)
+    for _ in range(warmup):
+        next(batches_it)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        batch = next(batches_it)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = batches * batch_size
+    return {"latents_dir": latents_dir, "latent_shape": list(batch["image"].shape[1:]), "batch": batch_size,
+            "batches": batches, "seconds": wall, "latents_per_sec": n / wall, "latents_per_cpu_sec": n / cpu}
+
+
 def _percent(fraction: float | None) -> str:
     return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
 
@@ -299,6 +324,8 @@ def _define_flags() -> None:
     flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
     flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+    flags.DEFINE_string("loader_dir", None, "Instead: time the training input over this extract_latents folder "
+                        "(--batch latents a batch, --steps batches after --warmup).")
 
 
 def main(argv: list[str]) -> None:
@@ -307,6 +334,12 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if f.sample_steps < 0:
         raise app.UsageError(f"--sample_steps must be >= 0, got {f.sample_steps}")
+    if f.loader_dir:
+        result = loader_benchmark(f.loader_dir, batch_size=f.batch, batches=f.steps, warmup=f.warmup)
+        print(json.dumps(result, indent=1) if f.json else
+              f"loader: {result['latents_per_sec']:,.0f} latents/s ({result['latents_per_cpu_sec']:,.0f} per "
+              f"CPU-second), batches of {f.batch} x {result['latent_shape']} from {f.loader_dir}")
+        return
     try:
         config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh)
     except ValueError as e:

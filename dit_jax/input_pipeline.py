@@ -33,13 +33,13 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self.images[index], "label": self.labels[index]}
 
-
-def _to_float_random_flip(example: dict, rng: np.random.Generator) -> dict:
-    """uint8 -> [-1, 1] float32, flipped left-right with probability 1/2 (the paper's only augmentation)."""
-    image = synthetic.to_model_range(example["image"])
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-    return {"image": np.ascontiguousarray(image), "label": example["label"]}
+    def sample_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The examples at ``indices`` as one [-1, 1] float32 batch, each flipped left-right with
+        probability 1/2 (the paper's only augmentation); one gather and one draw per batch."""
+        images = synthetic.to_model_range(self.images[indices])
+        flip = rng.random(len(images)) < 0.5
+        images[flip] = images[flip][:, :, ::-1]
+        return {"image": images, "label": self.labels[indices]}
 
 
 Source = ArraySource | latents.LatentSource
@@ -54,13 +54,12 @@ def make_train_iterator(source: Source, *, batch_size: int, seed: int,
     if len(source) // shard_count < batch_size:
         raise ValueError(f"the dataset share ({len(source)} examples / {shard_count} shards) is smaller "
                          f"than one batch of {batch_size}; make more data or use a smaller batch")
+    # Shuffle indices; read and augment whole batches (one gather, one vectorised draw per batch).
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()[shard_index::shard_count]
+    ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1)
     if isinstance(source, latents.LatentSource):
-        # Shuffle indices; read and sample whole batches (parallel reads, one vectorised draw).
-        ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()[shard_index::shard_count]
-        ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1)
-        return iter(ds.to_iter_dataset(LATENT_READ_OPTIONS))
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[shard_index::shard_count]
-    return iter(ds.random_map(_to_float_random_flip, seed=seed + 1).batch(batch_size, drop_remainder=True))
+        return iter(ds.to_iter_dataset(LATENT_READ_OPTIONS))  # parallel reads from the shards
+    return iter(ds)
 
 
 def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySource:

@@ -16,6 +16,7 @@ from dit_jax import benchmark, train
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
 from dit_jax.recipes import base_config
+from tests.test_input_pipeline import write_latents
 
 BATCH = 8
 MESH = {"data": 4, "fsdp": 2, "tensor": 1}  # the 8 CPU devices that conftest.py simulates
@@ -122,3 +123,15 @@ def test_bfloat16_step():
     config.dtype = "bfloat16"
     t = benchmark.train_benchmark(config, steps=1, warmup=1)
     assert t["dtype"] == "bfloat16" and t["step_seconds_median"] > 0 and t["train_flops_per_image"] > 0
+
+
+def test_loader_benchmark_reads_a_latents_folder(tmp_path):
+    folder = write_latents(tmp_path, 96, std=0.1, shape=(4, 4, 4))
+    result = benchmark.loader_benchmark(folder, batch_size=16, batches=5, warmup=2)
+    assert result["latent_shape"] == [4, 4, 4] and result["batch"] == 16 and result["batches"] == 5
+    assert result["latents_per_sec"] == pytest.approx(5 * 16 / result["seconds"])
+    assert result["latents_per_cpu_sec"] > 0
+    with pytest.raises(ValueError, match="batches"):
+        benchmark.loader_benchmark(folder, batch_size=16, batches=0, warmup=0)
+    with pytest.raises(FileNotFoundError, match="not a latents folder"):
+        benchmark.loader_benchmark(str(tmp_path / "missing"), batch_size=16, batches=1, warmup=0)

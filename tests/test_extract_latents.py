@@ -169,6 +169,17 @@ def test_short_training_run_reads_the_latents(extracted, tmp_path):
     assert [h["step"] for h in history] == [3, 6] and all(np.isfinite(h["loss"]) for h in history)
     assert summary["steps"] == 6
 
+    # Stopped after 3 steps and rerun: the checkpoint holds the loader's position, so the resumed
+    # run reads the same examples (and the same posterior samples and flips) as the straight one.
+    split = tmp_path / "split"
+    first_half = latent_config(str(extracted[0]))
+    first_half.train.steps = 3
+    train.train_and_evaluate(first_half, str(split))
+    resumed = train.train_and_evaluate(latent_config(str(extracted[0])), str(split))
+    assert resumed["resumed_from_step"] == 3
+    split_history = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in split_history] == [h["loss"] for h in history]
+
 
 @pytest.mark.parametrize("field, value, message", [
     ("input_size", 16, "model.input_size=16 but the latents are 8x8"),
