@@ -18,7 +18,7 @@ from dit_jax import latents, synthetic
 
 
 class ArraySource:
-    """A random-access grain source over in-memory uint8 images and int labels."""
+    """In-memory uint8 images and int labels, read and augmented a batch at a time."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         if images.ndim != 4 or images.dtype != np.uint8:
@@ -29,9 +29,6 @@ class ArraySource:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[index], "label": self.labels[index]}
 
     def sample_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """The examples at ``indices`` as one [-1, 1] float32 batch, each flipped left-right with
