@@ -223,17 +223,22 @@ def _stop_on_sigterm() -> Iterator[threading.Event]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _step_flops(config: ml_collections.ConfigDict, step_fn: Callable, abstract_state: TrainState,
-                mesh: Mesh) -> tuple[float | None, float | None]:
-    """(flops of one train step, peak flops/s of the mesh), or (None, None) when the device's peak is unknown."""
+def _step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
+                diffusion: gd.Diffusion, abstract_state: TrainState, mesh: Mesh) -> tuple[float | None, float | None]:
+    """(flops of one train step, peak flops/s of the mesh), or (None, None) when the device's peak is unknown.
+
+    Counted on the unsharded step (the global program) from shapes alone, lowered for the host
+    CPU (``flops.lowered_flops``): the mesh's devices and arrays play no part.
+    """
     peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
     if not peak:
         return None, None
-    m, batch = config.model, sharding.batch_sharding(mesh)
-    batch_spec = {"image": jax.ShapeDtypeStruct((config.train.batch_size, m.input_size, m.input_size, m.in_channels),
-                                                jnp.float32, sharding=batch),
-                  "label": jax.ShapeDtypeStruct((config.train.batch_size,), jnp.int32, sharding=batch)}
-    return flops.lowered_flops(step_fn, abstract_state, batch_spec), peak * mesh.devices.size
+    m, n = config.model, config.train.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((n, m.input_size, m.input_size, m.in_channels), jnp.float32),
+             "label": jax.ShapeDtypeStruct((n,), jnp.int32)}
+    step = functools.partial(train_step, graphdef=graphdef, tx=make_optimizer(config), ema_decay=config.train.ema_decay)
+    count = lambda state, batch, fixed, diffusion: step(state, batch, fixed=fixed, diffusion=diffusion)
+    return flops.lowered_flops(count, abstract_state, batch, fixed, diffusion), peak * mesh.devices.size
 
 
 def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:
@@ -292,8 +297,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
                      num_params, dict(mesh.shape),
                      f"resumed from step {start_step}" if resumed else "starting from scratch")
-        step_fn = make_train_step(config, graphdef, fixed, build_diffusion(config), mesh)
-        step_flops, peak_flops = _step_flops(config, step_fn, abstract_state, mesh)
+        diffusion = build_diffusion(config)
+        step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh)
+        step_flops, peak_flops = _step_flops(config, graphdef, fixed, diffusion, abstract_state, mesh)
         lr_schedule = learning_rate_schedule(config)
 
         metrics_path = os.path.join(workdir, "metrics.jsonl")
