@@ -9,7 +9,7 @@ path with ``layers`` (from ``nnx.Sequential``) dropped and ``kernel``/``embeddin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flax import nnx
@@ -48,15 +48,15 @@ def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
             for path, var in _flat_state(model).items()}
 
 
-def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *, source: str = "state_dict") -> None:
-    """Copy an official ``state_dict`` (numpy arrays, PyTorch names/layouts) into ``model`` in place.
+def load_checked(variables: Mapping[tuple, nnx.Variable], state_dict: Mapping[str, np.ndarray],
+                 name_of: Callable[[tuple], str], *, header: str, hint: str = "") -> None:
+    """Copy a PyTorch ``state_dict`` (numpy arrays, PyTorch layouts) into ``variables`` (flat path -> variable).
 
-    Every name and shape is checked before anything is written; on any mismatch a
-    ValueError lists the missing, unexpected and wrongly shaped entries (e.g. a 512x512
-    checkpoint given to a 256x256 model shows up as a ``pos_embed`` shape mismatch).
+    Every name and shape is checked before anything is written; on any mismatch a ValueError
+    starts with ``header``, lists the missing, unexpected and wrongly shaped entries (shapes in
+    the checkpoint's layout) and ends with ``hint``. Shared by the DiT and the VAE loaders.
     """
-    ours = _flat_state(model)
-    by_name = {official_name(path): path for path in ours}
+    by_name = {name_of(path): path for path in variables}
     missing = sorted(set(by_name) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(by_name))
     wrong = []
@@ -65,22 +65,35 @@ def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *
         if name not in state_dict:
             continue
         value = _relayout(np.asarray(state_dict[name]), path, to_official=False)
-        want = tuple(ours[path][...].shape)
+        want = tuple(variables[path][...].shape)
         if tuple(value.shape) != want:
             wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, "
                          f"model {tuple(_relayout(np.zeros(want, np.int8), path, to_official=True).shape)}")
         converted[path] = value
     if missing or unexpected or wrong:
-        lines = [f"{source} does not fit this DiT (input_size={model.input_size}, patch_size={model.patch_size}, "
-                 f"in_channels={model.in_channels}, out_channels={model.out_channels}, "
-                 f"num_classes={model.num_classes}, depth={len(model.blocks)}):"]
+        lines = [header]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
-        lines.append("  Build the model that matches the checkpoint (model name, image size // 8, "
-                     "learn_sigma, num_classes) or use the checkpoint made for this one.")
+        if hint:
+            lines.append(hint)
         raise ValueError("\n".join(lines))
     for path, value in converted.items():
-        var = ours[path]
+        var = variables[path]
         var[...] = np.asarray(value, dtype=var[...].dtype)
+
+
+def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *, source: str = "state_dict") -> None:
+    """Copy an official ``state_dict`` (numpy arrays, PyTorch names/layouts) into ``model`` in place.
+
+    Every name and shape is checked before anything is written; on any mismatch a
+    ValueError lists the missing, unexpected and wrongly shaped entries (e.g. a 512x512
+    checkpoint given to a 256x256 model shows up as a ``pos_embed`` shape mismatch).
+    """
+    header = (f"{source} does not fit this DiT (input_size={model.input_size}, patch_size={model.patch_size}, "
+              f"in_channels={model.in_channels}, out_channels={model.out_channels}, "
+              f"num_classes={model.num_classes}, depth={len(model.blocks)}):")
+    load_checked(_flat_state(model), state_dict, official_name, header=header,
+                 hint="  Build the model that matches the checkpoint (model name, image size // 8, "
+                      "learn_sigma, num_classes) or use the checkpoint made for this one.")

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.convert import load_checked
+
 HUB_VAES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -254,38 +256,11 @@ def _modern_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _to_ours(array: np.ndarray, path: tuple) -> np.ndarray:
-    """PyTorch layouts -> ours: conv OIHW -> HWIO, Linear [out, in] -> [in, out]."""
-    if path[-1] != "kernel" or array.ndim not in (2, 4):
-        return array  # a wrongly ranked array falls through to the shape check
-    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
-
-
 def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], *, source: str) -> None:
     """Copy a diffusers ``state_dict`` into ``model`` in place, after checking every name and shape."""
-    state_dict = {_modern_name(k): v for k, v in state_dict.items()}
-    ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    by_name = {diffusers_name(path): path for path in ours}
-    missing = sorted(set(by_name) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(by_name))
-    converted, wrong = {}, []
-    for name in sorted(set(by_name) & set(state_dict)):
-        path = by_name[name]
-        want = tuple(ours[path][...].shape)
-        value = _to_ours(np.asarray(state_dict[name], np.float32), path)
-        if value.shape != want:
-            theirs = want[::-1] if len(want) == 2 else (want[3], want[2], *want[:2]) if len(want) == 4 else want
-            wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, model {theirs}")
-        converted[path] = value
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not fit the AutoencoderKL built from its config.json:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20])
-                             + (f" ... and {len(items) - 20} more" if len(items) > 20 else ""))
-        raise ValueError("\n".join(lines))
-    for path, value in converted.items():
-        ours[path][...] = jnp.asarray(value, ours[path][...].dtype)
+    load_checked(dict(nnx.to_flat_state(nnx.state(model, nnx.Param))),
+                 {_modern_name(k): v for k, v in state_dict.items()}, diffusers_name,
+                 header=f"{source} does not fit the AutoencoderKL built from its config.json:")
 
 
 def _read_weights(path: str) -> dict[str, np.ndarray]:
