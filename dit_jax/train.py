@@ -243,11 +243,13 @@ def _step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed
 
 def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:
     """(step, loss) of the first step whose loss or gradient norm is not finite, or None."""
-    for step, metrics in checks:
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
-            return step, loss
-    return None
+    if not checks:
+        return None
+    steps, metrics = zip(*checks)
+    # One transfer for the whole window, not two per step.
+    losses, grad_norms = jax.device_get(([m["loss"] for m in metrics], [m["grad_norm"] for m in metrics]))
+    bad = ~(np.isfinite(losses) & np.isfinite(grad_norms))
+    return (steps[int(np.argmax(bad))], float(losses[int(np.argmax(bad))])) if bad.any() else None
 
 
 def _read_history(path: str, *, up_to_step: int) -> list[dict[str, Any]]:
