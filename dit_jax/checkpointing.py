@@ -2,7 +2,8 @@
 
 One step directory holds three items: ``state`` (the ``TrainState`` pytree: params, optimiser
 state, EMA params, step, RNG), ``data`` (each process's grain iterator position) and ``config``
-(the run's config as JSON, to refuse resuming another model). Orbax writes a step to a
+(the run's config as JSON, to refuse resuming another model). A run may resume on another
+mesh or another number of processes. Orbax writes a step to a
 temporary directory and renames it when complete, and deletes old steps (``max_to_keep``) only
 after a newer one is committed, so a killed run always leaves its last committed step behind.
 """
@@ -22,7 +23,7 @@ from absl import logging
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
-from dit_jax import sharding
+from dit_jax import input_pipeline, sharding
 
 ITEMS = ("state", "data", "config")
 # Config sections that define the parameters and what they compute: a checkpoint whose values
@@ -79,6 +80,22 @@ def _quarantine(manager: ocp.CheckpointManager, steps: list[int], quarantine_dir
     manager.reload()
 
 
+def _restore_position(manager: ocp.CheckpointManager, step: int, iterator: grain.DatasetIterator,
+                      batches: int) -> None:
+    """Set ``iterator`` to this process's saved position, or from the step count if the checkpoint
+    was written by a different number of processes (grain keeps one file per process)."""
+    data_dir = os.path.join(str(manager.directory), str(step), "data")
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
+    if own in saved or not saved:  # no files at all: let grain report the missing data
+        manager.restore(step, args=ocp.args.Composite(data=grain_checkpoint.CheckpointRestore(iterator)))
+        return
+    input_pipeline.seek(iterator, batches)
+    logging.warning("checkpoint step %d was written by %s process(es), this run has %d: each process's input "
+                    "continues after batch %d (the same examples; new augmentation draws)",
+                    step, saved[0].split("-of-")[-1].removesuffix(".json"), jax.process_count(), batches)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator: grain.DatasetIterator,
                    config: ml_collections.ConfigDict, *, quarantine_dir: str) -> Any | None:
     """Restore the newest intact checkpoint onto ``abstract_state``'s shardings; ``None`` if there is none.
@@ -109,8 +126,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
                 f"{manager.directory} holds checkpoints of another model (step {step}): " + "; ".join(differences)
                 + ". Use a new --workdir for this config, or run with the checkpoint's config to resume it.")
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=grain_checkpoint.CheckpointRestore(iterator)))
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+            _restore_position(manager, step, iterator, int(state.step))
         except Exception as e:
             unreadable(step, e)
             continue
@@ -118,7 +135,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
             logging.warning("resuming from step %d; moving the unreadable newer step(s) %s to %s", step,
                             [s for s, _ in failures], quarantine_dir)
             _quarantine(manager, [s for s, _ in failures], quarantine_dir)
-        return restored.state
+        return state
     if failures:
         raise NoIntactCheckpointError(
             f"none of the checkpoints in {manager.directory} can be restored: "

@@ -2,13 +2,15 @@
 
 The official ``state_dict`` (as in the released ``DiT-XL-2-256x256.pt``) uses PyTorch names
 and layouts: Linear weights ``[out, in]``, the patch conv ``[out, in, p, p]`` (NCHW). Here
-kernels are ``[in, out]`` and ``[p, p, in, out]`` (NHWC). Names map one to one: our state
+kernels are ``[in, out]`` and ``[p, p, in, out]`` (NHWC), and attention's fused projections
+``[in, n, out]`` (``qkv``: n = 3) with biases ``[n, out]``. Names map one to one: our state
 path with ``layers`` (from ``nnx.Sequential``) dropped and ``kernel``/``embedding`` read as
 ``weight``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -26,16 +28,28 @@ def official_name(path: tuple) -> str:
     return ".".join(parts)
 
 
-# Kernel axes, ours -> official: Linear [in, out] -> [out, in]; conv HWIO -> OIHW.
-_OFFICIAL_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+# Conv kernels HWIO (ours) -> OIHW (official).
+_CONV_TO_OFFICIAL = (3, 2, 0, 1)
 
 
-def _relayout(array: np.ndarray, path: tuple, *, to_official: bool) -> np.ndarray:
-    """Transpose kernels between our layout and the official one; other arrays are shared as is."""
-    if path[-1] != "kernel" or array.ndim not in _OFFICIAL_AXES:
-        return array  # a wrongly ranked checkpoint array falls through to the shape check
-    axes = _OFFICIAL_AXES[array.ndim]
-    return array.transpose(axes if to_official else np.argsort(axes))
+def _to_official(array: np.ndarray, path: tuple) -> np.ndarray:
+    """Our layout -> the official one: linear kernels ``[in, *out]`` -> ``[prod(out), in]`` (fused
+    projections such as ``qkv [in, 3, out]`` flatten as the official fused layer), conv kernels
+    HWIO -> OIHW, fused biases ``[n, out]`` -> ``[n * out]``; other arrays as they are."""
+    if path[-1] == "kernel":
+        return array.transpose(_CONV_TO_OFFICIAL) if array.ndim == 4 else array.reshape(array.shape[0], -1).T
+    return array.reshape(-1) if path[-1] == "bias" else array
+
+
+def _from_official(array: np.ndarray, path: tuple, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An official array in our layout of ``shape``, or None if it does not fit that shape."""
+    if path[-1] == "kernel" and len(shape) == 4:
+        array = array.transpose(np.argsort(_CONV_TO_OFFICIAL)) if array.ndim == 4 else array
+    elif path[-1] == "kernel" and array.ndim == 2 and array.shape == (math.prod(shape[1:]), shape[0]):
+        array = array.T.reshape(shape)
+    elif path[-1] == "bias" and array.ndim == 1 and array.size == math.prod(shape):
+        array = array.reshape(shape)
+    return array if tuple(array.shape) == tuple(shape) else None
 
 
 def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
@@ -44,7 +58,7 @@ def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
 
 def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
     """This model's weights as an official-layout ``state_dict`` of numpy arrays."""
-    return {official_name(path): _relayout(np.asarray(var[...]), path, to_official=True)
+    return {official_name(path): _to_official(np.asarray(var[...]), path)
             for path, var in _flat_state(model).items()}
 
 
@@ -64,11 +78,12 @@ def load_checked(variables: Mapping[tuple, nnx.Variable], state_dict: Mapping[st
     for name, path in by_name.items():
         if name not in state_dict:
             continue
-        value = _relayout(np.asarray(state_dict[name]), path, to_official=False)
         want = tuple(variables[path][...].shape)
-        if tuple(value.shape) != want:
+        value = _from_official(np.asarray(state_dict[name]), path, want)
+        if value is None:
             wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, "
-                         f"model {tuple(_relayout(np.zeros(want, np.int8), path, to_official=True).shape)}")
+                         f"model {tuple(_to_official(np.zeros(want, np.int8), path).shape)}")
+            continue
         converted[path] = value
     if missing or unexpected or wrong:
         lines = [header]

@@ -4,8 +4,10 @@ Examples are ``{"image": float32 [H, W, C], "label": int32}``; batches stack the
 are synthetic pixels in [-1, 1] or pre-encoded ImageNet latents (``latents.LatentSource``:
 a fresh posterior sample of a random flip, times the VAE scale factor, at every read).
 Every epoch is one global permutation from the seed; each process reads only its own share
-of it (``shard_index`` of ``shard_count``), and the iterator's ``get_state``/``set_state``
-let a checkpoint resume at the exact example.
+of it (``shard_index`` of ``shard_count``, strided, so global batch ``k`` holds the same examples
+whatever the number of processes), and the iterator's ``get_state``/``set_state`` let a
+checkpoint resume at the exact example (``seek`` does it from a step count when the number of
+processes changed).
 """
 
 from __future__ import annotations
@@ -53,10 +55,25 @@ def make_train_iterator(source: Source, *, batch_size: int, seed: int,
                          f"than one batch of {batch_size}; make more data or use a smaller batch")
     # Shuffle indices; read and augment whole batches (one gather, one vectorised draw per batch).
     ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()[shard_index::shard_count]
-    ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1)
+    # Augmentation draws: one stream per process (equal seeds would repeat the same flips and
+    # posterior noise on every host).
+    ds = ds.batch(batch_size, drop_remainder=True).random_map(source.sample_batch, seed=seed + 1 + shard_index)
     if isinstance(source, latents.LatentSource):
         return iter(ds.to_iter_dataset(LATENT_READ_OPTIONS))  # parallel reads from the shards
     return iter(ds)
+
+
+def seek(iterator: grain.DatasetIterator, batches: int) -> None:
+    """Position a ``make_train_iterator`` iterator after its first ``batches`` batches.
+
+    Every process's iterator yields one batch per training step, so the step count alone fixes
+    where each one stands; this is how a run resumes on a different number of processes.
+    """
+    state = iterator.get_state()
+    if set(state) != {"next_index"}:
+        raise ValueError(f"cannot position a {type(iterator).__name__} (state {state!r}); "
+                         "expected an iterator made by make_train_iterator")
+    iterator.set_state({"next_index": int(batches)})
 
 
 def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySource:

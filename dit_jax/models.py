@@ -76,6 +76,15 @@ def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype: Any, init=xavier_uniform
     return nnx.Linear(din, dout, kernel_init=init, bias_init=zeros, dtype=dtype, rngs=rngs)
 
 
+def _fused_linear(din: int, n: int, dout: int, rngs: nnx.Rngs, dtype: Any) -> nnx.LinearGeneral:
+    """``n`` projections of width ``dout`` in one matmul (attention's q/k/v): kernel ``[din, n, dout]``.
+
+    Initialised and checkpointed as one ``[din, n * dout]`` linear (the official fused layer);
+    the separate ``dout`` axis lets tensor parallelism split every projection into whole heads.
+    """
+    return nnx.LinearGeneral(din, (n, dout), kernel_init=xavier_uniform, bias_init=zeros, dtype=dtype, rngs=rngs)
+
+
 def _norm(dim: int, rngs: nnx.Rngs, dtype: Any, affine: bool = False) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=1e-6, use_scale=affine, use_bias=affine, dtype=dtype, rngs=rngs)
 
@@ -134,23 +143,23 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, cross: bool = False, dtype: Any, rngs: nnx.Rngs):
         self.num_heads = num_heads
         if cross:
-            self.q = _linear(dim, dim, rngs, dtype)
-            self.kv = _linear(dim, 2 * dim, rngs, dtype)
+            self.q = _fused_linear(dim, 1, dim, rngs, dtype)
+            self.kv = _fused_linear(dim, 2, dim, rngs, dtype)
         else:
-            self.qkv = _linear(dim, 3 * dim, rngs, dtype)
+            self.qkv = _fused_linear(dim, 3, dim, rngs, dtype)
         self.proj = _linear(dim, dim, rngs, dtype)
 
-    def _heads(self, x: jax.Array, n: int) -> tuple[jax.Array, ...]:
-        # Feature layout is [n, heads, head_dim], as in the official (timm) qkv projection.
-        b, t, d = x.shape
-        x = x.reshape(b, t, n, self.num_heads, d // (n * self.num_heads))
+    def _heads(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        # [b, t, n, heads * head_dim] -> n arrays [b, t, heads, head_dim] (the official feature order).
+        b, t, n, d = x.shape
+        x = x.reshape(b, t, n, self.num_heads, d // self.num_heads)
         return tuple(x[:, :, i] for i in range(n))
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         if context is None:
-            q, k, v = self._heads(self.qkv(x), 3)
+            q, k, v = self._heads(self.qkv(x))
         else:
-            (q,), (k, v) = self._heads(self.q(x), 1), self._heads(self.kv(context), 2)
+            (q,), (k, v) = self._heads(self.q(x)), self._heads(self.kv(context))
         out = jax.nn.dot_product_attention(q, k, v)
         return self.proj(out.reshape(x.shape[0], x.shape[1], -1))
 

@@ -3,8 +3,9 @@
 One ``Mesh`` with axes ``("data", "fsdp", "tensor")`` (GSPMD, ``AxisType.Auto``):
 
 - the batch is split over ``("data", "fsdp")`` and replicated over ``tensor``;
-- tensor parallelism (``tensor > 1``) splits attention ``qkv`` / ``q`` / ``kv`` and MLP
-  ``fc1`` by output (heads / hidden units) and ``proj`` / ``fc2`` by input (Megatron style);
+- tensor parallelism (``tensor > 1``) splits attention ``qkv`` / ``q`` / ``kv`` (kernels
+  ``[in, n, heads * head_dim]``: whole heads) and MLP ``fc1`` by output, and ``proj`` / ``fc2``
+  by input (Megatron style: one all-reduce per pair);
 - FSDP (``fsdp > 1``) splits each weight of at least ``FSDP_MIN_SIZE`` elements along its
   largest free axis divisible by the ``fsdp`` size; smaller ones are replicated;
 - optimiser state and EMA parameters take the sharding of the parameter they mirror; the

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import flax
 import jax
@@ -23,7 +23,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -32,6 +31,9 @@ from PIL import Image
 from dit_jax import checkpointing, classifier, diffusion as gd, flops, input_pipeline, sample, sharding, synthetic
 from dit_jax.image_grid import save_grid
 from dit_jax.models import DTYPES, DiT, count_params, create_model, precision_options
+
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 
 @flax.struct.dataclass
@@ -270,6 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     and at the end ``samples.png`` (one row per class) and ``summary.json``; with
     ``eval.class_consistency`` a classifier trained on the synthetic data scores the samples.
     """
+    # CLU's writers import TensorFlow: imported here, so the step, the benchmark and sampling run without it.
+    from clu import metric_writers, periodic_actions
+
     _check_config(config)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()

@@ -233,3 +233,21 @@ def test_a_checkpoint_restores_onto_a_different_mesh(tmp_path):
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["resumed_from_step"] == 10
     assert np.isfinite(summary["final_loss"])
+
+
+def test_a_checkpoint_of_another_number_of_processes_resumes_at_its_step(tmp_path, caplog):
+    """grain keeps one position file per process; written by 2 processes, read by 1, the input
+    continues from the step count (every process reads one batch per step), so the losses are
+    those of an uninterrupted run."""
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train.train_and_evaluate(tiny_config(20, checkpoint_every=10), str(reference))
+    train.train_and_evaluate(tiny_config(10, checkpoint_every=10), str(resumed))
+    data = resumed / "checkpoints" / "10" / "data"
+    (data / "process_0-of-1.json").unlink()
+    for name in ("process_0-of-2.json", "process_1-of-2.json"):  # positions that would be wrong if read
+        (data / name).write_text(json.dumps({"next_index": 3}))
+    with caplog.at_level(logging.WARNING):
+        summary = train.train_and_evaluate(tiny_config(20, checkpoint_every=10), str(resumed))
+    assert "written by 2 process(es), this run has 1" in caplog.text and "after batch 10" in caplog.text
+    assert summary["resumed_from_step"] == 10
+    assert losses(resumed) == losses(reference)

@@ -71,6 +71,35 @@ def test_resume_from_iterator_state(source):
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(expected, take(again, 2)))
 
 
+def test_global_batches_hold_the_same_examples_for_any_number_of_processes(source):
+    data = synthetic.to_model_range(source.images)
+    one = input_pipeline.make_train_iterator(source, batch_size=8, seed=0)
+    halves = [input_pipeline.make_train_iterator(source, batch_size=4, seed=0, shard_index=i, shard_count=2)
+              for i in range(2)]
+    for _ in range(14):  # past an epoch boundary (96 / 8 = 12 batches)
+        together = np.concatenate([next(it)["image"] for it in halves])
+        assert ({_source_index(data, x)[0] for x in next(one)["image"]}
+                == {_source_index(data, x)[0] for x in together})
+
+
+def test_seek_positions_an_iterator_by_batch_count(source):
+    expected = take(input_pipeline.make_train_iterator(source, batch_size=8, seed=0, shard_index=1, shard_count=2), 7)
+    it = input_pipeline.make_train_iterator(source, batch_size=8, seed=0, shard_index=1, shard_count=2)
+    input_pipeline.seek(it, 5)
+    assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(expected[5:], take(it, 2)))
+
+
+def test_processes_draw_different_augmentations(source):
+    """Equal seeds on every host would flip the same positions of every host's batch."""
+    flips = []
+    for shard in range(2):
+        batch = next(input_pipeline.make_train_iterator(source, batch_size=32, seed=0, shard_index=shard,
+                                                        shard_count=2))
+        data = synthetic.to_model_range(source.images)
+        flips.append([_source_index(data, x)[1] for x in batch["image"]])
+    assert flips[0] != flips[1]
+
+
 def test_bad_inputs_are_named(source):
     with pytest.raises(ValueError, match="smaller than one batch"):
         input_pipeline.make_train_iterator(source, batch_size=64, seed=0, shard_count=2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Any
 
@@ -124,7 +126,8 @@ def test_linears_and_patch_conv_are_xavier_uniform():
     model = tiny(block_type="adaln")
     for block in model.blocks:
         for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation.layers[1]):
-            assert_xavier_uniform(layer.kernel[...], *layer.kernel.shape)
+            kernel = layer.kernel[...]  # fused qkv [in, 3, out]: fans of the official [in, 3 * out] linear
+            assert_xavier_uniform(kernel, kernel.shape[0], math.prod(kernel.shape[1:]))
             np.testing.assert_array_equal(layer.bias[...], 0.0)
     p = TINY["patch_size"]
     kernel = model.x_embedder.proj.kernel[...]

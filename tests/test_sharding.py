@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -122,9 +123,10 @@ def test_rules_shard_large_weights_by_fsdp_and_tensor(abstract_state):
     mesh = mesh_of((2, 2, 2))
     params = sharding.params_shardings(abstract_state.params, mesh)
     block = params["blocks"][0]
-    # Column parallel by output, row parallel by input; FSDP takes the other (largest free) axis.
-    assert block["attn"]["qkv"]["kernel"].spec == P("fsdp", "tensor")
-    assert block["attn"]["qkv"]["bias"].spec == P("tensor")
+    # Column parallel by output (qkv [in, 3, heads * head_dim]: whole heads of each of q, k, v), row
+    # parallel by input; FSDP takes the other (largest free) axis.
+    assert block["attn"]["qkv"]["kernel"].spec == P("fsdp", None, "tensor")
+    assert block["attn"]["qkv"]["bias"].spec == P(None, "tensor")
     assert block["mlp"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
     assert block["attn"]["proj"]["kernel"].spec == P("tensor", "fsdp")
     assert block["mlp"]["fc2"]["kernel"].spec == P("tensor", "fsdp")
@@ -134,8 +136,8 @@ def test_rules_shard_large_weights_by_fsdp_and_tensor(abstract_state):
     assert params["x_embedder"]["proj"]["kernel"].spec == P()  # 2*2*4*64 elements < FSDP_MIN_SIZE
     assert params["final_layer"]["linear"]["bias"].spec == P()
     # Per device, FSDP x tensor keep a quarter of a fully split weight.
-    qkv = jax.device_put(np.zeros((64, 192), np.float32), block["attn"]["qkv"]["kernel"].get_value())
-    assert qkv.addressable_shards[0].data.shape == (32, 96)
+    qkv = jax.device_put(np.zeros((64, 3, 64), np.float32), block["attn"]["qkv"]["kernel"].get_value())
+    assert qkv.addressable_shards[0].data.shape == (32, 3, 32)
 
 
 def test_fsdp_takes_the_largest_divisible_axis_and_leaves_small_weights():
@@ -150,6 +152,23 @@ def test_fsdp_takes_the_largest_divisible_axis_and_leaves_small_weights():
 def test_tensor_split_that_does_not_divide_is_rejected():
     with pytest.raises(ValueError, match=r"blocks/0/mlp/fc1/kernel.*tensor=3"):
         sharding.param_spec(("blocks", 0, "mlp", "fc1", "kernel"), (64, 256), {"tensor": 3})
+
+
+def test_tensor_parallel_step_splits_attention_by_heads_and_gathers_nothing():
+    """Megatron-style: every device computes its own heads and MLP units; the only collectives of the
+    whole train step are all-reduces of [batch, tokens, width] activations (no weight or qkv gathers)."""
+    c = tiny_config()
+    c.mesh.update(data=1, fsdp=1, tensor=2)
+    mesh = mesh_of((1, 1, 2))
+    graphdef, fixed, state = train.create_train_state(c, mesh)
+    step = train.make_train_step(c, graphdef, fixed, train.build_diffusion(c), mesh)
+    _, _, batch = tiny_problem()
+    hlo = step.lower(state, sharding.global_batch(batch, mesh)).compile().as_text()
+    collectives = re.findall(r"= (\S+) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\(", hlo)
+    assert collectives and {kind for _, kind in collectives} == {"all-reduce"}
+    assert {shape.split("{")[0] for shape, _ in collectives} == {"f32[16,16,64]"}  # batch 16, 4x4 tokens, width 64
+    # Attention logits per device: 2 of the 4 heads.
+    assert re.search(r"f32\[16,2,16,16\]\S* dot\(", hlo)
 
 
 def test_optimizer_and_ema_follow_params_step_and_rng_replicated(abstract_state):
