@@ -1,6 +1,10 @@
 # dit_jax: `make demo` trains the CPU demo end to end; `make test` runs the test suite.
 # Both create the virtual environment in .venv on first use.
 
+# glibc's malloc backs XLA:CPU's per-step buffers with transparent huge pages instead of
+# faulting them in 4 KiB at a time on every step: the CPU demo trains ~1.4x faster (README).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,4 +1,4 @@
-"""Training input: a grain pipeline of shuffled, randomly flipped, batched examples.
+"""Training input: a grain pipeline of shuffled, (by default) randomly flipped, batched examples.
 
 Examples are ``{"image": float32 [H, W, C], "label": int32}``; batches stack them. Images
 are synthetic pixels in [-1, 1] or pre-encoded ImageNet latents (``latents.LatentSource``:
@@ -22,22 +22,24 @@ from dit_jax import latents, synthetic
 class ArraySource:
     """In-memory uint8 images and int labels, read and augmented a batch at a time."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, random_flip: bool = True):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape [{images.shape[0]}], got {labels.shape}")
         self.images, self.labels = images, labels.astype(np.int32)
+        self.random_flip = random_flip
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def sample_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """The examples at ``indices`` as one [-1, 1] float32 batch, each flipped left-right with
-        probability 1/2 (the paper's only augmentation); one gather and one draw per batch."""
+        probability 1/2 if ``random_flip`` (the paper's only augmentation); one gather and one draw per batch."""
         images = synthetic.to_model_range(self.images[indices])
-        flip = rng.random(len(images)) < 0.5
-        images[flip] = images[flip][:, :, ::-1]
+        if self.random_flip:
+            flip = rng.random(len(images)) < 0.5
+            images[flip] = images[flip][:, :, ::-1]
         return {"image": images, "label": self.labels[indices]}
 
 
@@ -80,12 +82,12 @@ def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySo
     """The package's own class-conditional images (``config.data``: num_train, image_size)."""
     images, labels = synthetic.generate(config.data.num_train, num_classes=config.model.num_classes,
                                         image_size=config.data.image_size, seed=seed)
-    return ArraySource(images, labels)
+    return ArraySource(images, labels, random_flip=config.data.random_flip)
 
 
 def latent_source(config: ml_collections.ConfigDict) -> latents.LatentSource:
     """Pre-encoded latents in ``config.data.latents_dir``, checked against ``config.model``."""
-    source = latents.LatentSource(config.data.latents_dir)
+    source = latents.LatentSource(config.data.latents_dir, random_flip=config.data.random_flip)
     h, w, c = source.shape
     m, problems = config.model, []
     if (m.input_size, m.input_size) != (h, w):

@@ -87,7 +87,8 @@ def read_metadata(latents_dir: str) -> dict[str, Any]:
 class LatentSource:
     """A grain random-access source over a finished latents folder (records in shard order)."""
 
-    def __init__(self, latents_dir: str):
+    def __init__(self, latents_dir: str, *, random_flip: bool = True):
+        self.random_flip = random_flip
         self.metadata = read_metadata(latents_dir)
         self.shape = tuple(self.metadata["latent_shape"])
         self.dtype = self.metadata["dtype"]
@@ -113,12 +114,12 @@ class LatentSource:
     def sample_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Record indices [B] -> {"image": float32 [B, h, w, c] scaled latent samples, "label": int32 [B]}.
 
-        Each example takes the original or the flipped view with probability 1/2 and a fresh
-        posterior sample ``mean + std * N(0, 1)``, times the VAE scale factor.
+        Each example takes the original or (if ``random_flip``) the flipped view with probability
+        1/2 and a fresh posterior sample ``mean + std * N(0, 1)``, times the VAE scale factor.
         """
         records = self.read(indices)
         b = len(records)
-        view = rng.integers(0, 2, b)
+        view = rng.integers(0, 2, b) if self.random_flip else np.zeros(b, np.int64)
         rows = np.arange(b)
         mean = records["mean"][rows, view].astype(np.float32)
         std = records["std"][rows, view].astype(np.float32)

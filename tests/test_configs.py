@@ -33,6 +33,7 @@ def test_paper_configs_build_the_paper_model_with_the_paper_recipe(name):
     assert (c.model.input_size, c.model.in_channels, c.model.num_classes) == (32, 4, 1000)
     assert (c.train.lr, c.train.weight_decay, c.train.batch_size, c.train.ema_decay) == (1e-4, 0.0, 256, 0.9999)
     assert c.model.class_dropout_prob == 0.1 and c.model.learn_sigma
+    assert c.data.random_flip  # the paper's only augmentation
     assert c.data.source == "latents"
 
 

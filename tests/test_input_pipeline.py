@@ -51,6 +51,15 @@ def test_batches_are_model_range_floats_and_flips_of_the_data(source):
     assert 0 < sum(flipped for _, flipped in found) < 32
 
 
+def test_flips_can_be_turned_off(source):
+    unflipped = input_pipeline.ArraySource(source.images, source.labels, random_flip=False)
+    batch = next(input_pipeline.make_train_iterator(unflipped, batch_size=32, seed=0))
+    data = synthetic.to_model_range(source.images)
+    found = [_source_index(data, image) for image in batch["image"]]
+    assert not any(flipped for _, flipped in found)
+    assert [source.labels[i] for i, _ in found] == list(batch["label"])
+
+
 def test_an_epoch_is_split_between_shards(source):
     data = synthetic.to_model_range(source.images)
     halves = []
@@ -151,6 +160,13 @@ def test_latent_batches_are_scaled_views_of_the_records(exact_latents):
     index, flipped = record_and_view(batch)
     assert list(batch["label"]) == list(index % 4)
     assert 8 < flipped.sum() < 24  # each view with probability 1/2
+
+
+def test_latent_flips_can_be_turned_off(tmp_path):
+    unflipped = latents.LatentSource(write_latents(tmp_path, 96, std=0.0), random_flip=False)
+    batch = next(input_pipeline.make_train_iterator(unflipped, batch_size=32, seed=0))
+    index, flipped = record_and_view(batch)
+    assert not flipped.any() and list(batch["label"]) == list(index % 4)
 
 
 def test_latent_epochs_are_global_permutations_split_between_hosts(exact_latents):
