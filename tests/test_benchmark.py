@@ -135,3 +135,12 @@ def test_loader_benchmark_reads_a_latents_folder(tmp_path):
         benchmark.loader_benchmark(folder, batch_size=16, batches=0, warmup=0)
     with pytest.raises(FileNotFoundError, match="not a latents folder"):
         benchmark.loader_benchmark(str(tmp_path / "missing"), batch_size=16, batches=1, warmup=0)
+
+
+def test_benchmark_and_sampling_import_without_tensorflow():
+    """A GPU box without TensorFlow runs the benchmark: only the full run's CLU writers need it."""
+    code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['clu'] = None\n"
+            "import dit_jax.benchmark, dit_jax.sample, dit_jax.train")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
