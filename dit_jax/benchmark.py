@@ -79,11 +79,11 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     num_devices = jax.device_count()
     sharding.check_config(config, num_devices)
     mesh = sharding.create_mesh(config.mesh)
-    graphdef, fixed, state = train.create_train_state(config)
-    state = jax.device_put(state, sharding.train_state_shardings(state, mesh))
-    batch = jax.device_put(random_batch(config, config.seed + 1), sharding.batch_sharding(mesh))
-    step_fn = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
-    flops_per_step = flops.lowered_flops(step_fn, state, batch)  # the global program: no per-device scaling
+    graphdef, fixed, state = train.create_train_state(config, mesh)  # as the trainer: sharded from the start
+    batch = sharding.global_batch(random_batch(config, config.seed + 1), mesh)
+    diffusion = train.build_diffusion(config)
+    step_fn = train.make_train_step(config, graphdef, fixed, diffusion, mesh)
+    flops_per_step = train.step_flops(config, graphdef, fixed, diffusion, state)  # the global program
     compiled = step_fn.lower(state, batch).compile()
 
     def call():
