@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 0          # linear warmup from 0 (the paper: none)
     c.train.weight_decay = 0.0
     c.train.ema_decay = 0.9999
+    c.train.ema_debias = False        # bias-correct the EMA so it forgets the initial weights (short runs; the paper: no)
     c.train.log_every = 100           # metrics (TensorBoard, metrics.jsonl, console) every this many steps
     c.train.checkpoint_every = 5_000  # async Orbax checkpoint every this many steps (also at the end and on SIGTERM)
     c.train.max_to_keep = 3           # newest checkpoints kept in WORKDIR/checkpoints

@@ -50,7 +50,7 @@ def tiny_problem():
         return state.replace(opt_state=tx.init(state.params))
 
     step = functools.partial(train.train_step, graphdef=graphdef, fixed=fixed, diffusion=train.build_diffusion(c),
-                             tx=tx, ema_decay=0.9)
+                             tx=tx, ema_decay=optax.constant_schedule(0.9))
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal((16, 8, 8, 4)).astype(np.float32),
              "label": rng.integers(0, 10, 16).astype(np.int32)}

@@ -87,6 +87,7 @@ def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch):
 
 def test_train_step_is_a_pure_function_of_the_state():
     c = tiny_config()
+    c.train.ema_debias = False
     graphdef, fixed, state = train.create_train_state(c)
     step = train.make_train_step(c, graphdef, fixed, train.build_diffusion(c))
     batch = {"image": jnp.zeros((16, 16, 16, 3)), "label": jnp.arange(16, dtype=jnp.int32) % 4}
@@ -101,6 +102,38 @@ def test_train_step_is_a_pure_function_of_the_state():
     _, _, init = train.create_train_state(c)
     p0, p1, e1 = (jax.tree.leaves(x)[0] for x in (init.params, s1.params, s1.ema_params))
     np.testing.assert_allclose(e1, p0 + (1 - c.train.ema_decay) * (p1 - p0), rtol=1e-5, atol=1e-7)
+
+
+def test_debiased_ema_is_the_bias_corrected_average_of_the_trained_weights():
+    c = tiny_config()
+    c.train.update(ema_decay=0.9, ema_debias=True)
+    graphdef, fixed, state = train.create_train_state(c)
+    step = train.make_train_step(c, graphdef, fixed, train.build_diffusion(c))
+    batch = {"image": jnp.full((16, 16, 16, 3), 0.3), "label": jnp.arange(16, dtype=jnp.int32) % 4}
+    s1, _ = step(state, batch)
+    p1 = [np.asarray(x) for x in jax.tree.leaves(s1.params)]
+    # The first update replaces the initial weights entirely...
+    for p, e in zip(p1, jax.tree.leaves(s1.ema_params)):
+        np.testing.assert_array_equal(e, p)
+    s2, _ = step(s1, batch)
+    # ...and later ones weight the trained weights decay**(n - i), normalised: (0.9 p1 + p2) / 1.9.
+    for a, b, e in zip(p1, jax.tree.leaves(s2.params), jax.tree.leaves(s2.ema_params)):
+        np.testing.assert_allclose(e, (0.9 * a + np.asarray(b)) / 1.9, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.9, 0.999])
+def test_debiased_ema_schedule_matches_the_closed_form(decay):
+    c = tiny_config()
+    c.train.update(ema_decay=decay, ema_debias=True)
+    schedule = train.ema_decay_schedule(c)
+    values = np.random.default_rng(0).standard_normal(300)
+    ema = 123.0  # the initial weights: must not survive
+    for n, v in enumerate(values):
+        ema = float(schedule(jnp.int32(n))) * ema + (1 - float(schedule(jnp.int32(n)))) * v
+    weights = decay ** np.arange(len(values))[::-1]
+    np.testing.assert_allclose(ema, np.sum(weights * values) / np.sum(weights), rtol=1e-4)
+    c.train.ema_debias = False
+    assert float(train.ema_decay_schedule(c)(jnp.int32(5))) == pytest.approx(decay)
 
 
 @pytest.mark.parametrize("schedule, warmup, expected", [
