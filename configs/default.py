@@ -13,7 +13,7 @@ def get_config():
     c.model.patch_size = 8        # few tokens: cheap global attention on a CPU
     c.model.hidden_size = 256     # wider than a patch (8*8*3 = 192) so noise passes through
     c.model.depth = 4
-    c.model.mlp_ratio = 2.0       # half the paper's MLP: 1.3x the steps in the same time, as good per step
+    c.model.mlp_ratio = 2.0       # half the paper's MLP: 1.3x the steps in the same time, no worse per step (0.54 vs 0.49 at 5k)
     c.model.num_heads = 4
     c.model.input_size = 32
     c.model.in_channels = 3
@@ -34,7 +34,6 @@ def get_config():
     c.train.batch_size = 32
     c.train.lr = 1e-3
     c.train.ema_decay = 0.995
-    c.train.ema_debias = False
     c.train.log_every = 500
 
     c.sample.per_class = 30        # 300 samples judged: class consistency to about +-0.02
