@@ -13,7 +13,7 @@ def get_config():
     c.model.patch_size = 4        # 8x8 patches (width 256) drew blocky, half-formed shapes
     c.model.hidden_size = 128     # wider than a patch (4*4*3 = 48); same matmul FLOPs as 8x8 patches at width 256
     c.model.depth = 4
-    c.model.mlp_ratio = 2.0       # half the paper's MLP: 1.3x the steps in the same time, no worse per step
+    c.model.mlp_ratio = 2.0       # half the paper's MLP: 1.2x the steps/s of ratio 4 here (14.1-14.8 vs 11.8)
     c.model.num_heads = 4
     c.model.input_size = 32
     c.model.in_channels = 3

@@ -23,7 +23,8 @@ from dit_jax import checkpointing, input_pipeline, sharding, train
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds. MLP ratio 4: its
 # fc1 kernel (32 x 128) is just large enough for FSDP to split (sharding.FSDP_MIN_SIZE).
-TINY = dict(model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, mlp_ratio=4.0), data=dict(num_train=256),
+TINY = dict(model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, mlp_ratio=4.0, patch_size=8),
+            data=dict(num_train=256),
             train=dict(batch_size=16, log_every=1, checkpoint_every=10, max_to_keep=3),
             sample=dict(per_class=1, num_classes=2, respacing="2"), eval=dict(class_consistency=False))
 

@@ -129,7 +129,8 @@ def test_debiased_ema_schedule_matches_the_closed_form(decay):
     values = np.random.default_rng(0).standard_normal(300)
     ema = 123.0  # the initial weights: must not survive
     for n, v in enumerate(values):
-        ema = float(schedule(jnp.int32(n))) * ema + (1 - float(schedule(jnp.int32(n)))) * v
+        d = float(schedule(jnp.int32(n)))
+        ema = d * ema + (1 - d) * v
     weights = decay ** np.arange(len(values))[::-1]
     np.testing.assert_allclose(ema, np.sum(weights * values) / np.sum(weights), rtol=1e-4)
     c.train.ema_debias = False
