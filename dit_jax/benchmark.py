@@ -39,8 +39,8 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import flops, input_pipeline, latents, sample, sharding, train
-from dit_jax.models import DTYPES, MODELS, count_params
+from dit_jax import diffusion as gd, flops, input_pipeline, latents, sample, sharding, train
+from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, count_params
 from dit_jax.recipes import paper_config
 
 def _timed(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
@@ -162,8 +162,10 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     the KL for every t (the elementwise work of both is negligible next to the transformer).
     diffusers' DiT gives every block its own timestep/label embedder, so it has more
     parameters (``num_params``) than the official DiT; its attention is PyTorch's
-    ``scaled_dot_product_attention``. Runs eagerly on CUDA if available, else on the CPU
-    with one thread per core.
+    ``scaled_dot_product_attention``. ``config.dtype`` bfloat16 runs the model under
+    ``torch.autocast`` (float32 weights and optimiser, bfloat16 matmuls: PyTorch's form of our
+    mixed precision). Runs eagerly on CUDA if available, else on the CPU with one thread per
+    core; on CUDA it frees its cached memory when done, so JAX can take the device after it.
     """
     import torch  # only this benchmark needs PyTorch
     from diffusers import DiTTransformer2DModel
@@ -187,20 +189,28 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.train.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
-    d = train.build_diffusion(config)
-    tables = {name: torch.tensor(np.asarray(getattr(d, name)), device=device) for name in (
+    # The chain's tables from NumPy: a JAX array here would start JAX's backend, which takes
+    # 75% of a GPU's memory before PyTorch has run.
+    num_timesteps = config.diffusion.steps
+    host_tables = gd.chain_tables(gd.get_beta_schedule(config.diffusion.noise_schedule, num_timesteps))
+    tables = {name: torch.tensor(host_tables[name], dtype=torch.float32, device=device) for name in (
         "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
         "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
         "posterior_log_variance_clipped", "log_betas")}
     x = torch.randn(n, channels, m.input_size, m.input_size, device=device)  # NCHW, as diffusers wants
     y = torch.randint(0, m.num_classes, (n,), device=device)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    compute_dtypes = set()
 
     def loss_fn() -> torch.Tensor:
-        t = torch.randint(0, d.num_timesteps, (n,), device=device)
+        t = torch.randint(0, num_timesteps, (n,), device=device)
         at = {name: table[t].view(n, 1, 1, 1) for name, table in tables.items()}
         noise = torch.randn_like(x)
         x_t = at["sqrt_alphas_cumprod"] * x + at["sqrt_one_minus_alphas_cumprod"] * noise
-        out = model(x_t, timestep=t, class_labels=y).sample
+        with torch.autocast(**autocast):
+            out = model(x_t, timestep=t, class_labels=y).sample
+        compute_dtypes.add(str(out.dtype).removeprefix("torch."))
+        out = out.float()
         if not m.learn_sigma:
             return ((noise - out) ** 2).mean()
         eps, var_values = out.split(channels, dim=1)
@@ -224,17 +234,27 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
             torch.cuda.synchronize()
 
     seconds = _timed(call, steps, warmup)
-    return {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-            "threads": torch.get_num_threads(), "batch": n, "steps": steps, **_summary(seconds, n)}
+    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+              "compute_dtype": "/".join(sorted(compute_dtypes)), "threads": torch.get_num_threads(), "batch": n,
+              "steps": steps, **_summary(seconds, n)}
+    del model, optimizer, ema, tables, x, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_steps: int, cfg_scale: float,
         with_torch: bool) -> dict[str, Any]:
-    """All benchmarks ``config`` asks for, as one JSON-ready dict (PyTorch right after ours)."""
-    result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size,
-                              "train": train_benchmark(config, steps=steps, warmup=warmup)}
+    """All benchmarks ``config`` asks for, as one JSON-ready dict.
+
+    PyTorch runs first: JAX keeps the device memory it takes (by default it reserves 75% of
+    a GPU at its first use), so PyTorch after it would run out of memory on a large model.
+    """
+    result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size}
     if with_torch:
         result["torch_train"] = torch_train_benchmark(config, steps=steps, warmup=warmup)
+    result["train"] = train_benchmark(config, steps=steps, warmup=warmup)
+    if with_torch:
         result["torch_over_jax_step_time"] = {
             stat: result["torch_train"][f"step_seconds_{stat}"] / result["train"][f"step_seconds_{stat}"]
             for stat in ("median", "min")}
@@ -281,9 +301,9 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     if "torch_train" in result:
         p, ratio = result["torch_train"], result["torch_over_jax_step_time"]
-        lines.append(f"PyTorch (diffusers DiT, {p['num_params']:,} parameters, {p['device']}, {p['threads']} "
-                     f"threads): {1e3 * p['step_seconds_median']:.1f} ms median, {1e3 * p['step_seconds_min']:.1f} "
-                     f"ms min; {p['images_per_sec']:.1f} images/s")
+        lines.append(f"PyTorch (diffusers DiT, {p['num_params']:,} parameters, {p['device']}, {p['compute_dtype']} "
+                     f"compute, {p['threads']} threads): {1e3 * p['step_seconds_median']:.1f} ms median, "
+                     f"{1e3 * p['step_seconds_min']:.1f} ms min; {p['images_per_sec']:.1f} images/s")
         lines.append(f"PyTorch / JAX step time: {ratio['median']:.2f} (median), {ratio['min']:.2f} (min)")
     if "sample" in result:
         s = result["sample"]
@@ -294,13 +314,15 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str]) -> ml_collections.ConfigDict:
-    """The paper config of ``model`` with the benchmark's batch, dtype and ``axis=size`` mesh entries."""
+def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str],
+                attention: str = "xla") -> ml_collections.ConfigDict:
+    """The paper config of ``model`` with the benchmark's batch, dtype, attention and ``axis=size`` mesh entries."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     config = paper_config(model, image_size)
     config.train.batch_size = batch
     config.dtype = dtype
+    config.attention = attention
     for entry in mesh:
         axis, _, size = entry.partition("=")
         if axis not in config.mesh or not size.lstrip("-").isdigit():
@@ -315,6 +337,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
     flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
+    flags.DEFINE_enum("attention", "xla", list(ATTENTION_IMPLEMENTATIONS),
+                      "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16).")
     flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
                       "default: all devices on data.")
     flags.DEFINE_integer("batch", 32, "Global batch: training examples per step, images per sampling run.")
@@ -341,7 +365,8 @@ def main(argv: list[str]) -> None:
               f"CPU-second), batches of {f.batch} x {result['latent_shape']} from {f.loader_dir}")
         return
     try:
-        config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh)
+        config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh,
+                             attention=f.attention)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,

@@ -27,6 +27,9 @@ FREQUENCY_EMBEDDING_SIZE = 256
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rematerialisation: "block" recomputes each block's activations in the backward pass.
 REMAT_MODES = ("none", "block")
+# jax.nn.dot_product_attention implementations: "xla" (any backend) or "cudnn" (fused flash
+# attention on NVIDIA GPUs; 16-bit inputs, head_dim a multiple of 8 and at most 128).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -140,8 +143,10 @@ class LabelEmbedder(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention; queries from ``x``, keys/values from ``context`` (default: ``x``)."""
 
-    def __init__(self, dim: int, num_heads: int, *, cross: bool = False, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, cross: bool = False, dtype: Any, implementation: str = "xla",
+                 rngs: nnx.Rngs):
         self.num_heads = num_heads
+        self.implementation = implementation
         if cross:
             self.q = _fused_linear(dim, 1, dim, rngs, dtype)
             self.kv = _fused_linear(dim, 2, dim, rngs, dtype)
@@ -160,7 +165,7 @@ class Attention(nnx.Module):
             q, k, v = self._heads(self.qkv(x))
         else:
             (q,), (k, v) = self._heads(self.q(x)), self._heads(self.kv(context))
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.proj(out.reshape(x.shape[0], x.shape[1], -1))
 
 
@@ -186,11 +191,11 @@ class DiTBlock(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, block_type: str,
-                 *, dtype: Any, rngs: nnx.Rngs):
+                 *, dtype: Any, attention: str = "xla", rngs: nnx.Rngs):
         self.block_type = block_type
         adaptive = block_type in ("adaln_zero", "adaln")
         self.norm1 = _norm(hidden_size, rngs, dtype, affine=not adaptive)
-        self.attn = Attention(hidden_size, num_heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(hidden_size, num_heads, dtype=dtype, implementation=attention, rngs=rngs)
         self.norm2 = _norm(hidden_size, rngs, dtype, affine=not adaptive)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, rngs=rngs)
         if adaptive:
@@ -198,7 +203,8 @@ class DiTBlock(nnx.Module):
             self.adaLN_modulation = nnx.Sequential(nnx.silu, _linear(hidden_size, n * hidden_size, rngs, dtype, init))
         if block_type == "cross_attention":
             self.norm_cross = _norm(hidden_size, rngs, dtype, affine=True)
-            self.cross_attn = Attention(hidden_size, num_heads, cross=True, dtype=dtype, rngs=rngs)
+            self.cross_attn = Attention(hidden_size, num_heads, cross=True, dtype=dtype, implementation=attention,
+                                        rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """x: [N, T, D] tokens; c: [N, D] conditioning vector, or [N, 2, D] tokens for cross-attention."""
@@ -252,7 +258,8 @@ class DiT(nnx.Module):
     """Diffusion Transformer over NHWC latents: ``model(x, t, y) -> eps (and variance values)``.
 
     ``dtype`` is the compute type (parameters stay float32, the output is float32);
-    ``remat`` recomputes each block's activations in the backward pass to save memory.
+    ``remat`` recomputes each block's activations in the backward pass to save memory;
+    ``attention`` picks ``jax.nn.dot_product_attention``'s kernel (``ATTENTION_IMPLEMENTATIONS``).
     """
 
     def __init__(
@@ -272,10 +279,11 @@ class DiT(nnx.Module):
         guidance: str = "official",
         dtype: Any = jnp.float32,
         remat: bool = False,
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                      class_dropout_prob, num_classes, block_type, guidance)
+                      class_dropout_prob, num_classes, block_type, guidance, attention)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -291,8 +299,8 @@ class DiT(nnx.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, dtype=dtype, rngs=rngs)
         table = sincos_2d_pos_embed(hidden_size, input_size // patch_size)
         self.pos_embed = PosEmbed(jnp.asarray(table[None], dtype=jnp.float32))
-        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, block_type, dtype=dtype, rngs=rngs)
-                                for _ in range(depth)])
+        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, block_type, dtype=dtype,
+                                         attention=attention, rngs=rngs) for _ in range(depth)])
         adaptive = block_type in ("adaln_zero", "adaln")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive, dtype=dtype, rngs=rngs)
 
@@ -365,7 +373,7 @@ def check_labels(y: Any, num_classes: int, *, allow_null: bool) -> None:
 
 
 def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                  class_dropout_prob, num_classes, block_type, guidance) -> None:
+                  class_dropout_prob, num_classes, block_type, guidance, attention) -> None:
     problems = []
     if block_type not in BLOCK_TYPES:
         problems.append(f"block_type {block_type!r} is not one of {BLOCK_TYPES}")
@@ -381,6 +389,12 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
         problems.append(f"depth, in_channels and num_classes must be >= 1 (got {depth}, {in_channels}, {num_classes})")
     if not 0.0 <= class_dropout_prob < 1.0:
         problems.append(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        problems.append(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    head_dim = hidden_size // max(num_heads, 1)
+    if attention == "cudnn" and (head_dim % 8 or head_dim > 128):
+        problems.append(f"attention 'cudnn' needs a head size (hidden_size / num_heads) that is a multiple of 8 "
+                        f"and at most 128, got {head_dim}; use attention 'xla'")
     if problems:
         raise ValueError("invalid DiT config: " + "; ".join(problems))
 
@@ -395,16 +409,29 @@ SIZES = {
 MODELS = {f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in SIZES.items() for p in (2, 4, 8)}
 
 
-def precision_options(dtype: str, remat: str) -> dict[str, Any]:
-    """``DiT`` keyword arguments from the config's ``dtype`` and ``remat`` names."""
+def compute_options(dtype: str, remat: str, attention: str) -> dict[str, Any]:
+    """``DiT`` keyword arguments from the config's ``dtype``, ``remat`` and ``attention`` names.
+
+    ``attention="cudnn"`` is refused unless this process runs on a GPU in bfloat16: cuDNN's
+    fused kernels exist only there (and only for 16-bit inputs).
+    """
     problems = []
     if dtype not in DTYPES:
         problems.append(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
     if remat not in REMAT_MODES:
         problems.append(f"remat {remat!r} is not one of {REMAT_MODES}")
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        problems.append(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    elif attention == "cudnn":
+        if dtype != "bfloat16":
+            problems.append(f"attention 'cudnn' needs dtype 'bfloat16' (cuDNN's fused attention is 16-bit), "
+                            f"got {dtype!r}; use attention 'xla' for float32")
+        if jax.default_backend() != "gpu":
+            problems.append(f"attention 'cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}; "
+                            f"use attention 'xla'")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
-    return dict(dtype=DTYPES[dtype], remat=remat == "block")
+    return dict(dtype=DTYPES[dtype], remat=remat == "block", attention=attention)
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> DiT:

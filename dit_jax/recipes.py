@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params, optimiser state, losses stay float32)
     c.remat = "none"                  # none | block (recompute each block's activations in the backward pass)
+    c.attention = "xla"               # xla | cudnn (fused flash attention: NVIDIA GPUs, bfloat16 only)
 
     # Device mesh (see dit_jax/sharding.py): sizes of its axes, one of them may be -1 = the rest.
     c.mesh = ml_collections.ConfigDict()

@@ -30,7 +30,7 @@ from PIL import Image
 
 from dit_jax import checkpointing, classifier, diffusion as gd, flops, input_pipeline, sample, sharding, synthetic
 from dit_jax.image_grid import save_grid
-from dit_jax.models import DTYPES, DiT, count_params, create_model, precision_options
+from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
 
 if TYPE_CHECKING:
     from clu import metric_writers
@@ -53,7 +53,7 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DiT:
     common = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
                   block_type=m.block_type, guidance=m.guidance,
-                  **precision_options(config.dtype, config.remat))
+                  **compute_options(config.dtype, config.remat, config.attention))
     if m.name:
         return create_model(m.name, rngs=rngs, **common)
     return DiT(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
@@ -255,7 +255,13 @@ def step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed:
     Counted on the unsharded step from shapes alone, lowered for the host CPU
     (``flops.lowered_flops``): ``state`` may be abstract, and no mesh or device takes part (a step
     jitted with a GPU mesh's shardings would lower for the GPU, whose backend reports no flops).
+    A model with cuDNN attention is counted with XLA's attention instead: the same matmuls,
+    and cuDNN's kernel lowers only for GPUs.
     """
+    if config.attention != "xla":
+        xla_config = config.copy_and_resolve_references()
+        xla_config.attention = "xla"
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(xla_config, rngs=nnx.Rngs(0))))
     m, n = config.model, config.train.batch_size
     batch = {"image": jax.ShapeDtypeStruct((n, m.input_size, m.input_size, m.in_channels), jnp.float32),
              "label": jax.ShapeDtypeStruct((n,), jnp.int32)}

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
 from dit_jax.recipes import base_config
 from tests.test_input_pipeline import write_latents
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 8
 MESH = {"data": 4, "fsdp": 2, "tensor": 1}  # the 8 CPU devices that conftest.py simulates
@@ -66,6 +69,7 @@ def test_train_flops_equal_the_lowered_count(result):
 def test_torch_figures(result):
     p = result["torch_train"]
     assert p["device"] == "cpu" and p["threads"] == os.cpu_count() and p["batch"] == BATCH
+    assert p["compute_dtype"] == "float32"
     assert p["num_params"] > 0
     assert 0 < p["step_seconds_min"] <= p["step_seconds_median"]
     ratio = result["torch_over_jax_step_time"]
@@ -88,6 +92,33 @@ def test_sample_figures(result):
     assert s["mfu"] is None
 
 
+def test_torch_bfloat16_runs_the_model_under_autocast():
+    config = tiny_config()
+    config.dtype = "bfloat16"
+    p = benchmark.torch_train_benchmark(config, steps=1, warmup=1)
+    assert p["compute_dtype"] == "bfloat16" and p["step_seconds_median"] > 0
+
+
+def test_the_pytorch_side_never_starts_a_jax_backend():
+    """Started, JAX would take 75% of a GPU's memory before PyTorch runs (it runs first for that reason)."""
+    code = ("from jax._src import xla_bridge; from dit_jax import benchmark; from tests.test_benchmark import tiny_config; "
+            "p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1); "
+            "print(p['step_seconds_median'] > 0, xla_bridge.backends_are_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", "False"]
+
+
+def test_pytorch_runs_before_jax_takes_the_device(monkeypatch):
+    """JAX keeps the device memory it takes, so the PyTorch side must run (and free its memory) first."""
+    order = []
+    timing = {"step_seconds_median": 1.0, "step_seconds_min": 1.0}
+    monkeypatch.setattr(benchmark, "torch_train_benchmark", lambda *a, **k: order.append("torch") or dict(timing))
+    monkeypatch.setattr(benchmark, "train_benchmark", lambda *a, **k: order.append("jax") or dict(timing))
+    result = benchmark.run(tiny_config(), steps=1, warmup=1, sample_steps=0, cfg_scale=1.0, with_torch=True)
+    assert order == ["torch", "jax"] and result["torch_over_jax_step_time"] == {"median": 1.0, "min": 1.0}
+
+
 def test_report_and_json(result):
     report = benchmark.format_report(result)
     assert "MFU unknown" in report and "PyTorch / JAX step time" in report and "2-step guided DDPM" in report
@@ -104,14 +135,17 @@ def test_bad_arguments_are_reported():
 
 
 def test_cli_rejects_bad_flags():
-    for args, expected in ((["--model", "DiT-M/3"], "DiT-M/3"), (["--mesh", "rows=2"], "rows=2")):
+    for args, expected in ((["--model", "DiT-M/3"], "DiT-M/3"), (["--mesh", "rows=2"], "rows=2"),
+                           (["--attention", "flash"], "flash")):
         out = subprocess.run([sys.executable, "-m", "dit_jax.benchmark", *args], capture_output=True, text=True)
         assert out.returncode != 0 and expected in out.stderr
 
 
 def test_make_config():
-    config = benchmark.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"])
+    config = benchmark.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"],
+                                   attention="cudnn")
     assert config.model.name == "DiT-S/2" and config.model.input_size == 64 and config.train.batch_size == 4
+    assert config.attention == "cudnn"
     assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
     for mesh in (["rows=2"], ["data=two"], ["data"]):
         with pytest.raises(ValueError, match="axis=size"):

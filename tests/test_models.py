@@ -15,7 +15,7 @@ from flax import nnx
 
 from dit_jax.convert import load_official_state_dict, to_official_state_dict
 from dit_jax import diffusion as gd
-from dit_jax.models import BLOCK_TYPES, DiT, count_params, create_model, precision_options
+from dit_jax.models import BLOCK_TYPES, DiT, compute_options, count_params, create_model
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
@@ -224,14 +224,39 @@ def test_block_remat_gives_the_same_gradients(reference, inputs):
         assert_close(a, b, rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, remat, match", [
-    ("float16", "none", r"dtype 'float16' is not one of \('float32', 'bfloat16'\)"),
-    ("float32", "full", r"remat 'full' is not one of \('none', 'block'\)"),
+@pytest.mark.parametrize("dtype, remat, attention, match", [
+    ("float16", "none", "xla", r"dtype 'float16' is not one of \('float32', 'bfloat16'\)"),
+    ("float32", "full", "xla", r"remat 'full' is not one of \('none', 'block'\)"),
+    ("float32", "none", "flash", r"attention 'flash' is not one of \('xla', 'cudnn'\)"),
+    ("bfloat16", "none", "cudnn", r"attention 'cudnn' needs an NVIDIA GPU, but JAX runs on 'cpu'"),
 ])
-def test_unknown_precision_options_are_rejected(dtype, remat, match):
+def test_unknown_compute_options_are_rejected(dtype, remat, attention, match):
     with pytest.raises(ValueError, match=match):
-        precision_options(dtype, remat)
-    assert precision_options("bfloat16", "block") == dict(dtype=jnp.bfloat16, remat=True)
+        compute_options(dtype, remat, attention)
+    assert compute_options("bfloat16", "block", "xla") == dict(dtype=jnp.bfloat16, remat=True, attention="xla")
+
+
+def test_cudnn_attention_needs_bfloat16_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert compute_options("bfloat16", "none", "cudnn") == dict(dtype=jnp.bfloat16, remat=False, attention="cudnn")
+    with pytest.raises(ValueError, match="attention 'cudnn' needs dtype 'bfloat16'.*got 'float32'"):
+        compute_options("float32", "none", "cudnn")
+
+
+@pytest.mark.parametrize("block_type", ["adaln_zero", "cross_attention"])
+def test_attention_implementation_reaches_every_attention_layer(monkeypatch, inputs, block_type):
+    """The model asks jax.nn.dot_product_attention for the configured kernel (run here by XLA)."""
+    requested, xla_attention = [], jax.nn.dot_product_attention
+
+    def recording(*args, implementation=None, **kwargs):
+        requested.append(implementation)
+        return xla_attention(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    model = tiny(block_type=block_type, attention="cudnn")
+    out = model(*inputs)
+    assert requested == ["cudnn"] * (DEPTH * (2 if block_type == "cross_attention" else 1))
+    np.testing.assert_array_equal(out, tiny(block_type=block_type)(*inputs))
 
 
 # --- classifier-free guidance ---------------------------------------------------------
@@ -312,6 +337,9 @@ def test_unknown_model_name_lists_valid_names():
     (dict(num_heads=5), "hidden_size 64 must be divisible by num_heads 5"),
     (dict(block_type="film"), "block_type 'film' is not one of"),
     (dict(guidance="half"), "guidance 'half' is not one of"),
+    (dict(attention="flash"), "attention 'flash' is not one of"),
+    (dict(hidden_size=48, num_heads=4, attention="cudnn"), "multiple of 8 and at most 128, got 12"),
+    (dict(hidden_size=288, num_heads=2, attention="cudnn"), "multiple of 8 and at most 128, got 144"),
 ])
 def test_bad_config_is_rejected(overrides, match):
     with pytest.raises(ValueError, match=match):

@@ -85,6 +85,20 @@ def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch):
     assert 2.5 * forward < step_flops[0] < 4 * forward
 
 
+def test_a_cudnn_attention_step_is_counted_as_with_xla_attention(monkeypatch):
+    """cuDNN's kernel lowers only for GPUs; the flop count (lowered for the CPU) uses XLA's, the same maths."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # passes the config check; nothing runs here
+    c = tiny_config()
+    c.dtype = "bfloat16"
+    diffusion = train.build_diffusion(c)
+    graphdef, fixed, state = train.create_train_state(c)
+    expected = train.step_flops(c, graphdef, fixed, diffusion, state)
+    c.attention = "cudnn"
+    graphdef, fixed, state = train.create_train_state(c)
+    assert "cudnn" in repr(graphdef)
+    assert train.step_flops(c, graphdef, fixed, diffusion, state) == expected > 0
+
+
 def test_train_step_is_a_pure_function_of_the_state():
     c = tiny_config()
     c.train.ema_debias = False

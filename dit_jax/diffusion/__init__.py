@@ -19,6 +19,7 @@ from dit_jax.diffusion.samplers import (
 )
 from dit_jax.diffusion.schedule import (
     Diffusion,
+    chain_tables,
     create_diffusion,
     get_beta_schedule,
     space_timesteps,
@@ -28,6 +29,7 @@ __all__ = [
     "Diffusion",
     "ModelFn",
     "approx_standard_normal_cdf",
+    "chain_tables",
     "create_diffusion",
     "ddim_sample",
     "ddim_sample_loop",

@@ -150,14 +150,12 @@ class Diffusion:
         return self.betas.shape[0]
 
 
-def _diffusion_from_betas(
-    betas: np.ndarray,
-    timestep_map: list[int],
-    *,
-    learn_sigma: bool,
-    sigma_small: bool,
-    rescale_learned_sigmas: bool,
-) -> Diffusion:
+def chain_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-timestep tables of the chain with these ``betas``: float64 NumPy, on the host.
+
+    ``Diffusion`` holds them as float32 jax arrays; code that must not touch a JAX device
+    (the PyTorch side of the benchmark) reads them here.
+    """
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.shape[0] < 2:
         raise ValueError(f"a diffusion chain needs at least 2 steps, got {betas.shape[0]}")
@@ -167,28 +165,35 @@ def _diffusion_from_betas(
     abar = np.cumprod(alphas)
     abar_prev = np.append(1.0, abar[:-1])
     posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
-    # The posterior variance is 0 at t = 0, so its log borrows the t = 1 value there.
-    posterior_log_variance_clipped = np.log(
-        np.append(posterior_variance[1], posterior_variance[1:])
+    return dict(
+        betas=betas,
+        log_betas=np.log(betas),
+        alphas_cumprod=abar,
+        alphas_cumprod_prev=abar_prev,
+        sqrt_alphas_cumprod=np.sqrt(abar),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+        log_one_minus_alphas_cumprod=np.log(1.0 - abar),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1),
+        posterior_variance=posterior_variance,
+        # The posterior variance is 0 at t = 0, so its log borrows the t = 1 value there.
+        posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+        posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+        posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
     )
 
-    def f32(a: np.ndarray) -> jax.Array:
-        return jnp.asarray(np.asarray(a, dtype=np.float32))
 
+def _diffusion_from_betas(
+    betas: np.ndarray,
+    timestep_map: list[int],
+    *,
+    learn_sigma: bool,
+    sigma_small: bool,
+    rescale_learned_sigmas: bool,
+) -> Diffusion:
+    tables = {name: jnp.asarray(value.astype(np.float32)) for name, value in chain_tables(betas).items()}
     return Diffusion(
-        betas=f32(betas),
-        log_betas=f32(np.log(betas)),
-        alphas_cumprod=f32(abar),
-        alphas_cumprod_prev=f32(abar_prev),
-        sqrt_alphas_cumprod=f32(np.sqrt(abar)),
-        sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - abar)),
-        log_one_minus_alphas_cumprod=f32(np.log(1.0 - abar)),
-        sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / abar)),
-        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / abar - 1)),
-        posterior_variance=f32(posterior_variance),
-        posterior_log_variance_clipped=f32(posterior_log_variance_clipped),
-        posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
-        posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
+        **tables,
         timestep_map=jnp.asarray(np.asarray(timestep_map, dtype=np.int32)),
         learn_sigma=learn_sigma,
         sigma_small=sigma_small,
