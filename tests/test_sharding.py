@@ -250,6 +250,13 @@ def test_single_process_initialisation_is_a_no_op():
     assert sharding.is_main_process()
 
 
+def free_port() -> str:
+    """A localhost TCP port nothing listens on now: the coordinator of a multi-process test."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
 def run_process(process_id: int, port: str) -> None:
     """One of two processes: its half of the batch, one step on a (2, 2, 2) mesh across both."""
     sharding.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
@@ -268,9 +275,7 @@ def run_process(process_id: int, port: str) -> None:
 def test_two_processes_match_one_device(setup):
     """Two processes of 4 CPU devices each feed their own half of the batch: same step as one device."""
     ref = setup[-1][0]
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, __file__, str(i), port], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]

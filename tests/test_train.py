@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
 from dit_jax import flops, train
+from tests.test_sharding import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +187,44 @@ def test_bad_config_values_are_named(tmp_path, field, value, message):
         train.train_and_evaluate(c, str(tmp_path))
     # A failed run leaves nothing behind that looks like a result.
     assert not (tmp_path / "summary.json").exists()
+
+
+def run_two_processes(workdir, steps: int) -> list[str]:
+    """``dit_jax.main`` on a tiny config as 2 processes of 4 CPU devices each (a 2-host run); their logs."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    overrides = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
+                 "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
+                 "--config.data.num_train=128", f"--config.train.steps={steps}", "--config.train.batch_size=16",
+                 "--config.train.log_every=2", "--config.train.checkpoint_every=4", "--config.sample.per_class=2",
+                 "--config.sample.respacing=3", "--config.eval.class_consistency=False"]
+    procs = [subprocess.Popen([sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py",
+                               "--workdir", str(workdir), f"--coordinator_address=localhost:{port}",
+                               "--num_processes=2", f"--process_id={i}", *overrides],
+                              cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return logs
+
+
+def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
+    """Two hosts (simulated): each feeds its half of the batch, both write their shards of each
+    checkpoint, and rerunning the command resumes: the losses are those of an uninterrupted run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_two_processes(straight, 8)
+    run_two_processes(resumed, 4)
+    run_two_processes(resumed, 8)
+    history = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [2, 4, 6, 8]  # one writer: no step logged twice
+    resumed_history = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in resumed_history] == [h["loss"] for h in history]
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 4
+    assert len(list(straight.glob("events.out.tfevents.*"))) == 1 and (straight / "samples.png").exists()
+    step = straight / "checkpoints" / "8"
+    assert sorted(p.name for p in (step / "data").glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert sorted(p.name for p in (step / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
 
 
 def test_main_runs_with_flag_overrides(tmp_path):
