@@ -189,8 +189,8 @@ def test_bad_config_values_are_named(tmp_path, field, value, message):
     assert not (tmp_path / "summary.json").exists()
 
 
-def run_two_processes(workdir, steps: int) -> list[str]:
-    """``dit_jax.main`` on a tiny config as 2 processes of 4 CPU devices each (a 2-host run); their logs."""
+def run_two_processes(workdir, steps: int) -> None:
+    """``dit_jax.main`` on a tiny config as 2 processes of 4 CPU devices each (a 2-host run)."""
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     overrides = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
@@ -203,10 +203,13 @@ def run_two_processes(workdir, steps: int) -> list[str]:
                                "--num_processes=2", f"--process_id={i}", *overrides],
                               cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:  # one that waits for a failed partner would otherwise outlive the test
+            p.kill()
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
-    return logs
 
 
 def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
