@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
 from dit_jax import checkpointing, input_pipeline, sharding, train
+from tests.test_train import main_command as main_with_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds. MLP ratio 4: its
@@ -91,8 +91,7 @@ STEPS = 80
 
 def main_command(workdir: Path) -> list[str]:
     overrides = [f"--config.{section}.{k}={v}" for section, fields in TINY.items() for k, v in fields.items()]
-    return [sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir),
-            f"--config.train.steps={STEPS}", *overrides]
+    return main_with_flags(workdir, f"--config.train.steps={STEPS}", *overrides)
 
 
 def start_and_signal_after_checkpoint(workdir: Path, env: dict, sig: int, after_step: int) -> tuple[int, str]:

@@ -189,20 +189,27 @@ def test_bad_config_values_are_named(tmp_path, field, value, message):
     assert not (tmp_path / "summary.json").exists()
 
 
+# The demo config shrunk to seconds for runs of ``dit_jax.main``: a 1-block DiT on 16x16 images.
+TINY_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
+              "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
+              "--config.data.num_train=128", "--config.train.log_every=2", "--config.sample.respacing=3",
+              "--config.eval.class_consistency=False"]
+
+
+def main_command(workdir, *flags: str) -> list[str]:
+    """``python -m dit_jax.main`` on configs/default.py writing to ``workdir``, with ``flags`` added."""
+    return [sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir), *flags]
+
+
 def run_two_processes(workdir, steps: int) -> None:
-    """``dit_jax.main`` on a tiny config as 2 processes of 4 CPU devices each (a 2-host run)."""
+    """``dit_jax.main`` on the tiny config as 2 processes of 4 CPU devices each (a 2-host run)."""
     port = free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    overrides = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
-                 "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
-                 "--config.data.num_train=128", f"--config.train.steps={steps}", "--config.train.batch_size=16",
-                 "--config.train.log_every=2", "--config.train.checkpoint_every=4", "--config.sample.per_class=2",
-                 "--config.sample.respacing=3", "--config.eval.class_consistency=False"]
-    procs = [subprocess.Popen([sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py",
-                               "--workdir", str(workdir), f"--coordinator_address=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}", *overrides],
-                              cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
+    cmd = main_command(workdir, *TINY_FLAGS, f"--config.train.steps={steps}", "--config.train.batch_size=16",
+                       "--config.train.checkpoint_every=4", "--config.sample.per_class=2",
+                       f"--coordinator_address=localhost:{port}", "--num_processes=2")
+    procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for i in range(2)]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -231,12 +238,8 @@ def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
 
 
 def test_main_runs_with_flag_overrides(tmp_path):
-    cmd = [sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py", "--workdir", str(tmp_path),
-           "--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
-           "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
-           "--config.data.num_train=128", "--config.train.steps=4", "--config.train.batch_size=8",
-           "--config.train.log_every=2", "--config.sample.per_class=1", "--config.sample.respacing=3",
-           "--config.sample.sampler=ddim", "--config.eval.class_consistency=False"]
+    cmd = main_command(tmp_path, *TINY_FLAGS, "--config.train.steps=4", "--config.train.batch_size=8",
+                       "--config.sample.per_class=1", "--config.sample.sampler=ddim")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
