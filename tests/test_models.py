@@ -15,7 +15,7 @@ from flax import nnx
 
 from dit_jax.convert import load_official_state_dict, to_official_state_dict
 from dit_jax import diffusion as gd
-from dit_jax.models import BLOCK_TYPES, DiT, compute_options, count_params, create_model
+from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
@@ -241,6 +241,13 @@ def test_cudnn_attention_needs_bfloat16_on_a_gpu(monkeypatch):
     assert compute_options("bfloat16", "none", "cudnn") == dict(dtype=jnp.bfloat16, remat=False, attention="cudnn")
     with pytest.raises(ValueError, match="attention 'cudnn' needs dtype 'bfloat16'.*got 'float32'"):
         compute_options("float32", "none", "cudnn")
+
+
+def test_every_paper_model_can_use_cudnn_attention():
+    """Head sizes 64 (S, B, L) and 72 (XL): multiples of 8, at most 128, as cuDNN's kernel needs."""
+    for name in MODELS:
+        model = nnx.eval_shape(lambda: create_model(name, depth=1, attention="cudnn", rngs=nnx.Rngs(0)))
+        assert model.blocks[0].attn.implementation == "cudnn"
 
 
 @pytest.mark.parametrize("block_type", ["adaln_zero", "cross_attention"])
