@@ -250,6 +250,23 @@ def test_single_process_initialisation_is_a_no_op():
     assert sharding.is_main_process()
 
 
+def run_processes(commands: list[list[str]], *, timeout: float) -> list[str]:
+    """Each command as a process on 4 simulated CPU devices (a host of a multi-host run), all at
+    once; their standard outputs once all exit 0. None outlives the call (the partner of a failed
+    process would wait for it)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for command in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
 def free_port() -> str:
     """A localhost TCP port nothing listens on now: the coordinator of a multi-process test."""
     with socket.socket() as s:
@@ -276,13 +293,8 @@ def test_two_processes_match_one_device(setup):
     """Two processes of 4 CPU devices each feed their own half of the batch: same step as one device."""
     ref = setup[-1][0]
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), port], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    outputs = run_processes([[sys.executable, __file__, str(i), port] for i in range(2)], timeout=300)
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     assert [(r["process"], r["main"], r["local_batch"], r["devices"]) for r in results] == [(0, True, 8, 8),
                                                                                               (1, False, 8, 8)]
     for r in results:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
 from dit_jax import flops, train
-from tests.test_sharding import free_port
+from tests.test_sharding import free_port, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,20 +202,10 @@ def main_command(workdir, *flags: str) -> list[str]:
 
 def run_two_processes(workdir, steps: int) -> None:
     """``dit_jax.main`` on the tiny config as 2 processes of 4 CPU devices each (a 2-host run)."""
-    port = free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     cmd = main_command(workdir, *TINY_FLAGS, f"--config.train.steps={steps}", "--config.train.batch_size=16",
                        "--config.train.checkpoint_every=4", "--config.sample.per_class=2",
-                       f"--coordinator_address=localhost:{port}", "--num_processes=2")
-    procs = [subprocess.Popen([*cmd, f"--process_id={i}"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:  # one that waits for a failed partner would otherwise outlive the test
-            p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+                       f"--coordinator_address=localhost:{free_port()}", "--num_processes=2")
+    run_processes([[*cmd, f"--process_id={i}"] for i in range(2)], timeout=600)
 
 
 def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
