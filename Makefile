@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test parity stats clean
+.PHONY: demo test test-all parity stats clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q -m "" tests
 
 parity: $(VENV)/.installed
 	$(PY) -m dit_jax.parity ../shared/reference/dit_official_tiny.npz
