@@ -137,8 +137,14 @@ class TfdsSource:
         self.name, self.split = name, split
         self.builder = tfds.builder(name, data_dir=data_dir)
         if manual_dir is not None or not self.builder.is_prepared():
-            self.builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+            try:
+                self.builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+            except AssertionError as err:  # how tfds says the manual download is missing
+                if "Manual directory" not in str(err):
+                    raise
+                raise FileNotFoundError(f"tfds {name!r} needs its manual download before it can be prepared: {err}"
+                                        "Put the files there and pass that folder as --tfds_manual_dir") from err
         label = self.builder.info.features["label"]
         self.class_names = list(label.names)
         self.num_classes = label.num_classes

@@ -129,3 +129,13 @@ def test_tfds_source_reads_encoded_images_in_order(tmp_path):
         np.testing.assert_array_equal(np.asarray(images.load_image(data)[0]), pictures[i])
     assert [key for key, _, _ in source.records(2, 5)] == [key for key, _, _ in everything[2:5]]
     assert source.describe()["kind"] == "tfds"
+
+
+def test_tfds_imagenet2012_goes_through_the_real_builder_to_its_manual_download_message(tmp_path):
+    """tfds's own imagenet2012 builder (not a test builder), offline: it must ask for the manual download."""
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist or is empty.*ILSVRC2012_img_train\.tar"
+                                                r".*--tfds_manual_dir"):
+        images.TfdsSource("imagenet2012", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
+    assert not list(manual.iterdir())  # nothing was written into the user's manual folder
