@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from dit_jax import checkpointing, classifier, diffusion as gd, flops, input_pipeline, sample, sharding, synthetic
+from dit_jax import (checkpointing, classifier, diffusion as gd, flops, input_pipeline, locking, sample, sharding,
+                     synthetic)
 from dit_jax.image_grid import save_grid
 from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
 
@@ -299,11 +300,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     and at the end ``samples.png`` (one row per class) and ``summary.json``; with
     ``eval.class_consistency`` a classifier trained on the synthetic data scores the samples.
     """
+    _check_config(config)
+    # One run per workdir: a second one refuses here, before touching anything.
+    with locking.hold(workdir, purpose="training run"):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """``train_and_evaluate`` on a checked config, holding the workdir's lock."""
     # CLU's writers import TensorFlow: imported here, so the step, the benchmark and sampling run without it.
     from clu import metric_writers, periodic_actions
 
-    _check_config(config)
-    os.makedirs(workdir, exist_ok=True)
     start = time.time()
     is_main = sharding.is_main_process()
     mesh = sharding.create_mesh(config.mesh)

@@ -17,7 +17,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
-from dit_jax import checkpointing, input_pipeline, sharding, train
+from dit_jax import checkpointing, input_pipeline, locking, sharding, train
 from tests.test_train import main_command as main_with_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +127,7 @@ def test_sigkill_and_sigterm_then_rerun_match_an_uninterrupted_run(tmp_path, com
     code, stderr = start_and_signal_after_checkpoint(interrupted, env, signal.SIGTERM, after_step=killed_at)
     assert code == 143, stderr[-3000:]
     assert f"resumed from step {killed_at}" in stderr
+    assert "taking over the lock" in stderr and "no longer running" in stderr  # the killed run's lock
     stopped_at = max(committed_steps(interrupted))
     assert killed_at < stopped_at < STEPS
     assert f"stopped at step {stopped_at}" in stderr
@@ -140,6 +141,31 @@ def test_sigkill_and_sigterm_then_rerun_match_an_uninterrupted_run(tmp_path, com
     assert sorted(losses(reference)) == list(range(1, STEPS + 1))
     config = tiny_config(STEPS)
     assert_states_equal(restore_step(config, interrupted, STEPS), restore_step(config, reference, STEPS))
+
+
+def test_a_second_run_on_a_busy_workdir_refuses_at_once_naming_the_first(tmp_path, compile_once):
+    """Two real runs on one workdir: the second stops before touching it; once the first is killed,
+    the lock it left is taken over by the next run."""
+    env = {**os.environ, **compile_once}
+    first = subprocess.Popen(main_command(tmp_path) + ["--config.train.steps=100000"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / locking.LOCK_FILE).exists():
+            assert first.poll() is None and time.time() < deadline, "the first run did not start"
+            time.sleep(0.05)
+        started = time.time()
+        with pytest.raises(locking.LockHeldError, match=rf"in use by training run on host .*, pid {first.pid}, "
+                                                        r"started 20\d\d-\d\d-\d\d .*dit_jax.main"):
+            train.train_and_evaluate(tiny_config(2), str(tmp_path))
+        assert time.time() - started < 5
+        assert first.poll() is None  # undisturbed
+    finally:
+        first.kill()
+        first.wait()
+    summary = train.train_and_evaluate(tiny_config(2), str(tmp_path))
+    assert summary["steps"] == 2
+    assert not (tmp_path / locking.LOCK_FILE).exists()
 
 
 def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_path, caplog):
