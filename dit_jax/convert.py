@@ -63,12 +63,13 @@ def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
 
 
 def load_checked(variables: Mapping[tuple, nnx.Variable], state_dict: Mapping[str, np.ndarray],
-                 name_of: Callable[[tuple], str], *, header: str, hint: str = "") -> None:
+                 name_of: Callable[[tuple], str], *, header: str, hint: str = "", pytorch_layout: bool = True) -> None:
     """Copy a PyTorch ``state_dict`` (numpy arrays, PyTorch layouts) into ``variables`` (flat path -> variable).
 
     Every name and shape is checked before anything is written; on any mismatch a ValueError
     starts with ``header``, lists the missing, unexpected and wrongly shaped entries (shapes in
-    the checkpoint's layout) and ends with ``hint``. Shared by the DiT and the VAE loaders.
+    the checkpoint's layout) and ends with ``hint``. Shared by the DiT and the VAE loaders, and
+    (``pytorch_layout=False``: arrays already in this project's layouts) by the workdir loader.
     """
     by_name = {name_of(path): path for path in variables}
     missing = sorted(set(by_name) - set(state_dict))
@@ -79,10 +80,13 @@ def load_checked(variables: Mapping[tuple, nnx.Variable], state_dict: Mapping[st
         if name not in state_dict:
             continue
         want = tuple(variables[path][...].shape)
-        value = _from_official(np.asarray(state_dict[name]), path, want)
+        if pytorch_layout:
+            value = _from_official(np.asarray(state_dict[name]), path, want)
+        else:
+            value = state_dict[name] if tuple(np.shape(state_dict[name])) == want else None
         if value is None:
-            wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, "
-                         f"model {tuple(_to_official(np.zeros(want, np.int8), path).shape)}")
+            shown = _to_official(np.zeros(want, np.int8), path).shape if pytorch_layout else want
+            wrong.append(f"{name}: checkpoint {tuple(np.shape(state_dict[name]))}, model {tuple(shown)}")
             continue
         converted[path] = value
     if missing or unexpected or wrong:

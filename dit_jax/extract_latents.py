@@ -226,22 +226,24 @@ def extract(source: images.ImageSource, model: vae_lib.AutoencoderKL, out_dir: s
     return latents.read_json(os.path.join(out_dir, latents.METADATA))
 
 
-flags.DEFINE_string("images", None, "image folder: ImageFolder tree <dir>/<class>/* (e.g. ImageNet train/) or "
-                    "a flat folder of images (one class)")
-flags.DEFINE_string("tfds_name", None, "instead of --images: a TensorFlow Datasets name, e.g. imagenet2012")
-flags.DEFINE_string("tfds_split", "train", "the tfds split to encode")
-flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir (where the prepared dataset lives or will be prepared)")
-flags.DEFINE_string("tfds_manual_dir", None, "tfds manual download dir (ImageNet: ILSVRC2012_img_train.tar)")
-flags.DEFINE_string("out", None, "output folder for the shards and metadata.json (resumed if it exists)")
-flags.DEFINE_string("vae", vae_lib.HUB_VAES[0], "diffusers VAE folder (config.json + weights) or hub id "
-                    f"({' or '.join(vae_lib.HUB_VAES)})")
-flags.DEFINE_integer("resolution", 256, "image size; latents are resolution / 8")
-flags.DEFINE_enum("dtype", "float16", sorted(latents.STORAGE_DTYPES), "storage dtype of mean and std")
-flags.DEFINE_integer("images_per_shard", 10_000, "images per ArrayRecord shard (the unit of resumption)")
-flags.DEFINE_integer("batch_size", 64, "images per encoder call on this host (x2 with the flips)")
-flags.DEFINE_integer("workers", None, "decode/crop threads (default: CPU count)")
-flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() (run the same command "
-                  "on every host; each encodes its share of the shards)")
+def _define_flags() -> None:
+    """The command line, defined only when run as a program (so any two command modules import together)."""
+    flags.DEFINE_string("images", None, "image folder: ImageFolder tree <dir>/<class>/* (e.g. ImageNet train/) or "
+                        "a flat folder of images (one class)")
+    flags.DEFINE_string("tfds_name", None, "instead of --images: a TensorFlow Datasets name, e.g. imagenet2012")
+    flags.DEFINE_string("tfds_split", "train", "the tfds split to encode")
+    flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir (where the prepared dataset lives or will be prepared)")
+    flags.DEFINE_string("tfds_manual_dir", None, "tfds manual download dir (ImageNet: ILSVRC2012_img_train.tar)")
+    flags.DEFINE_string("out", None, "output folder for the shards and metadata.json (resumed if it exists)")
+    flags.DEFINE_string("vae", vae_lib.HUB_VAES[0], "diffusers VAE folder (config.json + weights) or hub id "
+                        f"({' or '.join(vae_lib.HUB_VAES)})")
+    flags.DEFINE_integer("resolution", 256, "image size; latents are resolution / 8")
+    flags.DEFINE_enum("dtype", "float16", sorted(latents.STORAGE_DTYPES), "storage dtype of mean and std")
+    flags.DEFINE_integer("images_per_shard", 10_000, "images per ArrayRecord shard (the unit of resumption)")
+    flags.DEFINE_integer("batch_size", 64, "images per encoder call on this host (x2 with the flips)")
+    flags.DEFINE_integer("workers", None, "decode/crop threads (default: CPU count)")
+    flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() (run the same command "
+                      "on every host; each encodes its share of the shards)")
 
 
 def main(argv: list[str]) -> None:
@@ -260,4 +262,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -13,13 +13,18 @@ from ml_collections import config_flags
 from dit_jax import sharding, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the summary.")
-flags.mark_flags_as_required(["config", "workdir"])
-# Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
-flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def _define_flags() -> None:
+    """The command line, defined only when run as a program (so any two command modules import together)."""
+    config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the summary.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    # Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 
 
 def main(argv):
@@ -33,4 +38,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -57,8 +57,6 @@ PAPER_SETTING: dict[str, Any] = dict(input_size=32, in_channels=4, num_classes=1
 # Largest accepted relative difference from the paper's Gflops.
 GFLOPS_TOLERANCE = 0.01
 
-_JSON = flags.DEFINE_bool("json", False, "Print a JSON list instead of a table.")
-_MODELS = flags.DEFINE_list("models", list(PAPER_TABLE), "Comma-separated model names.")
 
 
 def model_stats(name: str, *, batch_size: int = 1, train: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -124,14 +122,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _define_flags() -> None:
+    """The command line, defined only when run as a program (so any two command modules import together)."""
+    flags.DEFINE_bool("json", False, "Print a JSON list instead of a table.")
+    flags.DEFINE_list("models", list(PAPER_TABLE), "Comma-separated model names.")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    unknown = [m for m in _MODELS.value if m not in MODELS]
+    f = flags.FLAGS
+    unknown = [m for m in f.models if m not in MODELS]
     if unknown:
         raise app.UsageError(f"unknown models {unknown}; choose from {', '.join(PAPER_TABLE)}")
-    rows = [model_stats(name) for name in _MODELS.value]
-    print(json.dumps(rows, indent=1) if _JSON.value else format_table(rows))
+    rows = [model_stats(name) for name in f.models]
+    print(json.dumps(rows, indent=1) if f.json else format_table(rows))
     found = [p for row in rows for p in problems(row)]
     for p in found:
         print(f"MISMATCH {p}", file=sys.stderr)
@@ -139,4 +144,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -142,9 +142,6 @@ def run_parity(path: str, config_path: str | None = None) -> tuple[list[Result],
     return results, unknown
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Model config .json (default: beside the reference file).")
-
 
 def report(path: str, config_path: str | None = None) -> int:
     """Print the per-array table for ``path``; returns the exit code (1 on any failure)."""
@@ -160,11 +157,17 @@ def report(path: str, config_path: str | None = None) -> int:
     return 1 if failed else 0
 
 
+def _define_flags() -> None:
+    """The command line, defined only when run as a program (so any two command modules import together)."""
+    flags.DEFINE_string("config", None, "Model config .json (default: beside the reference file).")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("usage: python -m dit_jax.parity REFERENCE.npz [--config CONFIG.json]")
-    sys.exit(report(argv[1], FLAGS.config))
+    sys.exit(report(argv[1], flags.FLAGS.config))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax import pretrained
 from dit_jax.convert import load_checked
 
-HUB_VAES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+HUB_VAES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")  # entries of pretrained.REGISTRY
+WEIGHT_FILES = pretrained.VAE_FILES["weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,44 +264,20 @@ def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], 
                  header=f"{source} does not fit the AutoencoderKL built from its config.json:")
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        return load_file(path)
-    import torch  # only the legacy .bin format needs PyTorch
-    return {k: v.float().numpy() for k, v in torch.load(path, map_location="cpu", weights_only=True).items()}
-
-
-def _fetch(repo_id: str, *, cache_dir: str | None, offline: bool) -> str:
-    """Download (or find in the local Hugging Face cache) a hub VAE; a clear error when that fails."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        for weights in WEIGHT_FILES:  # only one weight file: safetensors if the repo has it
-            folder = snapshot_download(repo_id, allow_patterns=["config.json", weights], cache_dir=cache_dir,
-                                       local_files_only=offline)
-            if os.path.exists(os.path.join(folder, weights)):
-                break
-        return folder
-    except Exception as err:  # no network, unknown repo, no huggingface_hub: all mean "fetch it yourself"
-        raise FileNotFoundError(
-            f"could not get the VAE {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            f"On a machine with network run `hf download {repo_id} config.json "
-            f"diffusion_pytorch_model.safetensors --local-dir DIR`, copy DIR here and pass it as the VAE "
-            f"(a folder with config.json and diffusion_pytorch_model.safetensors or .bin)") from err
-
-
-def resolve(name_or_path: str, *, cache_dir: str | None = None, offline: bool = False) -> str:
-    """A local diffusers VAE folder for ``name_or_path`` (a folder, or a hub id such as sd-vae-ft-ema)."""
+def resolve(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> str:
+    """A local diffusers VAE folder for ``name_or_path``: a folder, or a hub id (``HUB_VAES``, or any other
+    diffusers VAE repository) fetched into ``pretrained.cache_dir()`` (or ``cache_dir``)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path) or name_or_path.count("/") != 1:
         raise FileNotFoundError(f"VAE {name_or_path!r} is neither a folder with config.json and "
                                 f"{' or '.join(WEIGHT_FILES)} nor a Hugging Face hub id such as {HUB_VAES[0]!r}")
-    return _fetch(name_or_path, cache_dir=cache_dir, offline=offline)
+    entry = pretrained.REGISTRY.get(name_or_path) or pretrained.HubFolder(name_or_path, "a diffusers VAE",
+                                                                          **pretrained.VAE_FILES)
+    return str(pretrained.fetch_hub(entry, cache=cache_dir, offline=offline))
 
 
-def load_vae(name_or_path: str, *, cache_dir: str | None = None, offline: bool = False) -> AutoencoderKL:
+def load_vae(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> AutoencoderKL:
     """The VAE in a diffusers folder (``config.json`` + weights) or hub id, with its weights loaded."""
     folder = resolve(name_or_path, cache_dir=cache_dir, offline=offline)
     config_path = os.path.join(folder, "config.json")
@@ -311,7 +288,7 @@ def load_vae(name_or_path: str, *, cache_dir: str | None = None, offline: bool =
     with open(config_path) as f:
         config = VAEConfig.from_diffusers(json.load(f))
     model = _materialise(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
-    load_state_dict(model, _read_weights(weights[0]), source=weights[0])
+    load_state_dict(model, pretrained.read_weights(weights[0]), source=weights[0])
     return model
 
 

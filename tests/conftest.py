@@ -110,3 +110,142 @@ def make_image_tree(root: Path, per_class: int = 8, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def image_tree(tmp_path_factory) -> Path:
     return make_image_tree(tmp_path_factory.mktemp("images") / "train")
+
+
+# ---------------------------------------------------------------- downloads (issue 12)
+
+class FileServer(NamedTuple):
+    """A loopback HTTP server over ``files`` (path -> bytes) that honours Range requests.
+
+    ``requests`` records each request's (path, Range header); ``drop_after[path] = n`` makes
+    the next request of ``path`` send ``n`` bytes of its body and then close the connection
+    (once per entry: the entry is removed when used).
+    """
+
+    url: str
+    files: dict[str, bytes]
+    requests: list[tuple[str, str | None]]
+    drop_after: dict[str, int]
+
+
+@pytest.fixture
+def file_server():
+    import http.server
+    import threading
+
+    files: dict[str, bytes] = {}
+    requests: list[tuple[str, str | None]] = []
+    drop_after: dict[str, int] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.path, self.headers.get("Range")))
+            if self.path not in files:
+                self.send_error(404)
+                return
+            body, start = files[self.path], 0
+            if self.headers.get("Range"):
+                start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+                if start >= len(body):
+                    self.send_error(416)
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            cut = drop_after.pop(self.path, None)
+            self.wfile.write(body[start:] if cut is None else body[start:start + cut])
+            if cut is not None:
+                self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", files, requests, drop_after)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def official_state(reference: Reference) -> dict[str, np.ndarray]:
+    """The reference's official ``state_dict`` (``param/*`` arrays, official names and layouts)."""
+    return {k[len("param/"):]: v for k, v in reference.arrays.items() if k.startswith("param/")}
+
+
+def save_torch(path: Path, obj: Any) -> Path:
+    """``torch.save`` of ``obj`` with numpy arrays (at any depth of dicts) turned into tensors."""
+    import torch
+
+    def tensors(x):
+        if isinstance(x, dict):
+            return {k: tensors(v) for k, v in x.items()}
+        return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+
+    torch.save(tensors(obj), path)
+    return path
+
+
+# A 1-block pixel-space DiT on 32x32 synthetic images with 8x8 patches: its run takes seconds.
+TINY_RUN = dict(model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, mlp_ratio=4.0, patch_size=8),
+                data=dict(num_train=64),
+                train=dict(batch_size=8, log_every=1, checkpoint_every=2, max_to_keep=3, steps=3),
+                sample=dict(per_class=1, num_classes=2, respacing="2"), eval=dict(class_consistency=False))
+
+
+def tiny_run_config(**sections: dict[str, Any]):
+    """The demo config made tiny (``TINY_RUN``), with ``sections`` (e.g. ``train={...}``) updated on top."""
+    from configs import default
+
+    c = default.get_config()
+    for section, fields in TINY_RUN.items():
+        c[section].update(fields)
+    for section, fields in sections.items():
+        c[section].update(fields)
+    return c
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory) -> Path:
+    """A finished 3-step run of ``tiny_run_config()`` (checkpoints at steps 2 and 3)."""
+    from dit_jax import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    train.train_and_evaluate(tiny_run_config(), str(workdir))
+    return workdir
+
+
+TINY_DIFFUSERS_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                          sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6)
+
+
+def tiny_torch_dit(seed: int = 0, *, shared_embedders: bool = True):
+    """A small random diffusers ``DiTTransformer2DModel`` (weights perturbed so none is a trivial 0 or 1).
+
+    ``shared_embedders``: every block's timestep/label embedder equal to block 0's, as in a
+    model converted from the official DiT (which has one of each).
+    """
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(**TINY_DIFFUSERS_DIT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        if shared_embedders:
+            for block in model.transformer_blocks[1:]:
+                block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    return model.eval()
+
+
+def official_timesteps(model) -> None:
+    """Make a diffusers DiT embed timesteps as the official DiT does (frequencies exp(-ln(1e4) i / 128),
+    diffusers' ``downscale_freq_shift=0``; diffusers' DiT uses 1: exp(-ln(1e4) i / 127))."""
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0

@@ -16,6 +16,7 @@ from flax import nnx
 from dit_jax.convert import load_official_state_dict, to_official_state_dict
 from dit_jax import diffusion as gd
 from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model
+from tests.conftest import official_state
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
@@ -24,11 +25,6 @@ D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
 def tiny(**overrides: Any) -> DiT:
     """A freshly initialised tiny DiT."""
     return DiT(**{**TINY, **overrides}, rngs=nnx.Rngs(0))
-
-
-def official_state(reference) -> dict[str, np.ndarray]:
-    """The reference model's official ``state_dict``."""
-    return {k.removeprefix("param/"): v for k, v in reference.arrays.items() if k.startswith("param/")}
 
 
 def official_model(reference, **overrides: Any) -> DiT:

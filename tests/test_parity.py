@@ -14,7 +14,7 @@ from flax import nnx
 from dit_jax import convert, parity
 from dit_jax.models import DiT
 
-from conftest import REFERENCE_DIR
+from tests.conftest import REFERENCE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FILE = REFERENCE_DIR / "dit_official_tiny.npz"

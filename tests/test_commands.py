@@ -1,0 +1,31 @@
+"""Command modules define their flags only when run as programs, so any of them import together."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+from absl import flags
+
+import dit_jax
+
+
+def command_modules() -> list[str]:
+    """Every ``dit_jax`` module (packages included) that can run as ``python -m``."""
+    names = []
+    for info in pkgutil.walk_packages(dit_jax.__path__, "dit_jax."):
+        spec = importlib.util.find_spec(info.name)
+        if spec.origin and Path(spec.origin).read_text().count('if __name__ == "__main__":'):
+            names.append(info.name)
+    return names
+
+
+def test_all_command_modules_import_together_without_defining_flags():
+    names = command_modules()
+    assert {"dit_jax.main", "dit_jax.parity", "dit_jax.model_stats", "dit_jax.benchmark"} <= set(names)
+    for name in names:
+        importlib.import_module(name)
+    defined = {m: [f.name for f in fs] for m, fs in flags.FLAGS.flags_by_module_dict().items()
+               if m.startswith("dit_jax")}
+    assert defined == {}, f"flags defined at import time: {defined}"

@@ -1,0 +1,253 @@
+"""pretrained.py: the download registry and cache, and loading any DiT checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from dit_jax import pretrained
+
+BODY = np.random.default_rng(0).integers(0, 256, 3 * pretrained.CHUNK + 12345, np.uint8).tobytes()
+SHA = hashlib.sha256(BODY).hexdigest()
+
+
+@pytest.fixture
+def served(file_server, monkeypatch, tmp_path):
+    """``weights.bin`` on the test server, registered as ``test/weights.bin`` (size and checksum known)."""
+    file_server.files["/weights.bin"] = BODY
+    monkeypatch.setitem(pretrained.REGISTRY, "weights.bin", pretrained.RemoteFile(
+        file_server.url + "/weights.bin", "test weights", size=len(BODY), sha256=SHA))
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(pretrained.OFFLINE_ENV, raising=False)
+    return file_server
+
+
+def test_cache_dir_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "c"))
+    assert pretrained.cache_dir() == tmp_path / "c"
+    assert pretrained.local_path("DiT-XL-2-256x256.pt") == tmp_path / "c" / "DiT-XL-2-256x256.pt"
+    assert pretrained.local_path("stabilityai/sd-vae-ft-ema") == tmp_path / "c" / "hub" / "stabilityai/sd-vae-ft-ema"
+    monkeypatch.delenv(pretrained.CACHE_ENV)
+    assert pretrained.cache_dir() == pretrained.Path("~/.cache/dit_jax").expanduser()
+
+
+def test_registry_has_the_official_files():
+    dit = pretrained.REGISTRY["DiT-XL-2-256x256.pt"]
+    assert dit.url == "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"
+    for name in ("DiT-XL-2-512x512.pt", "pt_inception-2015-12-05-6726825d.pth",
+                 "weights-inception-2015-12-05-6726825d.pth", "VIRTUAL_imagenet256_labeled.npz",
+                 "VIRTUAL_imagenet512.npz"):
+        assert pretrained.REGISTRY[name].url.endswith("/" + name)
+    for repo in ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse", "facebook/DiT-XL-2-256"):
+        assert pretrained.REGISTRY[repo].repo_id == repo
+    with pytest.raises(KeyError, match="not a registered download"):
+        pretrained.fetch("DiT-XL-2-1024x1024.pt")
+
+
+def test_fetch_downloads_checks_and_caches(served):
+    path = pretrained.fetch("weights.bin", progress=False)
+    assert path == pretrained.cache_dir() / "weights.bin"
+    assert path.read_bytes() == BODY
+    assert not path.with_name("weights.bin.partial").exists()
+    assert pretrained.fetch("weights.bin", progress=False) == path
+    assert served.requests == [("/weights.bin", None)]  # the second fetch found the file: no request
+
+
+def test_an_interrupted_transfer_resumes_with_a_range_request(served):
+    served.drop_after["/weights.bin"] = pretrained.CHUNK + 100
+    path = pretrained.fetch("weights.bin", progress=False)
+    assert path.read_bytes() == BODY
+    assert served.requests == [("/weights.bin", None), ("/weights.bin", f"bytes={pretrained.CHUNK + 100}-")]
+
+
+def test_a_broken_download_keeps_its_partial_file_and_a_rerun_continues(served):
+    served.drop_after["/weights.bin"] = 5000
+    with pytest.raises(pretrained.DownloadError, match="rerun to continue") as err:
+        pretrained.fetch("weights.bin", progress=False, retries=0)
+    partial = pretrained.cache_dir() / "weights.bin.partial"
+    assert str(partial) in str(err.value)
+    assert partial.read_bytes() == BODY[:5000]
+    assert not (pretrained.cache_dir() / "weights.bin").exists()  # a partial file never looks complete
+    assert pretrained.fetch("weights.bin", progress=False).read_bytes() == BODY
+    assert served.requests[-1] == ("/weights.bin", "bytes=5000-")
+
+
+def test_a_killed_download_continues(served):
+    # What a SIGKILLed run leaves behind: the .partial file alone.
+    cache = pretrained.cache_dir()
+    cache.mkdir(parents=True)
+    (cache / "weights.bin.partial").write_bytes(BODY[:777])
+    assert pretrained.fetch("weights.bin", progress=False).read_bytes() == BODY
+    assert served.requests == [("/weights.bin", "bytes=777-")]
+
+
+@pytest.mark.parametrize("field, value, message", [("sha256", "0" * 64, "SHA-256"),
+                                                   ("size", len(BODY) + 1, "bytes instead of")])
+def test_a_wrong_checksum_or_size_deletes_the_download(served, monkeypatch, field, value, message):
+    entry = pretrained.REGISTRY["weights.bin"]
+    monkeypatch.setitem(pretrained.REGISTRY, "weights.bin",
+                        pretrained.dataclasses.replace(entry, **{field: value}))
+    with pytest.raises(pretrained.DownloadError, match=message):
+        pretrained.fetch("weights.bin", progress=False)
+    assert os.listdir(pretrained.cache_dir()) == ["weights.bin.lock"]  # neither the file nor a .partial
+
+
+def test_offline_fails_at_once_naming_the_url_and_the_path(served, monkeypatch):
+    monkeypatch.setenv(pretrained.OFFLINE_ENV, "1")
+    dest = pretrained.cache_dir() / "weights.bin"
+    with pytest.raises(pretrained.MissingFileError) as err:
+        pretrained.fetch("weights.bin")
+    assert served.url + "/weights.bin" in str(err.value) and f"put it at {dest}" in str(err.value)
+    assert served.requests == []
+
+
+def test_an_unreachable_server_fails_at_once_naming_the_url_and_the_path(monkeypatch, tmp_path):
+    with socket.socket() as s:  # a loopback port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/DiT-XL-2-256x256.pt"
+    monkeypatch.setitem(pretrained.REGISTRY, "DiT-XL-2-256x256.pt",
+                        pretrained.dataclasses.replace(pretrained.REGISTRY["DiT-XL-2-256x256.pt"], url=url))
+    monkeypatch.delenv(pretrained.OFFLINE_ENV, raising=False)
+    start = time.time()
+    with pytest.raises(FileNotFoundError) as err:
+        pretrained.fetch("DiT-XL-2-256x256.pt", cache=tmp_path)
+    assert time.time() - start < 5
+    assert url in str(err.value) and f"put it at {tmp_path / 'DiT-XL-2-256x256.pt'}" in str(err.value)
+
+
+def test_an_offline_hub_folder_says_how_to_fetch_it(tmp_path):
+    dest = tmp_path / "hub" / "facebook/DiT-XL-2-256"
+    with pytest.raises(FileNotFoundError, match="hf download facebook/DiT-XL-2-256") as err:
+        pretrained.fetch("facebook/DiT-XL-2-256", cache=tmp_path, offline=True)
+    assert str(dest) in str(err.value)
+    # A complete folder in the cache is used without the network.
+    (dest / "transformer").mkdir(parents=True)
+    (dest / "transformer/config.json").write_text("{}")
+    (dest / "transformer/diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert pretrained.fetch("facebook/DiT-XL-2-256", cache=tmp_path, offline=True) == dest
+
+
+# ---------------------------------------------------------------- load_dit
+
+from flax import nnx  # noqa: E402
+
+from dit_jax import checkpointing, parity, train  # noqa: E402
+from tests.conftest import official_state, official_timesteps, save_torch, tiny_run_config, tiny_torch_dit  # noqa: E402,E501
+
+
+def reference_forward_error(model, reference) -> float:
+    a = reference.arrays
+    out = model(parity.nhwc(a["x"]), a["t"], a["y"])
+    return parity.relative_error(np.transpose(np.asarray(out), (0, 3, 1, 2)), a["forward"])
+
+
+def test_load_an_official_state_dict(reference, tmp_path):
+    path = save_torch(tmp_path / "tiny.pt", official_state(reference))
+    loaded = pretrained.load_dit(str(path), num_heads=reference.config["num_heads"])
+    assert reference_forward_error(loaded.model, reference) < 1e-5
+    c = reference.config
+    assert loaded.info["source"] == "official" and loaded.info["model"] is None
+    assert loaded.info["image_size"] == 8 * c["input_size"] and loaded.info["num_classes"] == c["num_classes"]
+    assert loaded.info["learn_sigma"] is True
+    assert {k: loaded.info["architecture"][k] for k in c} == c
+
+
+def test_an_official_training_checkpoint_loads_its_ema(reference, tmp_path):
+    import argparse
+
+    ema = official_state(reference)
+    raw = {k: v + 1.0 for k, v in ema.items()}  # the non-EMA weights: must not be the ones loaded
+    path = save_torch(tmp_path / "0000100.pt", {"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": []},
+                                                "args": argparse.Namespace(model="custom", image_size=64,
+                                                                           num_classes=10)})
+    loaded = pretrained.load_dit(str(path), num_heads=4)
+    assert loaded.info["source"] == "official-train" and loaded.info["train_args"]["image_size"] == 64
+    assert reference_forward_error(loaded.model, reference) < 1e-5
+
+
+def test_another_model_or_resolution_lists_every_mismatch(reference, tmp_path):
+    path = save_torch(tmp_path / "tiny.pt", official_state(reference))
+    with pytest.raises(ValueError) as err:
+        pretrained.load_dit(str(path), model="DiT-S/2", image_size=256, num_classes=1000)
+    message = str(err.value)
+    assert "model: the checkpoint is a custom DiT (hidden_size 64 (asked 384), depth 2 (asked 12)" in message
+    assert "image_size: the checkpoint has 64, asked 256" in message
+    assert "num_classes: the checkpoint has 10, asked 1000" in message
+    # A width that is no paper model's: its heads are not in the file.
+    with pytest.raises(ValueError, match="pass the model name or num_heads"):
+        pretrained.load_dit(str(path))
+
+
+def test_a_file_that_is_no_dit_says_what_it_is(tmp_path, tiny_vae_dir):
+    with pytest.raises(ValueError, match="not a DiT checkpoint: it holds a VAE"):
+        pretrained.load_dit(str(tiny_vae_dir / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "notes.pt").write_text("not a pickle")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        pretrained.load_dit(str(tmp_path / "notes.pt"))
+    with pytest.raises(FileNotFoundError, match="DiT-XL-2-256x256.pt"):
+        pretrained.load_dit(str(tmp_path / "missing.pt"))
+
+
+def test_load_a_workdir_takes_the_newest_ema_and_the_saved_config(tiny_workdir):
+    loaded = pretrained.load_dit(str(tiny_workdir))
+    config = tiny_run_config()
+    assert loaded.info["source"] == "workdir" and loaded.info["step"] == config.train.steps
+    assert loaded.info["architecture"] == pretrained.config_architecture(config)
+    manager = checkpointing.create_manager(str(tiny_workdir / "checkpoints"), every_steps=1, max_to_keep=10)
+    try:
+        abstract = train.abstract_train_state(config, train.sharding.create_mesh(config.mesh))
+        import orbax.checkpoint as ocp
+        state = manager.restore(config.train.steps,
+                                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    finally:
+        manager.close()
+    ours = nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))
+    saved = dict(nnx.to_flat_state(state.ema_params))
+    assert len(saved) == len(ours)
+    for path, var in ours:
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(saved[path][...]))
+    assert not np.array_equal(np.asarray(state.params["final_layer"]["linear"]["kernel"][...]),
+                              np.asarray(loaded.model.final_layer.linear.kernel[...]))  # EMA, not the raw weights
+    with pytest.raises(ValueError, match="num_classes: the checkpoint has 4, asked 10"):
+        pretrained.load_dit(str(tiny_workdir), num_classes=10)
+
+
+def diffusers_forward(model, x_nhwc: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.transpose(x_nhwc, (0, 3, 1, 2)).copy()), timestep=torch.from_numpy(t),
+                    class_labels=torch.from_numpy(y)).sample
+    return np.transpose(out.numpy(), (0, 2, 3, 1))
+
+
+def test_load_a_diffusers_folder_without_torch_and_match_its_forward(tmp_path, monkeypatch):
+    torch_model = tiny_torch_dit()
+    torch_model.save_pretrained(tmp_path / "transformer")
+    import sys
+    monkeypatch.setitem(sys.modules, "torch", None)  # the safetensors path must not need PyTorch
+    loaded = pretrained.load_dit(str(tmp_path))
+    monkeypatch.undo()
+    assert loaded.info["source"] == "diffusers" and loaded.info["num_classes"] == 10
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 8, 4)).astype(np.float32)
+    t, y = np.array([0, 10, 500, 999]), np.array([0, 3, 9, 10])
+    ours = np.asarray(loaded.model(x, t, y))
+    theirs_default = diffusers_forward(torch_model, x, t, y)
+    official_timesteps(torch_model)
+    theirs = diffusers_forward(torch_model, x, t, y)
+    assert parity.relative_error(ours, theirs) < 1e-4
+    # diffusers' own timestep frequencies (downscale_freq_shift=1) compute another function.
+    assert parity.relative_error(ours, theirs_default) > 1e-3
+
+
+def test_a_diffusers_dit_with_per_block_embedders_is_refused(tmp_path):
+    tiny_torch_dit(shared_embedders=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="different copies of norm1.emb.timestep_embedder"):
+        pretrained.load_dit(str(tmp_path))
