@@ -87,7 +87,8 @@ def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySo
 
 def latent_source(config: ml_collections.ConfigDict) -> latents.LatentSource:
     """Pre-encoded latents in ``config.data.latents_dir``, checked against ``config.model``."""
-    source = latents.LatentSource(config.data.latents_dir, random_flip=config.data.random_flip)
+    source = latents.LatentSource(config.data.latents_dir, random_flip=config.data.random_flip,
+                                  verify=config.data.verify_latents)
     h, w, c = source.shape
     m, problems = config.model, []
     if (m.input_size, m.input_size) != (h, w):

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "latents"         # latents (pre-encoded ImageNet) | synthetic
     c.data.latents_dir = ""           # latents only: a folder written by `python -m dit_jax.extract_latents`
+    c.data.verify_latents = False     # latents only: check every shard's SHA-256 at start (reads all once)
     c.data.random_flip = True         # left-right flips with probability 1/2 (the paper's only augmentation)
     c.data.num_train = 0              # synthetic only: examples generated
     c.data.image_size = 0             # synthetic only: pixel size (= model.input_size)

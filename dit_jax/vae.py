@@ -264,31 +264,49 @@ def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], 
                  header=f"{source} does not fit the AutoencoderKL built from its config.json:")
 
 
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id ``owner/name``: absolute, relative (``./``, ``../``, ``~``) or inside an existing folder."""
+    first = name.split("/", 1)[0]
+    return (name.count("/") != 1 or name.startswith(("/", ".", "~")) or os.path.isdir(first)
+            or os.path.exists(name))
+
+
 def resolve(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> str:
     """A local diffusers VAE folder for ``name_or_path``: a folder, or a hub id (``HUB_VAES``, or any other
     diffusers VAE repository) fetched into ``pretrained.cache_dir()`` (or ``cache_dir``)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if os.path.exists(name_or_path) or name_or_path.count("/") != 1:
-        raise FileNotFoundError(f"VAE {name_or_path!r} is neither a folder with config.json and "
-                                f"{' or '.join(WEIGHT_FILES)} nor a Hugging Face hub id such as {HUB_VAES[0]!r}")
+    if _looks_local(name_or_path):
+        what = ("is not a folder" if os.path.exists(name_or_path) else
+                f"does not exist (no such folder: {os.path.abspath(os.path.expanduser(name_or_path))})")
+        raise FileNotFoundError(f"VAE {name_or_path!r} {what}: pass a folder with config.json and "
+                                f"{' or '.join(WEIGHT_FILES)}, or a Hugging Face hub id such as {HUB_VAES[0]!r}")
     entry = pretrained.REGISTRY.get(name_or_path) or pretrained.HubFolder(name_or_path, "a diffusers VAE",
                                                                           **pretrained.VAE_FILES)
-    return str(pretrained.fetch_hub(entry, cache=cache_dir, offline=offline))
+    try:
+        return str(pretrained.fetch_hub(entry, cache=cache_dir, offline=offline))
+    except FileNotFoundError as err:  # a mistyped folder reads like a hub id: say that none exists either
+        raise FileNotFoundError(f"VAE {name_or_path!r}: there is no such local folder "
+                                f"({os.path.abspath(name_or_path)}), and as a hub id: {err}") from err
+
+
+def weights_file(folder: str) -> str:
+    """The weight file of a diffusers VAE folder (safetensors first), checked together with its config.json."""
+    weights = [os.path.join(folder, f) for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))]
+    if not os.path.exists(os.path.join(folder, "config.json")) or not weights:
+        raise FileNotFoundError(f"{folder} is not a diffusers VAE folder: it needs config.json and one of "
+                                f"{', '.join(WEIGHT_FILES)} (as AutoencoderKL.save_pretrained writes them)")
+    return weights[0]
 
 
 def load_vae(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> AutoencoderKL:
     """The VAE in a diffusers folder (``config.json`` + weights) or hub id, with its weights loaded."""
     folder = resolve(name_or_path, cache_dir=cache_dir, offline=offline)
-    config_path = os.path.join(folder, "config.json")
-    weights = [os.path.join(folder, f) for f in WEIGHT_FILES if os.path.exists(os.path.join(folder, f))]
-    if not os.path.exists(config_path) or not weights:
-        raise FileNotFoundError(f"{folder} is not a diffusers VAE folder: it needs config.json and one of "
-                                f"{', '.join(WEIGHT_FILES)} (as AutoencoderKL.save_pretrained writes them)")
-    with open(config_path) as f:
+    weights = weights_file(folder)
+    with open(os.path.join(folder, "config.json")) as f:
         config = VAEConfig.from_diffusers(json.load(f))
     model = _materialise(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
-    load_state_dict(model, pretrained.read_weights(weights[0]), source=weights[0])
+    load_state_dict(model, pretrained.read_weights(weights), source=weights)
     return model
 
 

@@ -104,6 +104,26 @@ def make_image_tree(root: Path, per_class: int = 8, seed: int = 0) -> Path:
     (root / "n02/corrupt.JPEG").write_bytes(b"\xff\xd8 this is not a JPEG")
     whole = (root / "n01/img0.JPEG").read_bytes()
     (root / "n03/truncated.JPEG").write_bytes(whole[: len(whole) // 2])
+    for key in IGNORED:  # never read: each is listed with its reason (a hidden folder gets an image inside)
+        path = root / (key + "img0.JPEG" if key.endswith("/") else key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(whole)
+    return root
+
+
+# Entries of the tree that are not read (a GIF, a file outside the class folders, a hidden file and
+# folder) and the start of the reason each is listed with.
+IGNORED = {"n01/anim.gif": ".gif: not an image extension", "README.JPEG": "not in a class folder",
+           "n03/._img0.JPEG": "hidden file", "n02/.thumbs/": "hidden folder"}
+
+
+def make_flat_folder(root: Path, count: int = 3) -> Path:
+    """A folder of ``count`` small PNG images (one class)."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(natural_image(np.random.default_rng(i), 20, 24)).save(root / f"{i}.png")
     return root
 
 

@@ -6,8 +6,10 @@ shard integrity, resumption after a SIGKILL, idempotence, and a short training r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +23,9 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
 from configs import default
-from dit_jax import extract_latents, images, input_pipeline, latents, train, vae
-from tests.conftest import ODD_FILES
+from dit_jax import extract_latents, images, input_pipeline, latents, locking, train, vae
+from tests.conftest import IGNORED, ODD_FILES, make_flat_folder, tiny_torch_vae
+from tests.test_sharding import free_port, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(resolution=16, images_per_shard=6, batch_size=4)  # 29 files -> 5 shards, 2 batches each
@@ -34,10 +37,10 @@ def model(tiny_vae_dir):
 
 
 @pytest.fixture(scope="module")
-def extracted(image_tree, model, tmp_path_factory):
+def extracted(image_tree, model, tiny_vae_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents")
-    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae="tiny",
-                                       **SETTINGS)
+    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out),
+                                       vae=str(tiny_vae_dir), **SETTINGS)
     return out, metadata
 
 
@@ -45,13 +48,21 @@ def file_times(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
-def test_metadata_counts_and_skip_report(extracted):
+def test_metadata_counts_and_skip_report(extracted, tiny_vae_dir):
     out, metadata = extracted
     assert metadata == json.loads((out / latents.METADATA).read_text())
     assert metadata["num_source_images"] == 29 and metadata["num_images"] == 27
     assert metadata["counts_per_class"] == [9, 9, 9]  # 8 + grey; 8 + alpha, corrupt; 8 + cmyk, truncated
     assert metadata["latent_shape"] == [8, 8, 4] and metadata["dtype"] == "float16"
-    assert metadata["scale_factor"] == 0.18215 and metadata["resolution"] == 16 and metadata["vae"] == "tiny"
+    assert metadata["scale_factor"] == 0.18215 and metadata["resolution"] == 16
+    weights = tiny_vae_dir / "diffusion_pytorch_model.safetensors"
+    assert metadata["vae"] == str(tiny_vae_dir) and metadata["vae_weights"] == {
+        "file": weights.name, "bytes": weights.stat().st_size,
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "hub_revision": None}
+    assert metadata["encoding"]["batch_size"] == 8 and metadata["encoding"]["devices_per_process"] == 8
+    ignored = {i["key"]: i["reason"] for i in metadata["ignored"]}
+    assert sorted(ignored) == sorted(IGNORED) and metadata["num_ignored"] == len(IGNORED)
+    assert all(ignored[k].startswith(v) for k, v in IGNORED.items())
     assert metadata["source"]["class_names"] == ["n01", "n02", "n03"]
     skipped = {s["key"]: s["reason"] for s in metadata["skipped"]}
     assert sorted(skipped) == sorted(k for k, v in ODD_FILES.items() if v == "skip") == sorted(
@@ -67,6 +78,8 @@ def test_shards_are_complete_and_nothing_temporary_is_left(extracted):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert len(metadata["shards"]) == 5
     for shard in metadata["shards"]:
+        data = (out / shard["file"]).read_bytes()
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
         reader = ArrayRecordReader(str(out / shard["file"]))
         assert reader.num_records() == shard["num_records"]
         records = latents.decode_records(reader.read_all(), (8, 8, 4), "float16")
@@ -93,20 +106,139 @@ def test_records_hold_the_posterior_of_each_image_and_its_flip(extracted, image_
     assert not np.allclose(records["mean"][:, 1], records["mean"][:, 0][:, :, ::-1], atol=1e-2)
 
 
-def test_rerun_on_finished_output_does_nothing(extracted, image_tree, model):
+def test_rerun_on_finished_output_does_nothing_and_a_relative_vae_path_is_the_same_vae(
+        extracted, image_tree, model, tiny_vae_dir, monkeypatch):
     out, metadata = extracted
     before = file_times(out)
-    again = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae="tiny", **SETTINGS)
+    monkeypatch.chdir(tiny_vae_dir.parent)  # --vae=tiny_vae0 here is the same folder as its absolute path
+    again = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=tiny_vae_dir.name,
+                                    **SETTINGS)
     assert again == metadata and file_times(out) == before
 
 
-def test_other_settings_never_mix_into_an_existing_folder(extracted, image_tree, model):
+@pytest.mark.parametrize("change, message", [
+    ({"resolution": 32}, "differs in latent_shape: was [8, 8, 4], now [16, 16, 4]; resolution: was 16, now 32"),
+    ({"batch_size": 16}, "differs in encoding.batch_size: was 8, now 16 (records encoded in batches of another "
+                         "size or on other devices differ in the last bit"),
+])
+def test_other_settings_never_mix_into_an_existing_folder(extracted, image_tree, model, tiny_vae_dir, change,
+                                                          message):
     out, _ = extracted
     before = file_times(out)
-    with pytest.raises(FileExistsError, match="differs in: latent_shape, resolution"):
-        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae="tiny",
-                                **{**SETTINGS, "resolution": 32})
+    with pytest.raises(FileExistsError, match=re.escape(message)) as refusal:
+        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                **{**SETTINGS, **change})
+    assert "--resolution=16" in str(refusal.value) and "--batch_size=8" in str(refusal.value)  # how to resume
     assert file_times(out) == before
+
+
+def test_other_weights_in_the_same_vae_folder_are_refused_naming_both(model, tiny_vae_dir, tmp_path):
+    folder = tmp_path / "vae"
+    shutil.copytree(tiny_vae_dir, folder)
+    tree, out = make_flat_folder(tmp_path / "images"), tmp_path / "latents"
+    extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
+    old = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    tiny_torch_vae(seed=1).save_pretrained(folder)  # e.g. -mse copied over -ema
+    new = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(FileExistsError, match=f'vae_weights.sha256: was "{old}", now "{new}"'):
+        extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
+
+
+@pytest.mark.parametrize("field", ["batch_size", "images_per_shard", "resolution"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_bad_numbers_are_rejected_before_anything_is_written(image_tree, model, tiny_vae_dir, tmp_path, field,
+                                                             value):
+    with pytest.raises(ValueError, match=f"{field}={value}: each must be a whole number of at least 1"):
+        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(tmp_path / "out"),
+                                vae=str(tiny_vae_dir), **{**SETTINGS, field: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_of_only_bad_files_fails_and_is_never_finished(model, tiny_vae_dir, tmp_path):
+    tree, out = tmp_path / "images", tmp_path / "latents"
+    tree.mkdir()
+    for name in ("a.png", "b.JPEG"):
+        (tree / name).write_bytes(b"not an image")
+    for _ in range(2):  # the rerun fails the same way (not "nothing to do")
+        with pytest.raises(RuntimeError, match="none of the 2 images could be encoded.*a.png: "
+                                               "UnidentifiedImageError"):
+            extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(tiny_vae_dir),
+                                    **SETTINGS)
+        assert not (out / latents.METADATA).exists()
+    with pytest.raises(FileNotFoundError, match=r"has not finished \(1 of 1 shards done\); run `python -m "
+                                                r"dit_jax.extract_latents --images="):
+        latents.read_metadata(str(out))
+
+
+def test_a_second_extractor_on_the_same_out_folder_refuses_naming_the_first(image_tree, model, tiny_vae_dir,
+                                                                             tmp_path):
+    out = tmp_path / "latents"
+    first = locking.acquire(str(out), purpose="latent extraction")  # as the first extractor (alive: this process)
+    with pytest.raises(locking.LockHeldError, match=f"in use by latent extraction on host .*pid {os.getpid()}"):
+        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                **SETTINGS)
+    assert sorted(p.name for p in out.iterdir()) == [locking.LOCK_FILE]  # nothing written
+    locking.release(str(out), first)
+
+
+def test_the_loader_names_an_empty_or_missing_latents_folder(extracted, tmp_path):
+    metadata = json.loads((extracted[0] / latents.METADATA).read_text())
+    (tmp_path / latents.METADATA).write_text(json.dumps({**metadata, "num_images": 0, "shards": []}))
+    with pytest.raises(ValueError, match="holds no latents: none of its 29 source images could be encoded"):
+        latents.LatentSource(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="latents folder .*nowhere does not exist: make it with"):
+        latents.LatentSource(str(tmp_path / "nowhere"))
+
+
+def test_damaged_shards_are_named_and_a_rerun_with_verify_encodes_only_them(extracted, image_tree, model,
+                                                                           tiny_vae_dir, tmp_path):
+    out = tmp_path / "latents"
+    shutil.copytree(extracted[0], out)
+    original = latents.LatentSource(str(out)).read(np.arange(27))
+    truncated, flipped = out / "shard-00001-of-00005.array_record", out / "shard-00003-of-00005.array_record"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(latents.CorruptShardError, match=r"1 damaged shard\(s\): shard-00001-of-00005.array_record: "
+                                                        rf"{len(data) // 2} bytes, but {len(data)} were written"
+                                                        r".*Repair: run `python -m dit_jax.extract_latents .*--verify"):
+        latents.LatentSource(str(out))
+    truncated.write_bytes(data)
+
+    def flip(path: Path, offset: int) -> bytes:
+        data = bytearray(path.read_bytes())
+        data[offset:offset + 64] = bytes(b ^ 0xFF for b in data[offset:offset + 64])
+        path.write_bytes(bytes(data))
+        return bytes(data)
+
+    last_block = out / "shard-00004-of-00005.array_record"
+    intact = last_block.read_bytes()
+    flip(last_block, len(intact) - 2**16 + 64)  # in the file's last 64 KiB block: its index, read at open
+    with pytest.raises(latents.CorruptShardError, match="shard-00004-of-00005.array_record: opening it failed"):
+        latents.LatentSource(str(out))
+    last_block.write_bytes(intact)
+    data = flip(flipped, 3000)  # in a record: the same size, other bytes
+    config = latent_config(str(out))
+    config.data.verify_latents = True  # the trainer's option
+    with pytest.raises(latents.CorruptShardError, match="shard-00003-of-00005.array_record: its SHA-256 differs"):
+        input_pipeline.create_source(config)
+    source = latents.LatentSource(str(out))  # the cheap check (sizes) passes; reading the shard names it
+    with pytest.raises(latents.CorruptShardError, match=r"1 damaged shard\(s\): shard-00003-of-00005.array_record: "
+                                                        "reading it failed .*hash mismatch"):
+        source.read(np.arange(27))
+
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    before = file_times(out)
+    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                       verify=True, **SETTINGS)
+    after = file_times(out)
+    changed = sorted(n for n in after if before.get(n) != after[n])
+    assert changed == ["metadata.json", "shard-00001-of-00005.array_record", "shard-00001-of-00005.array_record.damaged",
+                       "shard-00001-of-00005.json", "shard-00003-of-00005.array_record",
+                       "shard-00003-of-00005.array_record.damaged", "shard-00003-of-00005.json"], changed
+    assert (out / "shard-00003-of-00005.array_record.damaged").read_bytes() == bytes(data)  # the evidence is kept
+    assert metadata == extracted[1]  # the same bytes again: same batch size and devices
+    repaired = latents.LatentSource(str(out), verify=True).read(np.arange(27))
+    assert repaired.tobytes() == original.tobytes()
 
 
 def test_killed_run_resumes_to_the_same_result_on_several_devices(extracted, image_tree, tiny_vae_dir, tmp_path):
@@ -139,17 +271,38 @@ def test_killed_run_resumes_to_the_same_result_on_several_devices(extracted, ima
     shutil.copy(image_tree / "n03/img0.JPEG", blocker)
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "taking over the lock" in resumed.stderr and "that process is no longer running" in resumed.stderr
     assert "encoding 11 images in 2 shards (of 5) on 2 device(s)" in resumed.stderr
     assert {n: t for n, t in file_times(out).items() if n in finished} == finished  # not redone
 
     clean_dir, clean = extracted
     metadata = latents.read_metadata(str(out))
     different = {k for k in clean if clean[k] != metadata.get(k)}
-    assert different == {"source", "vae"}, different  # only the paths differ
+    assert different == {"source", "encoding", "shards"}, different  # the source's path; 2 devices, not 8
+    # Encoded on other devices in other batches, the records differ in their last bits: the checksums differ.
+    assert [{**s, "sha256": None} for s in metadata["shards"]] == [{**s, "sha256": None} for s in clean["shards"]]
     ours, reference = (latents.LatentSource(str(d)).read(np.arange(27)) for d in (out, clean_dir))
     assert np.array_equal(ours["label"], reference["label"])
     np.testing.assert_allclose(ours["mean"].astype(np.float32), reference["mean"].astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(ours["std"].astype(np.float32), reference["std"].astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_started_as_for_training_share_the_shards(extracted, image_tree, tiny_vae_dir, tmp_path):
+    """--coordinator_address/--num_processes/--process_id as for training: each process encodes its shards."""
+    out = tmp_path / "latents"
+    command = [sys.executable, "-m", "dit_jax.extract_latents", f"--images={image_tree}", f"--out={out}",
+               f"--vae={tiny_vae_dir}", "--resolution=16", "--images_per_shard=6", "--batch_size=8",
+               f"--coordinator_address=localhost:{free_port()}", "--num_processes=2"]
+    run_processes([[*command, f"--process_id={i}"] for i in range(2)], timeout=600)
+    metadata = latents.read_metadata(str(out))
+    assert metadata["num_images"] == 27 and metadata["encoding"]["devices_per_process"] == 4
+    writers = [json.loads((out / s["file"].replace(".array_record", ".json")).read_text())["process"]
+               for s in metadata["shards"]]
+    assert writers == [0, 1, 0, 1, 0]
+    ours, reference = (latents.LatentSource(str(d), verify=True).read(np.arange(27)) for d in (out, extracted[0]))
+    assert np.array_equal(ours["label"], reference["label"])
+    np.testing.assert_allclose(ours["mean"].astype(np.float32), reference["mean"].astype(np.float32), atol=2e-3)
 
 
 def latent_config(latents_dir: str):

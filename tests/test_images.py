@@ -139,3 +139,57 @@ def test_tfds_imagenet2012_goes_through_the_real_builder_to_its_manual_download_
                                                 r".*--tfds_manual_dir"):
         images.TfdsSource("imagenet2012", data_dir=str(tmp_path / "data"), manual_dir=str(manual))
     assert not list(manual.iterdir())  # nothing was written into the user's manual folder
+
+
+def test_16_bit_and_float_images_are_rescaled_to_8_bits():
+    grey = natural_image(np.random.default_rng(3), 24, 30)[..., 0]
+    expected = np.repeat(grey[..., None], 3, axis=-1)
+    sixteen = encoded(grey.astype(np.uint16) * 257)  # PNG, mode I;16: PIL's conversion would give white
+    floats = encoded((grey / 255).astype(np.float32), fmt="TIFF")  # mode F in [0, 1]: PIL's gives black
+    floats_255 = encoded(grey.astype(np.float32), fmt="TIFF")  # mode F in [0, 255]
+    int32 = encoded(grey.astype(np.int32) * 257, fmt="TIFF")  # mode I holding 16-bit values
+    for data, mode in ((sixteen, "I;16"), (floats, "F"), (floats_255, "F"), (int32, "I")):
+        image, original = images.load_image(data)
+        assert original == mode and image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), expected, err_msg=mode)
+
+
+@pytest.mark.parametrize("values, found", [(np.full((8, 8), 1000.0), "1000, 1000"),
+                                           (np.array([[np.nan, 0.5]]), "nan"),
+                                           (np.array([[-1.0, 0.5]]), "-1, ")])
+def test_float_images_without_an_8_bit_range_are_skipped_with_the_range(values, found):
+    with pytest.raises(images.BadImage, match=rf"F image with values in \[.*{found}.*convert it to an 8-bit"):
+        images.load_image(encoded(values.astype(np.float32), fmt="TIFF"))
+
+
+def test_exif_orientation_is_not_applied_and_alpha_is_dropped_as_in_the_official_code():
+    rgb = natural_image(np.random.default_rng(4), 20, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", exif=exif)
+    image, _ = images.load_image(buffer.getvalue())
+    assert image.getexif()[0x0112] == 6 and image.size == (32, 20)  # stored orientation, not rotated
+    np.testing.assert_array_equal(np.asarray(image), rgb)
+    transparent = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])  # fully transparent: colours kept
+    np.testing.assert_array_equal(np.asarray(images.load_image(encoded(transparent))[0]), rgb)
+
+
+def test_files_that_are_not_read_are_listed_with_reasons_and_empty_classes_named(tmp_path, caplog):
+    picture = natural_image(np.random.default_rng(5), 20, 20)
+    for path in ("a/x.png", "a/sub/y.JPEG", "a/anim.gif", "a/.hidden.png", "a/.cache/z.png", "c/w.png",
+                 "top.png", ".git/objects.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(picture).save(tmp_path / path, format="PNG")
+    (tmp_path / "b").mkdir()  # an empty class folder
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = images.FolderSource(str(tmp_path))
+    assert source.class_names == ["a", "b", "c"] and source.empty_classes == ["b"]
+    assert source.files == [("a/x.png", 0), ("a/sub/y.JPEG", 0), ("c/w.png", 2)]  # os.walk order, as ImageFolder
+    assert "class folder" in caplog.text and "b (label 1) holds no images" in caplog.text
+    reasons = {i["key"]: i["reason"] for i in source.ignored}
+    assert sorted(reasons) == [".git/", "a/.cache/", "a/.hidden.png", "a/anim.gif", "notes.txt", "top.png"]
+    assert reasons["a/anim.gif"].startswith(".gif: not an image extension")
+    assert reasons["a/.cache/"] == reasons[".git/"] == "hidden folder: not read"
+    assert reasons["top.png"] == reasons["notes.txt"] == "not in a class folder (the classes are the sub-folders)"
+    assert source.describe()["num_ignored"] == 6 and source.describe()["empty_classes"] == ["b"]

@@ -97,8 +97,17 @@ def test_unsupported_config_is_named(tiny_vae_dir, tmp_path):
 def test_missing_files_and_offline_hub_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="needs config.json and one of"):
         vae.load_vae(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="neither a folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist \\(no such folder: .*no/such/vae\\)"):
         vae.load_vae(str(tmp_path / "no" / "such" / "vae"))
     # A hub id that is not in the (empty) cache, offline: tell the user how to fetch it.
-    with pytest.raises(FileNotFoundError, match="hf download stabilityai/sd-vae-ft-ema"):
+    with pytest.raises(FileNotFoundError, match="no such local folder.*hf download stabilityai/sd-vae-ft-ema"):
         vae.load_vae("stabilityai/sd-vae-ft-ema", cache_dir=str(tmp_path / "hub"), offline=True)
+
+
+def test_a_mistyped_local_folder_with_one_slash_is_named_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vaes").mkdir()
+    for typo in ("vaes/sd-vae-ft-eam", "./sd-vae-ft-ema"):
+        with pytest.raises(FileNotFoundError, match=f"'{typo}' does not exist \\(no such folder: {tmp_path}/") as e:
+            vae.resolve(typo, cache_dir=str(tmp_path / "hub"), offline=True)
+        assert "hf download" not in str(e.value)
