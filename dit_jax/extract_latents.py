@@ -4,8 +4,12 @@ Every image is ADM-centre-cropped, then it and its horizontal flip are encoded; 
 posterior mean and std (not one fixed sample) are stored in float16/bfloat16 ArrayRecord
 shards (format: ``dit_jax.latents``). The work is split by shard over hosts and each batch
 over the host's local devices. A shard is written under a temporary name, renamed, then
-its ``.json`` report is written: a killed run resumes at the first shard without a report,
-and a finished folder is left as it is. Bad images are skipped and listed, never fatal.
+its ``.json`` report (with its size and SHA-256) is written: a killed run resumes at the
+first shard without a report, and a finished folder is left as it is, except that any
+shard found damaged (size; with ``--verify`` SHA-256) is set aside and encoded again. The
+plan (settings, VAE weights' hash, encoding batch and devices) must match to resume, and
+``--out`` is locked (``dit_jax.locking``). Bad images are skipped and listed, never fatal;
+a run that encodes no image at all fails.
 
     python -m dit_jax.extract_latents --images=/data/imagenet/train --out=/data/latents256 \\
         --vae=stabilityai/sd-vae-ft-ema --resolution=256
