@@ -170,16 +170,22 @@ class LatentSource:
         try:
             self._records = grain.sources.ArrayRecordDataSource([os.path.join(latents_dir, f) for f in self._files])
         except Exception as err:  # a damaged index (the file's last block) fails at open
-            raise self._corrupt(self._unopenable() or {"?": f"{type(err).__name__}: {err}"}) from err
+            failing = self._unopenable()
+            if not failing:
+                raise
+            raise self._corrupt(failing) from err
         if len(self._records) != self.metadata["num_images"]:
             raise ValueError(f"{latents_dir}: the shards hold {len(self._records)} records but {METADATA} "
                              f"counts {self.metadata['num_images']}; the folder is damaged, extract again")
 
-    def _corrupt(self, problems: dict[str, str], cause: str = "") -> CorruptShardError:
+    def _corrupt(self, problems: dict[str, str]) -> CorruptShardError:
         listed = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items()))
+        try:
+            command = f"`{extraction_command(self.metadata, self.latents_dir)} --verify` (the command that made it)"
+        except KeyError:  # metadata without the plan's fields (not written by extract_latents)
+            command = "the `python -m dit_jax.extract_latents` command that made the folder with --verify"
         return CorruptShardError(
-            f"{self.latents_dir}: {len(problems)} damaged shard(s): {listed}{cause}. Repair: run "
-            f"`{extraction_command(self.metadata, self.latents_dir)} --verify` (the command that made the folder): "
+            f"{self.latents_dir}: {len(problems)} damaged shard(s): {listed}. Repair: run {command}: "
             "it checks every shard and re-encodes only the damaged ones")
 
     def __len__(self) -> int:
@@ -191,7 +197,10 @@ class LatentSource:
         try:
             return decode_records(self._records.__getitems__(indices), self.shape, self.dtype)
         except Exception as err:  # a damaged shard fails in the reader or decodes to a wrong size
-            raise self._corrupt(self._failing_shards(indices) or {"?": f"{type(err).__name__}: {err}"}) from err
+            failing = self._failing_shards(indices)
+            if not failing:
+                raise
+            raise self._corrupt(failing) from err
 
     def _unopenable(self) -> dict[str, str]:
         """The shards that fail to open, and how."""

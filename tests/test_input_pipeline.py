@@ -219,7 +219,7 @@ def test_damaged_latent_folders_are_named(tmp_path):
     with pytest.raises(ValueError, match="the shards hold 16 records but metadata.json counts 17"):
         latents.LatentSource(str(folder))
     (folder / metadata["shards"][0]["file"]).unlink()
-    with pytest.raises(FileNotFoundError, match="missing"):
+    with pytest.raises(latents.CorruptShardError, match="shard-00000-of-00001.array_record: missing"):
         latents.LatentSource(str(folder))
 
 
