@@ -20,6 +20,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from array_record.python.array_record_module import ArrayRecordReader
 
 from configs import default
@@ -144,6 +145,10 @@ def test_other_weights_in_the_same_vae_folder_are_refused_naming_both(model, tin
         extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
 
 
+def test_importing_the_command_defines_no_flags():
+    assert not {"images", "out", "vae", "verify", "tfds_name"} & set(flags.FLAGS)
+
+
 @pytest.mark.parametrize("field", ["batch_size", "images_per_shard", "resolution"])
 @pytest.mark.parametrize("value", [0, -1])
 def test_bad_numbers_are_rejected_before_anything_is_written(image_tree, model, tiny_vae_dir, tmp_path, field,
@@ -159,12 +164,16 @@ def test_a_folder_of_only_bad_files_fails_and_is_never_finished(model, tiny_vae_
     tree.mkdir()
     for name in ("a.png", "b.JPEG"):
         (tree / name).write_bytes(b"not an image")
-    for _ in range(2):  # the rerun fails the same way (not "nothing to do")
-        with pytest.raises(RuntimeError, match="none of the 2 images could be encoded.*a.png: "
-                                               "UnidentifiedImageError"):
-            extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(tiny_vae_dir),
-                                    **SETTINGS)
-        assert not (out / latents.METADATA).exists()
+    with pytest.raises(RuntimeError, match="none of the 2 images could be encoded.*a.png: UnidentifiedImageError"):
+        extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(tiny_vae_dir), **SETTINGS)
+    assert not (out / latents.METADATA).exists()
+    # The rerun (here the command, started with dit_jax.main's multi-process flags) fails the same way.
+    rerun = subprocess.run([sys.executable, "-m", "dit_jax.extract_latents", f"--images={tree}", f"--out={out}",
+                            f"--vae={tiny_vae_dir}", "--resolution=16", "--images_per_shard=6", "--batch_size=8",
+                            "--coordinator_address=localhost:1", "--num_processes=1", "--process_id=0"],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert rerun.returncode != 0 and "none of the 2 images could be encoded" in rerun.stderr, rerun.stderr[-2000:]
+    assert not (out / latents.METADATA).exists()
     with pytest.raises(FileNotFoundError, match=r"has not finished \(1 of 1 shards done\); run `python -m "
                                                 r"dit_jax.extract_latents --images="):
         latents.read_metadata(str(out))
