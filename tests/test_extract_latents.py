@@ -145,6 +145,19 @@ def test_other_weights_in_the_same_vae_folder_are_refused_naming_both(model, tin
         extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
 
 
+def test_the_hub_revision_is_recorded_where_the_folder_knows_it(tiny_vae_dir, tmp_path):
+    weights = "diffusion_pytorch_model.safetensors"
+    local = tmp_path / "local-dir"  # as `hf download --local-dir` leaves it: the commit in a metadata file
+    shutil.copytree(tiny_vae_dir, local)
+    (local / ".cache/huggingface/download").mkdir(parents=True)
+    (local / f".cache/huggingface/download/{weights}.metadata").write_text("0123abcd\n\"etag\"\n1700000000.0\n")
+    snapshot = tmp_path / "models--stabilityai--sd-vae-ft-ema/snapshots/89ab"  # the Hugging Face cache
+    shutil.copytree(tiny_vae_dir, snapshot)
+    for folder, revision in ((local, "0123abcd"), (snapshot, "89ab"), (tiny_vae_dir, None)):
+        name, described = extract_latents.describe_vae(str(folder))
+        assert name == str(folder) and described["hub_revision"] == revision and described["file"] == weights
+
+
 def test_importing_the_command_defines_no_flags():
     assert not {"images", "out", "vae", "verify", "tfds_name"} & set(flags.FLAGS)
 
