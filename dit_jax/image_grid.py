@@ -1,4 +1,4 @@
-"""Image grids as PNG files."""
+"""Image grids as arrays and PNG files."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 
-def save_grid(path: str, rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> None:
-    """Write uint8 images [rows, cols, H, W, C] as one PNG grid, upscaled ``scale``x (nearest)."""
+def make_grid(rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> np.ndarray:
+    """uint8 images [rows, cols, H, W, C] -> one uint8 [H', W', C] grid on white, upscaled ``scale``x (nearest)."""
     if rows.ndim != 5 or rows.dtype != np.uint8:
         raise ValueError(f"expected uint8 [rows, cols, H, W, C], got {rows.dtype} {rows.shape}")
     r, c, h, w, ch = rows.shape
@@ -16,5 +16,14 @@ def save_grid(path: str, rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> N
         for j in range(c):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y:y + h, x:x + w] = rows[i, j]
-    image = Image.fromarray(grid.squeeze(-1) if ch == 1 else grid)
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_image(path: str, image: np.ndarray) -> None:
+    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG."""
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+
+
+def save_grid(path: str, rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> None:
+    """Write uint8 images [rows, cols, H, W, C] as one PNG grid (``make_grid``)."""
+    save_image(path, make_grid(rows, pad=pad, scale=scale))

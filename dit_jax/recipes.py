@@ -61,20 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100           # metrics (TensorBoard, metrics.jsonl, console) every this many steps
     c.train.checkpoint_every = 5_000  # async Orbax checkpoint every this many steps (also at the end and on SIGTERM)
     c.train.max_to_keep = 3           # newest checkpoints kept in WORKDIR/checkpoints
-    c.train.sample_every = 0          # EMA sample grid (TensorBoard + WORKDIR/samples/) every this many steps; 0 = off
     c.train.profile_steps = 0         # profile this many steps (from 10 steps after the start) to WORKDIR; 0 = off
 
-    c.sample = ml_collections.ConfigDict()
-    c.sample.per_class = 8            # final grid: this many samples of each class
-    c.sample.num_classes = 10         # final grid: this many classes (the first ones)
-    c.sample.cfg_scale = 4.0
-    c.sample.sampler = "ddpm"         # ddpm | ddim
-    c.sample.respacing = "250"        # steps of the sampling chain (see diffusion.space_timesteps)
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.class_consistency = False  # synthetic only: score samples with a classifier trained on the data
-    c.eval.classifier_examples = 10_000
-    c.eval.heldout_examples = 2_000
+    # Evaluations of the EMA model (dit_jax/evaluators/<type>.py), each {type, every, its settings}:
+    # every N > 0 steps and at the last step; 0 = the last step only; -1 = off.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.samples = dict(type="grid", every=0, per_class=8, num_classes=10, cfg_scale=4.0, sampler="ddpm",
+                           respacing="250", vae="")  # WORKDIR/samples.png, WORKDIR/samples/step_*.png
     return c
 
 
@@ -85,4 +78,5 @@ def paper_config(model_name: str, image_size: int = 256) -> ml_collections.Confi
     c = base_config()
     c.model.name = model_name
     c.model.input_size = image_size // 8
+    c.evals.samples.every = 10_000
     return c

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -24,18 +24,11 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
 
-from dit_jax import (checkpointing, classifier, diffusion as gd, flops, input_pipeline, locking, sample, sharding,
-                     synthetic)
-from dit_jax.image_grid import save_grid
+from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, sharding
+from dit_jax.evaluators import common as evaluators
 from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
-
-if TYPE_CHECKING:
-    from clu import metric_writers
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -219,14 +212,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if t.log_every < 1 or t.checkpoint_every < 1 or t.max_to_keep < 1:
         problems.append(f"train.log_every, train.checkpoint_every and train.max_to_keep must be >= 1 "
                         f"(got {t.log_every}, {t.checkpoint_every}, {t.max_to_keep})")
-    if t.sample_every < 0 or t.profile_steps < 0:
-        problems.append(f"train.sample_every and train.profile_steps must be >= 0 (0 = off), "
-                        f"got {t.sample_every}, {t.profile_steps}")
+    if t.profile_steps < 0:
+        problems.append(f"train.profile_steps must be >= 0 (0 = off), got {t.profile_steps}")
     if config.data.source == "synthetic" and config.data.image_size != config.model.input_size:
         problems.append(f"data.image_size ({config.data.image_size}) must equal model.input_size "
                         f"({config.model.input_size}) for pixel-space synthetic data")
-    if config.sample.sampler not in sample.SAMPLERS:
-        problems.append(f"sample.sampler {config.sample.sampler!r} is not one of {sample.SAMPLERS}")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     sharding.check_config(config, jax.device_count())
@@ -291,14 +281,26 @@ def _read_history(path: str, *, up_to_step: int) -> list[dict[str, Any]]:
     return [h for h in history if h["step"] <= up_to_step]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), then sample the EMA model.
+def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pipeline.Source) -> evaluators.RunInfo:
+    """What the evaluators may know about this run (``evaluators.RunInfo``)."""
+    metadata = getattr(source, "metadata", None)
+    return evaluators.RunInfo(
+        workdir=workdir, seed=config.seed, last_step=config.train.steps, num_classes=config.model.num_classes,
+        data_source=config.data.source,
+        image_size=metadata["resolution"] if metadata else config.data.image_size, latents_metadata=metadata,
+        noise_schedule=config.diffusion.noise_schedule, diffusion_steps=config.diffusion.steps,
+        learn_sigma=config.model.learn_sigma)
 
-    Checkpoints go to ``workdir/checkpoints`` every ``train.checkpoint_every`` steps, at the end and
-    on SIGTERM (then the run stops and returns ``{"preempted_at_step": step}``). Process 0 writes
-    TensorBoard events and ``metrics.jsonl``, EMA sample grids every ``train.sample_every`` steps,
-    and at the end ``samples.png`` (one row per class) and ``summary.json``; with
-    ``eval.class_consistency`` a classifier trained on the synthetic data scores the samples.
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), evaluating the EMA model.
+
+    Checkpoints go to ``workdir/checkpoints`` every ``train.checkpoint_every`` steps, before each
+    evaluation, at the end and on SIGTERM (then the run stops and returns
+    ``{"preempted_at_step": step}``). The ``config.evals`` entries (``dit_jax.evaluators``) run on the
+    EMA model every ``every`` steps and at the last step; an evaluation stopped by SIGTERM reruns on
+    resume. Process 0 writes TensorBoard events, ``metrics.jsonl`` and, at the end, ``summary.json``
+    (the training figures and the last step's evaluations).
     """
     _check_config(config)
     # One run per workdir: a second one refuses here, before touching anything.
@@ -315,6 +317,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     is_main = sharding.is_main_process()
     mesh = sharding.create_mesh(config.mesh)
     source = input_pipeline.create_source(config)
+    run_info = _run_info(config, workdir, source)
+    evals = evaluators.create_evaluators(config.evals, run_info)  # each checks its settings before training
     batches = input_pipeline.make_train_iterator(
         source, batch_size=sharding.process_batch_size(config.train.batch_size, mesh), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count())
@@ -348,6 +352,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
         metrics_path = os.path.join(workdir, "metrics.jsonl")
         history = _read_history(metrics_path, up_to_step=start_step)
+        # Evaluations of the restored step that did not finish (a stop during them) rerun first; a finished
+        # run evaluates its last step again.
+        pending = [e for e in evals if e.due(start_step, config.train.steps) and (
+            start_step == config.train.steps or not any(h.get("eval") == e.name and h["step"] == start_step
+                                                        for h in history))]
+        history = [h for h in history if not (h["step"] == start_step and h.get("eval") in {e.name for e in pending})]
         writer = metric_writers.create_default_writer(workdir if is_main else None, just_logging=not is_main)
         stack.callback(writer.close)
         hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps,
@@ -360,7 +370,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         log = stack.enter_context(open(metrics_path, "w")) if is_main else None
         if log:
             log.writelines(json.dumps(h) + "\n" for h in history)
+        final: dict[str, dict[str, Any]] = {}
+        eval_seconds = 0.0
+
+        def evaluate(entries: list[evaluators.Entry], step: int) -> bool:
+            """Run ``entries`` on this step's EMA model and write their results; False if stopped during them."""
+            nonlocal eval_seconds, window_start
+            t0 = time.time()
+            logging.info("evaluating step %d: %s", step, ", ".join(e.name for e in entries))
+            ema = evaluators.EmaModel(nnx.merge(graphdef, state.ema_params, fixed), step, run_info,
+                                      stop_requested=lambda: sigterm.is_set() or manager.reached_preemption(step))
+            try:
+                results, stopped = evaluators.run_entries(entries, ema), False
+            except evaluators.Interrupted as err:
+                results, stopped = err.completed, True
+            history.extend(evaluators.log_entries(results, step, writer, log))
+            if step == config.train.steps:
+                final.update(results)
+            eval_seconds += time.time() - t0
+            window_start += time.time() - t0  # evaluation time is not training time
+            if stopped:
+                logging.warning("SIGTERM during the evaluations of step %d (checkpointed): stopping; %s rerun on "
+                                "resume", step, [e.name for e in entries if e.name not in results])
+            return not stopped
+
         window_start, window, unchecked = time.time(), [], []
+        if pending and not evaluate(pending, start_step):
+            return {"preempted_at_step": start_step}
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
             window.append(metrics)
@@ -368,7 +404,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             for hook in hooks:
                 hook(step)
             stop = sigterm.is_set() or manager.reached_preemption(step)
-            save = stop or step % config.train.checkpoint_every == 0 or step == config.train.steps
+            due = [e for e in evals if e.due(step, config.train.steps)]
+            # A step is saved before it is evaluated: a stop during the evaluation loses nothing.
+            save = stop or bool(due) or step % config.train.checkpoint_every == 0 or step == config.train.steps
             log_now = step % config.train.log_every == 0 or step == config.train.steps
             if save or log_now:
                 # Never log or checkpoint past a non-finite step.
@@ -398,97 +436,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             if save:
                 checkpointing.save(manager, step, state, batches, config, force=True)
                 last_checkpoint = step
-            if config.train.sample_every and step % config.train.sample_every == 0:
-                _write_sample_grid(config, graphdef, fixed, state, workdir, writer, step)
+            if due and not stop and not evaluate(due, step):
+                stop = True
             if stop:
                 logging.warning("SIGTERM: stopped at step %d after checkpointing it; rerun the same command "
                                 "to resume", step)
                 return {"preempted_at_step": step}
-    train_seconds = time.time() - start
+    train_seconds = time.time() - start - eval_seconds
 
+    losses = [h for h in history if "eval" not in h]
     summary: dict[str, Any] = {
         "model": config.model.name or "custom",
         "trainable_params": int(num_params),
         "steps": config.train.steps,
         "batch_size": config.train.batch_size,
         "resumed_from_step": start_step,
-        "first_loss": history[0]["loss"],  # mean over the first log window
-        "final_loss": history[-1]["loss"],  # mean over the last log window
+        "first_loss": losses[0]["loss"],  # mean over the first log window
+        "final_loss": losses[-1]["loss"],  # mean over the last log window
         "train_seconds": train_seconds,  # this invocation's training steps only
         "steps_per_sec": (config.train.steps - start_step) / train_seconds,
     }
-    summary.update(_sample_and_score(config, graphdef, fixed, state, workdir))
+    # The last step's evaluations, images left out (they are PNG files and TensorBoard images).
+    summary["evals"] = {name: {k: evaluators.jsonable(v) for k, v in result.items() if not evaluators.is_image(v)}
+                        for name, result in final.items()}
+    summary["eval_seconds"] = eval_seconds
     summary["total_seconds"] = time.time() - start
     if is_main:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     logging.info("summary: %s", json.dumps(summary))
     return summary
-
-
-def _ema_samples(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
-                 state: TrainState) -> tuple[np.ndarray, np.ndarray]:
-    """Guided EMA samples of the first ``sample.num_classes`` classes, ``sample.per_class`` each; (samples, labels)."""
-    num_classes = min(config.sample.num_classes, config.model.num_classes)
-    labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), config.sample.per_class)
-    ema_model = nnx.merge(graphdef, state.ema_params, fixed)
-    samples = sample.generate(ema_model, build_diffusion(config, config.sample.respacing), labels,
-                              jax.random.key(config.seed + 1), cfg_scale=config.sample.cfg_scale,
-                              sampler=config.sample.sampler)
-    samples = multihost_utils.process_allgather(jnp.clip(samples, -1, 1), tiled=True)
-    return np.asarray(samples), np.asarray(labels)
-
-
-def _save_sample_grid(config: ml_collections.ConfigDict, samples: np.ndarray, path: str) -> None:
-    """Pixel-space samples -> a PNG grid with one row per class (on process 0)."""
-    if sharding.is_main_process():
-        rows = synthetic.from_model_range(samples).reshape(-1, config.sample.per_class, *samples.shape[1:])
-        save_grid(path, rows)
-
-
-def _write_sample_grid(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
-                       state: TrainState, workdir: str, writer: metric_writers.MetricWriter, step: int) -> None:
-    """The periodic EMA sample grid of pixel-space data: ``workdir/samples/step_<step>.png`` and a TensorBoard image."""
-    if config.data.source != "synthetic":
-        return
-    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _save_sample_grid(config, _ema_samples(config, graphdef, fixed, state)[0], path)
-    if sharding.is_main_process():
-        writer.write_images(step, {"ema_samples": np.asarray(Image.open(path).convert("RGB"))[None]})
-
-
-def _sample_and_score(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
-                      state: TrainState, workdir: str) -> dict[str, Any]:
-    """Guided EMA samples of each class -> samples.png; optionally their class consistency."""
-    t0 = time.time()
-    samples, labels = _ema_samples(config, graphdef, fixed, state)
-    out: dict[str, Any] = {"sample_seconds": time.time() - t0, "samples_png": "samples.png",
-                           "sampler": f"{config.sample.sampler} {config.sample.respacing} steps, "
-                                      f"guidance {config.sample.cfg_scale}"}
-    if config.data.source == "synthetic":
-        _save_sample_grid(config, samples, os.path.join(workdir, "samples.png"))
-    if config.eval.class_consistency:
-        out.update(_class_consistency(config, samples, labels))
-    return out
-
-
-def _class_consistency(config: ml_collections.ConfigDict, samples: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Train a classifier on fresh synthetic data; its accuracy on held-out data and on the samples."""
-    t0 = time.time()
-    n, k, size = config.eval.classifier_examples, config.model.num_classes, config.data.image_size
-    images, targets = synthetic.generate(n, num_classes=k, image_size=size, seed=config.seed + 1000)
-    judge = classifier.train_classifier(synthetic.to_model_range(images), targets, num_classes=k, seed=config.seed)
-    held_images, held_labels = synthetic.generate(config.eval.heldout_examples, num_classes=k, image_size=size,
-                                                  seed=config.seed + 2000)
-    held_images = synthetic.to_model_range(held_images)
-    held_images[1::2] = held_images[1::2, :, ::-1]  # both orientations: the judge accepts either (data.random_flip)
-    predicted = classifier.predict(judge, samples)
-    per_class = [float(np.mean(predicted[labels == c] == c)) for c in np.unique(labels)]
-    return {
-        "classifier_heldout_accuracy": classifier.accuracy(judge, held_images, held_labels),
-        "class_consistency": float(np.mean(predicted == labels)),
-        "class_consistency_per_class": per_class,
-        "chance": 1.0 / k,
-        "classifier_seconds": time.time() - t0,
-    }

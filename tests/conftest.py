@@ -43,6 +43,30 @@ def nhwc() -> Callable[[np.ndarray], np.ndarray]:
     return lambda a: np.asarray(parity.nhwc(np.asarray(a)))
 
 
+def set_field(config: Any, field: str, value: Any) -> None:
+    """``config.a.b.c = value`` for ``field="a.b.c"`` (a dotted path, as on the command line)."""
+    *sections, key = field.split(".")
+    for section in sections:
+        config = config[section]
+    config[key] = value
+
+
+def flat_fields(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config overrides as dotted fields: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        out.update(flat_fields(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def read_log(workdir: Path, *, evals: bool = False) -> list[dict[str, Any]]:
+    """A run's ``metrics.jsonl``: the training lines, or (``evals``) the evaluation lines (``{"step", "eval", ...}``)."""
+    import json
+
+    lines = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [h for h in lines if ("eval" in h) == evals]
+
+
 # ---------------------------------------------------------------- VAE / image tree / latents (issue 4)
 
 TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -269,3 +293,28 @@ def official_timesteps(model) -> None:
     diffusers' ``downscale_freq_shift=0``; diffusers' DiT uses 1: exp(-ln(1e4) i / 127))."""
     for block in model.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_latents_dir(image_tree, tiny_vae_dir, tmp_path_factory) -> Path:
+    """``image_tree`` (3 classes) encoded at 16x16 by the tiny VAE into 8x8x4 latents; the metadata names the VAE's folder."""
+    from dit_jax import extract_latents, images, vae
+
+    out = tmp_path_factory.mktemp("tiny_latents")
+    extract_latents.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)), str(out),
+                            vae=str(tiny_vae_dir), resolution=16, images_per_shard=16, batch_size=8)
+    return out
+
+
+def latent_config(latents_dir: str):
+    """The demo recipe on 8x8x4 latents (3 classes) with a 1-block DiT, 6 steps; no evaluations."""
+    from configs import default
+
+    c = default.get_config()
+    c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=3,
+                   guidance="official")
+    c.data.update(source="latents", latents_dir=latents_dir)
+    c.train.update(steps=6, batch_size=8, log_every=3)
+    c.evals.samples.every = -1
+    c.evals.class_consistency.every = -1
+    return c

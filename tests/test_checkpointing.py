@@ -18,6 +18,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
 from dit_jax import checkpointing, input_pipeline, locking, sharding, train
+from tests.conftest import flat_fields, read_log, set_field
 from tests.test_train import main_command as main_with_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, mlp_ratio=4.0, patch_size=8),
             data=dict(num_train=256),
             train=dict(batch_size=16, log_every=1, checkpoint_every=10, max_to_keep=3),
-            sample=dict(per_class=1, num_classes=2, respacing="2"), eval=dict(class_consistency=False))
+            evals=dict(samples=dict(per_class=1, num_classes=2, respacing="2"), class_consistency=dict(every=-1)))
 
 
 CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
@@ -49,8 +50,8 @@ def compile_once(tmp_path_factory):
 
 def tiny_config(steps: int, **train_fields):
     c = default.get_config()
-    for section, fields in TINY.items():
-        c[section].update(fields)
+    for field, value in flat_fields(TINY).items():
+        set_field(c, field, value)
     c.train.update(steps=steps, **train_fields)
     return c
 
@@ -76,8 +77,7 @@ def assert_states_equal(a: train.TrainState, b: train.TrainState) -> None:
 
 
 def losses(workdir: Path) -> dict[int, float]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+    return {r["step"]: r["loss"] for r in read_log(workdir)}
 
 
 def committed_steps(workdir: Path) -> list[int]:
@@ -90,7 +90,7 @@ STEPS = 80
 
 
 def main_command(workdir: Path) -> list[str]:
-    overrides = [f"--config.{section}.{k}={v}" for section, fields in TINY.items() for k, v in fields.items()]
+    overrides = [f"--config.{field}={v}" for field, v in flat_fields(TINY).items()]
     return main_with_flags(workdir, f"--config.train.steps={STEPS}", *overrides)
 
 

@@ -50,4 +50,4 @@ def test_default_config_is_a_small_pixel_space_model():
     model = nnx.eval_shape(lambda: train.build_model(c, rngs=nnx.Rngs(0)))
     assert c.data.source == "synthetic" and c.model.in_channels == 3 and c.model.num_classes >= 10
     assert count_params(model) < 10_000_000  # a CPU-sized model, far below DiT-S (33M)
-    assert c.eval.class_consistency
+    assert c.evals.class_consistency.type == "class_consistency" and c.evals.class_consistency.every == 0

@@ -23,9 +23,8 @@ import pytest
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordReader
 
-from configs import default
 from dit_jax import extract_latents, images, input_pipeline, latents, locking, train, vae
-from tests.conftest import IGNORED, ODD_FILES, make_flat_folder, tiny_torch_vae
+from tests.conftest import IGNORED, ODD_FILES, latent_config, make_flat_folder, tiny_torch_vae
 from tests.test_sharding import free_port, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,17 +324,6 @@ def test_two_processes_started_as_for_training_share_the_shards(extracted, image
     ours, reference = (latents.LatentSource(str(d), verify=True).read(np.arange(27)) for d in (out, extracted[0]))
     assert np.array_equal(ours["label"], reference["label"])
     np.testing.assert_allclose(ours["mean"].astype(np.float32), reference["mean"].astype(np.float32), atol=2e-3)
-
-
-def latent_config(latents_dir: str):
-    c = default.get_config()
-    c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=3,
-                   guidance="official")
-    c.data.update(source="latents", latents_dir=latents_dir)
-    c.train.update(steps=6, batch_size=8, log_every=3)
-    c.sample.update(per_class=1, respacing="2")
-    c.eval.class_consistency = False
-    return c
 
 
 def test_short_training_run_reads_the_latents(extracted, tmp_path):

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from configs import default
 from dit_jax import flops, train
+from tests.conftest import read_log, set_field
 from tests.test_sharding import free_port, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +28,8 @@ def tiny_config():
     c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=4, input_size=16, num_classes=4)
     c.data.update(num_train=256, image_size=16)
     c.train.update(steps=80, batch_size=16, lr=1e-3, log_every=5)
-    c.sample.update(per_class=2, respacing="5")
-    c.eval.class_consistency = False
+    c.evals.samples.update(per_class=2, respacing="5")
+    c.evals.class_consistency.every = -1  # off
     return c
 
 
@@ -45,10 +46,15 @@ def tensorboard_steps(workdir) -> dict[str, list[int]]:
 
 def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     config = tiny_config()
-    config.train.update(sample_every=40, profile_steps=2)
+    config.train.profile_steps = 2
+    config.evals.samples.every = 40
     summary = train.train_and_evaluate(config, str(tmp_path))
-    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    history = [h for h in lines if "eval" not in h]
     assert [h["step"] for h in history] == list(range(5, 81, 5))
+    # One line per evaluation (every 40 steps and at the last), after the training line of its step.
+    evals = [(i, h["step"]) for i, h in enumerate(lines) if h.get("eval") == "samples"]
+    assert [step for _, step in evals] == [40, 80] and all(lines[i - 1]["step"] == step for i, step in evals)
     losses = np.array([h["loss"] for h in history])
     assert np.all(np.isfinite(losses))
     # Zero-initialised output predicts eps = 0 (mse ~ 1); training must cut that well down.
@@ -56,12 +62,13 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     assert losses[-4:].mean() < 0.6 * losses[:2].mean()
     assert summary["final_loss"] == history[-1]["loss"]
     assert (tmp_path / "samples.png").exists()
-    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 80
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["steps"] == 80 and saved["evals"]["samples"]["png"] == "samples.png"
     # TensorBoard: every metric at every log step, and the EMA sample grids (also PNGs in the workdir).
     tags = tensorboard_steps(tmp_path)
     for tag in ("loss", "mse", "vb", "grad_norm", "learning_rate", "steps_per_sec", "images_per_sec"):
         assert tags[tag] == list(range(5, 81, 5)), tag
-    assert tags["ema_samples"] == [40, 80]
+    assert tags["samples/grid"] == [40, 80]
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_00000040.png", "step_00000080.png"]
     assert list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # the profile of steps 10-12
 
@@ -73,7 +80,7 @@ def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch):
     config = tiny_config()
     config.train.update(steps=10, log_every=5)
     train.train_and_evaluate(config, str(tmp_path))
-    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    history = read_log(tmp_path)
     # The default mesh spans every device (8 simulated ones in the tests): the peak is theirs together.
     step_flops = [h["mfu"] * peak * jax.device_count() / h["steps_per_sec"] for h in history]
     assert step_flops[0] == pytest.approx(step_flops[1], rel=1e-6)  # the same step every time
@@ -170,18 +177,23 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     ("train.steps", 0, "train.steps"),
     ("train.ema_decay", 1.0, "ema_decay"),
     ("data.image_size", 32, "must equal model.input_size"),
-    ("sample.sampler", "euler", "sampler"),
+    ("evals.samples.sampler", "euler", "evals.samples: sampler 'euler' is not one of"),
+    ("evals.samples.respacing", "xyz", "evals.samples: respacing 'xyz'"),
+    ("evals.samples.per_class", 0, "evals.samples: per_class and num_classes must be >= 1"),
+    ("evals.samples.every", -2, "evals.samples.every must be an integer"),
+    ("evals.samples.type", "nope", r"evals.samples.type='nope' is not an evaluator: use one of \[.*'grid'"),
+    ("evals.class_consistency.every", 0, "the judge is trained on the package's synthetic data"),
     ("train.lr_schedule", "linear", "lr_schedule"),
     ("train.warmup_steps", 80, "warmup_steps"),
     ("data.source", "imagenet", "data.source='imagenet' is not available"),
     ("model.block_type", "film", "block_type"),
     ("train.checkpoint_every", 0, "checkpoint_every"),
-    ("train.sample_every", -1, "sample_every"),
 ])
 def test_bad_config_values_are_named(tmp_path, field, value, message):
     c = tiny_config()
-    section, key = field.split(".")
-    c[section][key] = value
+    set_field(c, field, value)
+    if field == "evals.class_consistency.every":  # a latent run cannot use the synthetic judge
+        c.data.source = "latents"
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(c, str(tmp_path))
     # A failed run leaves nothing behind that looks like a result.
@@ -191,8 +203,8 @@ def test_bad_config_values_are_named(tmp_path, field, value, message):
 # The demo config shrunk to seconds for runs of ``dit_jax.main``: a 1-block DiT on 16x16 images.
 TINY_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
               "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
-              "--config.data.num_train=128", "--config.train.log_every=2", "--config.sample.respacing=3",
-              "--config.eval.class_consistency=False"]
+              "--config.data.num_train=128", "--config.train.log_every=2", "--config.evals.samples.respacing=3",
+              "--config.evals.class_consistency.every=-1"]
 
 
 def main_command(workdir, *flags: str) -> list[str]:
@@ -203,7 +215,7 @@ def main_command(workdir, *flags: str) -> list[str]:
 def run_two_processes(workdir, steps: int) -> None:
     """``dit_jax.main`` on the tiny config as 2 processes of 4 CPU devices each (a 2-host run)."""
     cmd = main_command(workdir, *TINY_FLAGS, f"--config.train.steps={steps}", "--config.train.batch_size=16",
-                       "--config.train.checkpoint_every=4", "--config.sample.per_class=2",
+                       "--config.train.checkpoint_every=4", "--config.evals.samples.per_class=2",
                        f"--coordinator_address=localhost:{free_port()}", "--num_processes=2")
     run_processes([[*cmd, f"--process_id={i}"] for i in range(2)], timeout=600)
 
@@ -215,9 +227,10 @@ def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
     run_two_processes(straight, 8)
     run_two_processes(resumed, 4)
     run_two_processes(resumed, 8)
-    history = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    history = read_log(straight)
     assert [h["step"] for h in history] == [2, 4, 6, 8]  # one writer: no step logged twice
-    resumed_history = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in read_log(straight, evals=True)] == [8]
+    resumed_history = read_log(resumed)
     assert [h["loss"] for h in resumed_history] == [h["loss"] for h in history]
     assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 4
     assert len(list(straight.glob("events.out.tfevents.*"))) == 1 and (straight / "samples.png").exists()
@@ -228,12 +241,12 @@ def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
 
 def test_main_runs_with_flag_overrides(tmp_path):
     cmd = main_command(tmp_path, *TINY_FLAGS, "--config.train.steps=4", "--config.train.batch_size=8",
-                       "--config.sample.per_class=1", "--config.sample.sampler=ddim")
+                       "--config.evals.samples.per_class=1", "--config.evals.samples.sampler=ddim")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["batch_size"] == 8
-    assert "ddim 3 steps" in summary["sampler"]
+    assert "ddim 3 steps" in summary["evals"]["samples"]["sampler"]
 
     bad = subprocess.run(cmd + ["--config.train.no_such_field=1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
