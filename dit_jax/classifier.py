@@ -49,10 +49,14 @@ class Classifier(nnx.Module):
         )
         self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array) -> jax.Array:
+        """The pooled last-layer activations [N, widths[-1]] the logits are read from (the demo's FID space)."""
         for conv in self.convs:
             x = nnx.relu(conv(x))
-        return self.head(jnp.mean(x, axis=(1, 2)))
+        return jnp.mean(x, axis=(1, 2))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
 
 
 def _check_images(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -180,15 +184,27 @@ def _predict_batch(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> j
     return jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1).astype(jnp.int32)
 
 
-def predict(classifier: Classifier, images: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
-    """Predicted class ids (int32 ``[N]``) for float NHWC images in [-1, 1]."""
+@partial(jax.jit, static_argnums=0)
+def _features_batch(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params).features(x)
+
+
+def _batched(fn, classifier: Classifier, images: np.ndarray, batch_size: int, empty: np.ndarray) -> np.ndarray:
     images = _check_images(images, classifier.image_size)
     graphdef, params = nnx.split(classifier)
-    preds = [
-        np.asarray(_predict_batch(graphdef, params, images[i : i + batch_size]))
-        for i in range(0, images.shape[0], batch_size)
-    ]
-    return np.concatenate(preds) if preds else np.zeros((0,), np.int32)
+    out = [np.asarray(fn(graphdef, params, images[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)]
+    return np.concatenate(out) if out else empty
+
+
+def predict(classifier: Classifier, images: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """Predicted class ids (int32 ``[N]``) for float NHWC images in [-1, 1]."""
+    return _batched(_predict_batch, classifier, images, batch_size, np.zeros((0,), np.int32))
+
+
+def features(classifier: Classifier, images: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """``Classifier.features`` (float32 ``[N, width]``) of float NHWC images in [-1, 1]."""
+    width = classifier.head.in_features
+    return _batched(_features_batch, classifier, images, batch_size, np.zeros((0, width), np.float32))
 
 
 def accuracy(classifier: Classifier, images: np.ndarray, labels: np.ndarray) -> float:

@@ -158,7 +158,8 @@ class RealImages(common.EmaModel):
 def test_class_consistency_is_the_judges_agreement_with_the_labels(tmp_path):
     run = run_info(tmp_path)
     evaluator = class_consistency.Evaluator(
-        settings(class_consistency, per_class=10, num_classes=4, classifier_examples=2000, heldout_examples=200),
+        settings(class_consistency, per_class=10, num_classes=4, classifier_examples=1000, classifier_steps=100,
+                 heldout_examples=200),
         run, name="class_consistency")
     right = evaluator.run(RealImages(model=None, step=10, run=run))
     assert right["heldout_accuracy"] > 0.9 and right["chance"] == 0.25

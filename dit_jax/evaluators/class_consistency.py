@@ -24,6 +24,7 @@ DEFAULTS = dict(
     sampler="ddpm",
     respacing="250",
     classifier_examples=10_000,   # synthetic examples the judge is trained on
+    classifier_steps=400,         # its Adam steps (batch 128)
     heldout_examples=2_000,       # fresh synthetic examples its accuracy is measured on
 )
 
@@ -34,7 +35,7 @@ class Evaluator:
         if run.data_source != "synthetic":
             problems.append(f"the judge is trained on the package's synthetic data; this run trains on "
                             f"{run.data_source} (use a grid or fid evaluator)")
-        for field in ("per_class", "num_classes", "classifier_examples", "heldout_examples"):
+        for field in ("per_class", "num_classes", "classifier_examples", "classifier_steps", "heldout_examples"):
             if settings[field] < 1:
                 problems.append(f"{field} must be >= 1, got {settings[field]}")
         common.check(problems)
@@ -52,7 +53,7 @@ class Evaluator:
             images, targets = synthetic.generate(s.classifier_examples, num_classes=k, image_size=size,
                                                  seed=run.seed + 1000)
             judge = classifier.train_classifier(synthetic.to_model_range(images), targets, num_classes=k,
-                                                seed=run.seed)
+                                                steps=s.classifier_steps, seed=run.seed)
             held_images, held_labels = synthetic.generate(s.heldout_examples, num_classes=k, image_size=size,
                                                           seed=run.seed + 2000)
             held = synthetic.to_model_range(held_images)
