@@ -182,7 +182,6 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     ("evals.samples.per_class", 0, "evals.samples: per_class and num_classes must be >= 1"),
     ("evals.samples.every", -2, "evals.samples.every must be an integer"),
     ("evals.samples.type", "nope", r"evals.samples.type='nope' is not an evaluator: use one of \[.*'grid'"),
-    ("evals.class_consistency.every", 0, "the judge is trained on the package's synthetic data"),
     ("train.lr_schedule", "linear", "lr_schedule"),
     ("train.warmup_steps", 80, "warmup_steps"),
     ("data.source", "imagenet", "data.source='imagenet' is not available"),
@@ -192,8 +191,6 @@ def test_learning_rate_schedules(schedule, warmup, expected):
 def test_bad_config_values_are_named(tmp_path, field, value, message):
     c = tiny_config()
     set_field(c, field, value)
-    if field == "evals.class_consistency.every":  # a latent run cannot use the synthetic judge
-        c.data.source = "latents"
     with pytest.raises(ValueError, match=message):
         train.train_and_evaluate(c, str(tmp_path))
     # A failed run leaves nothing behind that looks like a result.
