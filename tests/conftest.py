@@ -239,7 +239,7 @@ def save_torch(path: Path, obj: Any) -> Path:
 TINY_RUN = dict(model=dict(hidden_size=32, depth=1, num_heads=2, num_classes=4, mlp_ratio=4.0, patch_size=8),
                 data=dict(num_train=64),
                 train=dict(batch_size=8, log_every=1, checkpoint_every=2, max_to_keep=3, steps=3),
-                sample=dict(per_class=1, num_classes=2, respacing="2"), eval=dict(class_consistency=False))
+                evals=dict(samples=dict(per_class=1, num_classes=2, respacing="2"), class_consistency=dict(every=-1)))
 
 
 def tiny_run_config(**sections: dict[str, Any]):
@@ -247,10 +247,8 @@ def tiny_run_config(**sections: dict[str, Any]):
     from configs import default
 
     c = default.get_config()
-    for section, fields in TINY_RUN.items():
-        c[section].update(fields)
-    for section, fields in sections.items():
-        c[section].update(fields)
+    for field, value in [*flat_fields(TINY_RUN).items(), *flat_fields(sections).items()]:
+        set_field(c, field, value)
     return c
 
 
