@@ -185,8 +185,7 @@ class FolderSource:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "root": os.path.abspath(self.root), "num_images": len(self),
-                "class_names": self.class_names, "empty_classes": self.empty_classes,
-                "num_ignored": len(self.ignored)}
+                "class_names": self.class_names, "empty_classes": self.empty_classes}
 
 
 class TfdsSource:

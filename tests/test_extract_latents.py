@@ -107,13 +107,22 @@ def test_records_hold_the_posterior_of_each_image_and_its_flip(extracted, image_
 
 
 def test_rerun_on_finished_output_does_nothing_and_a_relative_vae_path_is_the_same_vae(
-        extracted, image_tree, model, tiny_vae_dir, monkeypatch):
+        extracted, image_tree, model, tiny_vae_dir, monkeypatch, tmp_path):
     out, metadata = extracted
     before = file_times(out)
     monkeypatch.chdir(tiny_vae_dir.parent)  # --vae=tiny_vae0 here is the same folder as its absolute path
     again = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=tiny_vae_dir.name,
                                     **SETTINGS)
     assert again == metadata and file_times(out) == before
+    # A file that is not read appearing in the image folder changes nothing that is encoded: no refusal.
+    tree = tmp_path / "train"
+    shutil.copytree(image_tree, tree)
+    (tree / "notes.txt").write_text("added later")
+    copy = tmp_path / "latents"
+    shutil.copytree(out, copy)
+    plan = json.loads((copy / latents.PLAN).read_text())
+    (copy / latents.PLAN).write_text(json.dumps({**plan, "source": {**plan["source"], "root": str(tree)}}))
+    extract_latents.extract(images.FolderSource(str(tree)), model, str(copy), vae=str(tiny_vae_dir), **SETTINGS)
 
 
 @pytest.mark.parametrize("change, message", [
