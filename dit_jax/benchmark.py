@@ -168,24 +168,16 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     core; on CUDA it frees its cached memory when done, so JAX can take the device after it.
     """
     import torch  # only this benchmark needs PyTorch
-    from diffusers import DiTTransformer2DModel
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    m, arch = config.model, _architecture(config)
-    if m.block_type != "adaln_zero" or m.mlp_ratio != 4.0 or m.class_dropout_prob != 0.1:
-        raise ValueError("diffusers' DiT is adaLN-Zero with mlp_ratio 4 and label dropout 0.1; got block_type="
-                         f"{m.block_type}, mlp_ratio={m.mlp_ratio}, class_dropout_prob={m.class_dropout_prob}")
+    m = config.model
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps and warmup must be >= 1, got {steps}, {warmup}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(config.seed)
     channels, n = m.in_channels, config.train.batch_size
-    model = DiTTransformer2DModel(
-        num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
-        in_channels=channels, out_channels=2 * channels if m.learn_sigma else channels, num_layers=arch["depth"],
-        sample_size=m.input_size, patch_size=arch["patch_size"], num_embeds_ada_norm=m.num_classes,
-        norm_eps=1e-6).to(device).train()
+    model = _diffusers_dit(config, device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.train.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
@@ -241,6 +233,153 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _diffusers_dit(config: ml_collections.ConfigDict, device: Any) -> Any:
+    """diffusers' ``DiTTransformer2DModel`` with ``config.model``'s patch, width, depth, heads, sigma and classes."""
+    from diffusers import DiTTransformer2DModel
+
+    m, arch = config.model, _architecture(config)
+    if m.block_type != "adaln_zero" or m.mlp_ratio != 4.0 or m.class_dropout_prob != 0.1:
+        raise ValueError("diffusers' DiT is adaLN-Zero with mlp_ratio 4 and label dropout 0.1; got block_type="
+                         f"{m.block_type}, mlp_ratio={m.mlp_ratio}, class_dropout_prob={m.class_dropout_prob}")
+    return DiTTransformer2DModel(
+        num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
+        in_channels=m.in_channels, out_channels=2 * m.in_channels if m.learn_sigma else m.in_channels,
+        num_layers=arch["depth"], sample_size=m.input_size, patch_size=arch["patch_size"],
+        num_embeds_ada_norm=m.num_classes, norm_eps=1e-6).to(device)
+
+
+def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
+                           repeats: int) -> dict[str, Any]:
+    """Guided DDPM sampling of ``train.batch_size`` latents in PyTorch, as the official ``sample.py`` runs it.
+
+    Eager, under ``torch.no_grad``: the batch doubled (conditional half, null label 1000 half, the
+    same latents), diffusers' DiT on the doubled batch, guidance on the first 3 eps channels
+    (``forward_with_cfg``), then the learned-range ``p_sample`` step with fresh noise, for each
+    of the ``num_steps`` respaced steps. Untimed: one warm-up model call; then ``repeats``
+    timed chains. bfloat16 runs the model under ``torch.autocast``.
+    """
+    import torch  # only this benchmark needs PyTorch
+
+    m, n = config.model, config.train.batch_size
+    if not m.learn_sigma:
+        raise ValueError("the sampling side by side runs the official learned-sigma chain: model.learn_sigma=True")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    model = _diffusers_dit(config, device).eval()
+    betas, kept = gd.respaced_betas(str(num_steps), noise_schedule=config.diffusion.noise_schedule,
+                                    diffusion_steps=config.diffusion.steps)
+    host_tables = gd.chain_tables(betas)  # NumPy: JAX must not start before PyTorch is done (GPU memory)
+    tables = {name: torch.tensor(host_tables[name], dtype=torch.float32, device=device) for name in (
+        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+        "posterior_log_variance_clipped", "log_betas")}
+    timesteps = torch.tensor(kept, device=device)
+    c = m.in_channels
+    y = torch.cat([torch.arange(n, device=device) % m.num_classes, torch.full((n,), m.num_classes, device=device)])
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+
+    def forward_with_cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        half = x[: len(x) // 2]
+        with torch.autocast(**autocast):
+            out = model(torch.cat([half, half]), timestep=timesteps[t], class_labels=y).sample
+        out = out.float()
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+    def chain(steps: int) -> torch.Tensor:
+        z = torch.randn(n, c, m.input_size, m.input_size, device=device)
+        x = torch.cat([z, z])
+        for i in reversed(range(num_steps - steps, num_steps)):
+            t = torch.full((2 * n,), i, device=device, dtype=torch.long)
+            at = {name: table[t].view(-1, 1, 1, 1) for name, table in tables.items()}
+            eps, var_values = forward_with_cfg(x, t).split(c, dim=1)
+            frac = (var_values + 1) / 2
+            log_var = frac * at["log_betas"] + (1 - frac) * at["posterior_log_variance_clipped"]
+            pred_x0 = at["sqrt_recip_alphas_cumprod"] * x - at["sqrt_recipm1_alphas_cumprod"] * eps
+            mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x
+            x = mean + (i != 0) * torch.exp(0.5 * log_var) * torch.randn_like(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x[:n]
+
+    with torch.no_grad():
+        chain(1)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            chain(num_steps)
+            seconds.append(time.perf_counter() - start)
+    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+              "threads": torch.get_num_threads(), "images": n, "seconds": seconds,
+              "seconds_median": statistics.median(seconds), "images_per_sec": n / statistics.median(seconds)}
+    del model, tables
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
+                         repeats: int) -> dict[str, Any]:
+    """The same guided chain with ``python -m dit_jax.sample``'s engine (no VAE), over all devices.
+
+    One program per block (``sample.create_image_sampler``, the whole chain one ``lax.scan``);
+    the first call compiles and is not timed, then ``repeats`` timed calls of one batch.
+    """
+    n, devices = config.train.batch_size, jax.device_count()
+    if n % devices:
+        raise ValueError(f"--batch {n} must be divisible by the {devices} devices")
+    model = train.build_model(config, rngs=nnx.Rngs(config.seed))
+    diffusion = train.build_diffusion(config, str(num_steps))
+    engine = sample.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,
+                                         mesh=sharding.create_mesh({"data": -1}))
+    labels = np.arange(n, dtype=np.int32) % config.model.num_classes
+    seconds = _timed(lambda: engine.dispatch(config.seed, 0, labels), repeats, 1)
+    return {"num_params": count_params(model), "device_kind": jax.devices()[0].device_kind, "num_devices": devices,
+            "images": n, "seconds": seconds, "seconds_median": statistics.median(seconds),
+            "images_per_sec": n / statistics.median(seconds)}
+
+
+def sample_side_by_side(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
+                        repeats: int) -> dict[str, Any]:
+    """Guided sampling of one batch, PyTorch (official-style eager loop, diffusers' DiT) first, then ours.
+
+    Returns both sides and the ratio of their median chain times (PyTorch / JAX: > 1 = ours faster).
+    """
+    result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size,
+                              "dtype": config.dtype, "sample_steps": num_steps, "cfg_scale": cfg_scale,
+                              "repeats": repeats, "load_average": os.getloadavg()}
+    result["torch_sample"] = torch_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
+    result["jax_sample"] = jax_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
+    result["torch_over_jax_sample_time"] = (result["torch_sample"]["seconds_median"]
+                                            / result["jax_sample"]["seconds_median"])
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def format_sample_report(result: dict[str, Any]) -> str:
+    """The ``sample_side_by_side`` result as readable lines."""
+    p, j = result["torch_sample"], result["jax_sample"]
+
+    def runs(side: dict[str, Any]) -> str:
+        return ", ".join(f"{s:.2f}" for s in side["seconds"])
+
+    return "\n".join([
+        f"guided sampling, {result['model']}, {result['latent_size']}x{result['latent_size']} latents, batch "
+        f"{j['images']}, {result['sample_steps']} DDPM steps, cfg {result['cfg_scale']}, {result['dtype']}; "
+        f"load average {', '.join(f'{v:.1f}' for v in result['load_average'])} before, "
+        f"{', '.join(f'{v:.1f}' for v in result['load_average_after'])} after",
+        f"PyTorch (diffusers DiT, official eager loop, {p['device']}, {p['threads']} threads): {runs(p)} s; "
+        f"median {p['seconds_median']:.2f} s, {p['images_per_sec']:.2f} images/s",
+        f"dit_jax ({j['num_devices']} x {j['device_kind']}): {runs(j)} s; median {j['seconds_median']:.2f} s, "
+        f"{j['images_per_sec']:.2f} images/s",
+        f"PyTorch / JAX sampling time (medians of {result['repeats']}): {result['torch_over_jax_sample_time']:.2f}",
+    ])
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_steps: int, cfg_scale: float,
@@ -348,6 +487,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
     flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+    flags.DEFINE_bool("sample_torch", False, "Instead: guided sampling of one --batch (--sample_steps, --cfg_scale), "
+                      "PyTorch (the official eager loop on diffusers' DiT) then ours, --sample_repeats timed runs each.")
+    flags.DEFINE_integer("sample_repeats", 3, "Timed sampling runs per side with --sample_torch (the median counts).")
     flags.DEFINE_string("loader_dir", None, "Instead: time the training input over this extract_latents folder "
                         "(--batch latents a batch, --steps batches after --warmup).")
 
@@ -369,6 +511,12 @@ def main(argv: list[str]) -> None:
                              attention=f.attention)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
+    if f.sample_torch:
+        if f.sample_steps < 1:
+            raise app.UsageError("--sample_torch needs --sample_steps >= 1")
+        result = sample_side_by_side(config, num_steps=f.sample_steps, cfg_scale=f.cfg_scale, repeats=f.sample_repeats)
+        print(json.dumps(result, indent=1) if f.json else format_sample_report(result))
+        return
     result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,
                  with_torch=f.torch)
     print(json.dumps(result, indent=1) if f.json else format_report(result))

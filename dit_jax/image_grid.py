@@ -1,9 +1,20 @@
-"""Image grids as arrays and PNG files."""
+"""Pixel conversions, and image grids as arrays and PNG files."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """Model-range images (about [-1, 1]) -> uint8 as the official ``sample_ddp.py`` converts them.
+
+    ``clamp(127.5 x + 128, 0, 255)`` then truncation, which is what ADM's reference batches
+    and the published FIDs were computed on (not the rounding of ``synthetic.from_model_range``).
+    """
+    return jnp.clip(127.5 * x + 128.0, 0.0, 255.0).astype(jnp.uint8)
 
 
 def make_grid(rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> np.ndarray:

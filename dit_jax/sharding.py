@@ -222,6 +222,20 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
             for name, value in local_batch.items()}
 
 
+def batch_from_global(values: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays sharded by ``batch_sharding`` from values every process holds whole (e.g. a block of
+    sample indices and their labels): each device takes its own slice, on any number of processes."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for name, value in values.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] % batch_shards(mesh):
+            raise ValueError(f"{name!r} has leading size {value.shape[0] if value.ndim else None}, which must be "
+                             f"divisible by data x fsdp = {batch_shards(mesh)} (mesh {dict(mesh.shape)})")
+        out[name] = jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
+    return out
+
+
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raise a clear error when the mesh cannot run this model and batch on ``num_devices``."""
     data, fsdp, tensor = mesh_shape(config.mesh, num_devices)

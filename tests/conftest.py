@@ -6,12 +6,14 @@ imported, and a device count already in the user's ``XLA_FLAGS`` wins.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -316,3 +318,56 @@ def latent_config(latents_dir: str):
     c.evals.samples.every = -1
     c.evals.class_consistency.every = -1
     return c
+
+
+# ---------------------------------------------------------------- sampling (issue 12)
+
+# A tiny latent-space DiT (4 channels, as the SD VAE's latents) with label dropout (a null label).
+TINY_LATENT_DIT = dict(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5)
+
+
+def tiny_latent_dit(seed: int = 0):
+    """``TINY_LATENT_DIT`` with every weight random (no zeroed output layer), so samples depend on labels and noise."""
+    import jax
+    from flax import nnx
+
+    from dit_jax.models import DiT
+
+    model = DiT(**TINY_LATENT_DIT, rngs=nnx.Rngs(seed))
+    for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        var[...] = 0.05 * jax.random.normal(jax.random.key(1000 * seed + i), var[...].shape)
+    return model
+
+
+def write_official_checkpoint(path: Path, model) -> Path:
+    """``model``'s weights as an official-format ``.pt`` (a plain state dict of torch tensors, as the release)."""
+    from dit_jax import convert
+
+    return save_torch(path, {k: np.array(v) for k, v in convert.to_official_state_dict(model).items()})
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(directory: Path) -> Iterator[dict[str, str]]:
+    """JAX's persistent compilation cache in ``directory`` for every compile (also for subprocesses given the
+    returned environment), restoring the previous settings after."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    options = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+    values = (str(directory), 0, 0)
+    saved = [getattr(jax.config, name) for name in options]
+    for name, value in zip(options, values):
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    try:
+        yield {name.upper(): str(value) for name, value in zip(options, values)}
+    finally:
+        for name, value in zip(options, saved):
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+def sample_command(*args: str) -> list[str]:
+    """``python -m dit_jax.sample ARGS`` with this interpreter."""
+    return [sys.executable, "-m", "dit_jax.sample", *args]

@@ -178,3 +178,15 @@ def test_benchmark_and_sampling_import_without_tensorflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_sampling_side_by_side_times_both_chains():
+    result = benchmark.sample_side_by_side(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=2)
+    p, j = result["torch_sample"], result["jax_sample"]
+    assert p["device"] == "cpu" and p["images"] == j["images"] == BATCH and len(p["seconds"]) == len(j["seconds"]) == 2
+    assert j["num_devices"] == 8 and min(p["seconds"] + j["seconds"]) > 0
+    assert result["torch_over_jax_sample_time"] == pytest.approx(p["seconds_median"] / j["seconds_median"])
+    assert "PyTorch / JAX sampling time (medians of 2)" in benchmark.format_sample_report(result)
+    assert json.loads(json.dumps(result)) == json.loads(json.dumps(result, default=str))
+    with pytest.raises(ValueError, match="repeats"):
+        benchmark.torch_sample_benchmark(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=0)

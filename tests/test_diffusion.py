@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dit_jax import diffusion as gd
 from dit_jax.parity import nhwc
 from dit_jax.diffusion import (
     approx_standard_normal_cdf,
@@ -555,3 +557,23 @@ def test_fixed_variance_paths():
         )
     )(create_diffusion("ddim10", learn_sigma=False), noise)
     np.testing.assert_allclose(np.asarray(sample), np.asarray(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("loop", ["ddpm", "ddim"])
+def test_per_sample_keys_make_a_sample_independent_of_its_batch(loop):
+    d = gd.create_diffusion("5")
+
+    def model_fn(x, t):  # a learned-sigma output: eps, then variance values
+        return jnp.concatenate([0.3 * x + 0.01 * t[:, None, None, None], 0.5 * jnp.tanh(x)], axis=-1)
+
+    run = (gd.p_sample_loop if loop == "ddpm" else functools.partial(gd.ddim_sample_loop, eta=1.0))
+    keys = jax.random.split(jax.random.key(0), 3)
+    noise = jax.random.normal(jax.random.key(1), (3, 4, 4, 2))
+    together = run(d, model_fn, noise, keys)
+    alone = run(d, model_fn, noise[1:2], keys[1:2])
+    np.testing.assert_allclose(together[1], alone[0], rtol=1e-6, atol=1e-6)
+    assert gd.per_sample_keys(keys) and not gd.per_sample_keys(keys[0])
+    assert gd.per_sample_keys(jax.random.split(jax.random.PRNGKey(0), 3))  # raw uint32 keys too
+    assert not np.allclose(together, run(d, model_fn, noise, jax.random.key(0)))  # one key: other noise
+    with pytest.raises(ValueError, match="2 per-sample keys for a batch of 3"):
+        run(d, model_fn, noise, keys[:2])

@@ -1,15 +1,26 @@
-"""Guided sampling: shapes, determinism, agreement with the diffusion loops, clear errors."""
+"""Guided sampling: shapes, determinism, agreement with the diffusion loops, clear errors; the sampling
+engine (same bytes on 1 and 8 devices, resumable ADM npz, NaN stop) and ``python -m dit_jax.sample``."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
-from dit_jax import diffusion as gd, sample
+from dit_jax import diffusion as gd, sample, sharding, vae
 from dit_jax.models import DiT
+from tests.conftest import (TINY_LATENT_DIT, persistent_compile_cache, sample_command, tiny_latent_dit,
+                            write_official_checkpoint)
 
 TINY = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5)
 
@@ -69,3 +80,241 @@ def test_guidance_needs_a_null_label():
     m = DiT(**TINY, class_dropout_prob=0.0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
         sample.generate(m, gd.create_diffusion("5"), jnp.array([0]), jax.random.key(0))
+
+
+# ---------------------------------------------------------------- the sampling engine (python -m dit_jax.sample)
+
+ENGINE_CHAIN = "4"
+PER_DEVICE = 2
+N = 21  # not a multiple of any block: the last one is padded
+N_KILL = 161  # 11 blocks of 16 on 8 devices
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's runs and the commands it starts."""
+    with persistent_compile_cache(tmp_path_factory.mktemp("jax_cache")) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def latent_model():
+    return tiny_latent_dit()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tiny_vae_dir):
+    return vae.load_vae(str(tiny_vae_dir))
+
+
+def one_device_mesh():
+    return sharding.create_mesh({"data": 1}, jax.devices()[:1])
+
+
+def engine(model, tiny_vae, *, mesh=None, cfg_scale=1.5):
+    return sample.create_image_sampler(model, gd.create_diffusion(ENGINE_CHAIN), cfg_scale=cfg_scale, vae=tiny_vae,
+                                       per_device_batch=PER_DEVICE, mesh=mesh)
+
+
+def fid_labels(n: int) -> np.ndarray:
+    return sample.random_labels(SEED, n, TINY_LATENT_DIT["num_classes"])
+
+
+@pytest.fixture(scope="module")
+def one_device(latent_model, tiny_vae, compile_cache):
+    """N samples on one device, block by block: what every other run must equal byte for byte."""
+    blocks = list(sample.iterate_blocks(engine(latent_model, tiny_vae, mesh=one_device_mesh()), fid_labels(N),
+                                        seed=SEED))
+    assert [b.start for b in blocks] == list(range(0, N, PER_DEVICE))
+    return np.concatenate([b.images for b in blocks])
+
+
+@pytest.fixture(scope="module")
+def eight_devices(latent_model, tiny_vae, compile_cache):
+    """N_KILL samples on the 8 devices (the first N are tested equal to ``one_device``)."""
+    return sample.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), fid_labels(N_KILL), seed=SEED,
+                               cfg_scale=1.5, vae=tiny_vae, per_device_batch=PER_DEVICE)
+
+
+def test_labels_depend_only_on_seed_and_index():
+    labels = sample.random_labels(0, 2000, 7)
+    np.testing.assert_array_equal(sample.random_labels(0, 30, 7), labels[:30])
+    assert labels.dtype == np.int32 and set(labels.tolist()) == set(range(7))
+    assert not np.array_equal(sample.random_labels(1, 30, 7), labels[:30])
+    assert np.bincount(sample.balanced_labels(50_000, 1000)).tolist() == [50] * 1000
+
+
+def test_eight_devices_give_the_bytes_of_one(one_device, eight_devices):
+    images = one_device
+    assert images.shape == (N, 16, 16, 3) and images.dtype == np.uint8  # 8x8 latents, the tiny VAE upsamples 2x
+    assert len(np.unique(images.reshape(N, -1), axis=0)) == N and images.std() > 10  # real, distinct pictures
+    np.testing.assert_array_equal(eight_devices[:N], images)
+
+
+def test_write_samples_resumes_across_device_counts_into_an_adm_npz(tmp_path, one_device, latent_model, tiny_vae,
+                                                                    monkeypatch):
+    labels, images = fid_labels(N), one_device
+    out = tmp_path / "fid"
+    settings = {"ckpt": "tiny"}
+    (out / sample.BLOCKS_DIR).mkdir(parents=True)
+    (out / sample.BLOCKS_DIR / "stray.npz").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="no settings.json"):
+        sample.write_samples(str(out), engine(latent_model, tiny_vae), labels, seed=SEED, settings=settings)
+    (out / sample.BLOCKS_DIR / "stray.npz").unlink()
+    # A run on one device is killed after writing 3 blocks (while writing a 4th) ...
+    iterate_blocks = sample.iterate_blocks
+
+    def killed_after_three_blocks(*args, **kwargs):
+        for i, block in enumerate(iterate_blocks(*args, **kwargs)):
+            if i == 3:
+                (out / sample.BLOCKS_DIR / "00000006-00000008.npz.tmp").write_bytes(b"partial")
+                raise KeyboardInterrupt
+            yield block
+
+    monkeypatch.setattr(sample, "iterate_blocks", killed_after_three_blocks)
+    with pytest.raises(KeyboardInterrupt):
+        sample.write_samples(str(out), engine(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED,
+                             settings=settings)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out / sample.BLOCKS_DIR)) == [
+        "00000000-00000002.npz", "00000002-00000004.npz", "00000004-00000006.npz", "00000006-00000008.npz.tmp"]
+    # ... and the same command resumes on 8 devices.
+    path = sample.write_samples(str(out), engine(latent_model, tiny_vae), labels, seed=SEED, settings=settings,
+                                progress=False)
+    with np.load(path) as npz:
+        assert sorted(npz.files) == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(npz["arr_0"], images)
+        np.testing.assert_array_equal(npz["arr_1"], labels)
+    assert os.listdir(out / sample.BLOCKS_DIR) == []  # the blocks are in the npz now
+    written = json.loads((out / sample.SETTINGS_JSON).read_text())
+    assert written["settings"]["cfg_scale"] == 1.5 and written["settings"]["guidance_channels"] == 3
+    assert written["settings"]["num_samples"] == N and written["settings"]["seed"] == SEED
+    assert written["settings"]["sampler"] == "ddpm" and written["settings"]["num_sampling_steps"] == 4
+    assert written["run"]["resumed_at"] == 6 and written["software"]["jax"] == jax.__version__
+    # Rerun: nothing to do. Other settings: refused, naming them.
+    mtime = os.stat(path).st_mtime_ns
+    assert sample.write_samples(str(out), engine(latent_model, tiny_vae), labels, seed=SEED, settings=settings) == path
+    assert os.stat(path).st_mtime_ns == mtime
+    with pytest.raises(ValueError, match=r"cfg_scale: 1.5 then, 2.0 now.*seed: 3 then, 4 now"):
+        sample.write_samples(str(out), engine(latent_model, tiny_vae, cfg_scale=2.0), labels, seed=4,
+                             settings=settings)
+
+
+def test_a_nan_sample_stops_before_its_block_is_written(tmp_path, latent_model, tiny_vae):
+    broken = nnx.clone(latent_model)
+    broken.final_layer.linear.bias[...] = broken.final_layer.linear.bias[...].at[5].set(jnp.nan)
+    labels = np.arange(4, dtype=np.int32)
+    with pytest.raises(sample.NonFiniteSampleError, match=r"block 0\.\.1 .*with seed 7"):
+        sample.write_samples(str(tmp_path), engine(broken, tiny_vae, mesh=one_device_mesh()), labels, seed=7)
+    assert os.listdir(tmp_path / sample.BLOCKS_DIR) == [] and not (tmp_path / sample.SAMPLES_NPZ).exists()
+
+
+def test_engine_refuses_bad_settings(latent_model, tiny_vae):
+    chain = gd.create_diffusion("2")
+    cases = [
+        (dict(cfg_scale=0.5), "cfg_scale must be >= 1"),
+        (dict(cfg_scale=1.5, per_device_batch=0), "per_device_batch must be >= 1"),
+        (dict(cfg_scale=1.5, sampler="euler"), "sampler 'euler'"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sample.create_image_sampler(latent_model, chain, vae=tiny_vae, **kwargs)
+    with pytest.raises(ValueError, match="learn_sigma=False"):
+        sample.create_image_sampler(latent_model, gd.create_diffusion("2", learn_sigma=False), cfg_scale=1.5)
+    pixels = DiT(**TINY, rngs=nnx.Rngs(0))  # 3 channels: a pixel-space model
+    with pytest.raises(ValueError, match="3-channel arrays but the VAE decodes 4-channel latents"):
+        sample.create_image_sampler(pixels, chain, cfg_scale=1.5, vae=tiny_vae)
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 4\]"):
+        sample.sample_uint8(latent_model, chain, np.array([0, 5]), seed=0, cfg_scale=1.5)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        sample.sample_uint8(latent_model, chain, np.array([0.5]), seed=0, cfg_scale=1.5)
+
+
+# ---------------------------------------------------------------- the command on a tiny official-format .pt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, latent_model):
+    return write_official_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-dit.pt", latent_model)
+
+
+def tiny_flags(tiny_ckpt, tiny_vae_dir) -> list[str]:
+    return ["--ckpt", str(tiny_ckpt), "--num_heads", "2", "--vae", str(tiny_vae_dir), "--num_sampling_steps",
+            ENGINE_CHAIN, "--per_device_batch", str(PER_DEVICE)]
+
+
+def test_picture_mode_writes_the_official_grid(tmp_path, tiny_ckpt, tiny_vae_dir, latent_model, tiny_vae,
+                                               compile_cache):
+    png = tmp_path / "grid.png"
+    proc = subprocess.run(sample_command(*tiny_flags(tiny_ckpt, tiny_vae_dir), "--labels", "1,2,3,4,0",
+                                         "--png", str(png)),
+                          cwd=ROOT, env={**os.environ, **compile_cache}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grid = np.asarray(Image.open(png))
+    assert grid.shape == (2 + 2 * 18, 2 + 4 * 18, 3)  # 4 a row as the official save_image, 2 px padding
+    expected = sample.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), np.array([1, 2, 3, 4, 0]),
+                                   seed=0, cfg_scale=4.0, vae=tiny_vae, per_device_batch=PER_DEVICE)
+    for i, image in enumerate(expected):
+        row, col = divmod(i, 4)
+        np.testing.assert_array_equal(grid[2 + 18 * row:18 * (row + 1), 2 + 18 * col:18 * (col + 1)], image)
+    assert (grid[2 + 18:, 2 + 18:] == 255).all()  # the empty places of the second row
+
+
+@pytest.mark.slow  # two command runs; test_write_samples_resumes_across_device_counts_into_an_adm_npz is the fast one
+def test_fid_mode_killed_then_rerun_gives_the_same_bytes(tmp_path, tiny_ckpt, tiny_vae_dir, eight_devices,
+                                                         compile_cache):
+    labels, images = fid_labels(N_KILL), eight_devices
+    out = tmp_path / "fid"
+    command = sample_command(*tiny_flags(tiny_ckpt, tiny_vae_dir), "--num_samples", str(N_KILL), "--out", str(out),
+                             "--seed", str(SEED))
+    env = {**os.environ, **compile_cache}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and len(list((out / sample.BLOCKS_DIR).glob("*.npz"))) < 3:
+            assert time.time() < deadline, "no block was written within 300 s"
+            time.sleep(0.002)
+        proc.kill()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    assert not (out / sample.SAMPLES_NPZ).exists()
+    done = len(list((out / sample.BLOCKS_DIR).glob("*.npz")))
+    assert 3 <= done < N_KILL // (8 * PER_DEVICE)
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stderr
+    with np.load(out / sample.SAMPLES_NPZ) as npz:
+        np.testing.assert_array_equal(npz["arr_0"], images)
+        np.testing.assert_array_equal(npz["arr_1"], labels)
+    settings = json.loads((out / sample.SETTINGS_JSON).read_text())["settings"]
+    assert settings["ckpt"] == str(tiny_ckpt) and settings["vae"] == str(tiny_vae_dir)
+    assert settings["labels"] == "uniform" and len(settings["weights_sha256"]) == 64
+    assert settings["checkpoint"]["num_classes"] == TINY_LATENT_DIT["num_classes"]
+
+
+def test_the_command_names_bad_labels_checkpoints_and_sizes(tmp_path, tiny_ckpt, tiny_vae_dir):
+    common = dict(num_heads=2, vae=str(tiny_vae_dir), num_sampling_steps=2)
+    cases = [
+        (dict(labels="1,x"), "comma-separated class indices"),
+        (dict(labels="1,9"), r"class indices in \[0, 4\].*got \[9\]"),
+        (dict(labels="3", num_samples=10, out=str(tmp_path / "o")), "--labels is for picture mode"),
+        (dict(num_samples=10), "needs both --num_samples N and --out DIR"),
+        (dict(num_samples=0, out=str(tmp_path / "o")), "--num_samples must be >= 1"),
+        (dict(per_device_batch=0), "--per_device_batch must be >= 1"),
+        (dict(image_size=512), "image_size"),
+        (dict(model="DiT-XL/2"), "DiT-XL/2"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sample.run(str(tiny_ckpt), **{**common, **kwargs})
+    with pytest.raises(FileNotFoundError):
+        sample.run(str(tmp_path / "missing.pt"), **common)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises((ValueError, OSError), match="garbage.pt"):
+        sample.run(str(tmp_path / "garbage.pt"), **common)

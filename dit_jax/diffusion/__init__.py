@@ -14,6 +14,7 @@ from dit_jax.diffusion.samplers import (
     p_mean_variance,
     p_sample,
     p_sample_loop,
+    per_sample_keys,
     q_posterior_mean_variance,
     q_sample,
 )
@@ -22,6 +23,7 @@ from dit_jax.diffusion.schedule import (
     chain_tables,
     create_diffusion,
     get_beta_schedule,
+    respaced_betas,
     space_timesteps,
 )
 
@@ -40,8 +42,10 @@ __all__ = [
     "p_mean_variance",
     "p_sample",
     "p_sample_loop",
+    "per_sample_keys",
     "q_posterior_mean_variance",
     "q_sample",
+    "respaced_betas",
     "space_timesteps",
     "training_losses",
 ]

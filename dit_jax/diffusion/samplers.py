@@ -166,6 +166,12 @@ def ddim_sample(
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
+def per_sample_keys(key: jax.Array) -> bool:
+    """Whether ``key`` is a batch of keys (typed ``[N]`` or raw ``[N, 2]``) rather than one key."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
+
+
 def _reverse_chain(
     d: Diffusion,
     step: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
@@ -174,13 +180,24 @@ def _reverse_chain(
 ) -> jax.Array:
     """Run ``step(x, t, step_noise)`` for t = T-1 .. 0 as one ``lax.scan``.
 
-    The noise for chain index i is drawn from ``fold_in(key, i)``.
+    ``key`` is one key (the noise of chain index i for the whole batch is drawn from
+    ``fold_in(key, i)``) or one key per sample (sample j's from ``fold_in(key[j], i)``, so a
+    sample does not depend on the batch it is drawn in: see ``per_sample_keys``).
     """
     batch = noise.shape[0]
+    per_sample = per_sample_keys(key)
+    if per_sample and key.shape[0] != batch:
+        raise ValueError(f"{key.shape[0]} per-sample keys for a batch of {batch}")
+
+    def draw(k: jax.Array, i: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return jax.random.normal(jax.random.fold_in(k, i), shape, noise.dtype)
 
     def body(x: jax.Array, i: jax.Array) -> tuple[jax.Array, None]:
         t = jnp.full((batch,), i, dtype=jnp.int32)
-        step_noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        if per_sample:
+            step_noise = jax.vmap(lambda k: draw(k, i, x.shape[1:]))(key)
+        else:
+            step_noise = draw(key, i, x.shape)
         return step(x, t, step_noise).astype(x.dtype), None
 
     indices = jnp.arange(d.num_timesteps - 1, -1, -1, dtype=jnp.int32)
@@ -196,7 +213,7 @@ def p_sample_loop(
     *,
     clip_denoised: bool = False,
 ) -> jax.Array:
-    """Ancestral sampling over the whole chain, starting from x_T = ``noise``."""
+    """Ancestral sampling over the whole chain, starting from x_T = ``noise``; ``key``: one or one per sample."""
 
     def step(x: jax.Array, t: jax.Array, step_noise: jax.Array) -> jax.Array:
         return p_sample(d, model_fn, x, t, step_noise, clip_denoised=clip_denoised)["sample"]
@@ -213,7 +230,7 @@ def ddim_sample_loop(
     eta: float = 0.0,
     clip_denoised: bool = False,
 ) -> jax.Array:
-    """DDIM sampling over the whole chain, starting from x_T = ``noise``."""
+    """DDIM sampling over the whole chain, starting from x_T = ``noise``; ``key``: one or one per sample."""
 
     def step(x: jax.Array, t: jax.Array, step_noise: jax.Array) -> jax.Array:
         return ddim_sample(d, model_fn, x, t, step_noise, eta=eta, clip_denoised=clip_denoised)[

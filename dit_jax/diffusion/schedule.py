@@ -201,6 +201,18 @@ def _diffusion_from_betas(
     )
 
 
+def respaced_betas(timestep_respacing: str = "", *, noise_schedule: str = "linear",
+                   diffusion_steps: int = 1000) -> tuple[np.ndarray, list[int]]:
+    """Float64 betas of the respaced chain and the original timesteps it keeps, on the host (NumPy only).
+
+    Respaced betas keep the original alpha_bar at the kept steps: ``beta_i = 1 - abar[t_i] / abar[t_{i-1}]``.
+    """
+    base = get_beta_schedule(noise_schedule, diffusion_steps)
+    kept = space_timesteps(diffusion_steps, timestep_respacing)
+    kept_abar = np.cumprod(1.0 - base)[kept]
+    return 1.0 - kept_abar / np.append(1.0, kept_abar[:-1]), kept
+
+
 def create_diffusion(
     timestep_respacing: str = "",
     *,
@@ -212,15 +224,10 @@ def create_diffusion(
 ) -> Diffusion:
     """The official DiT ``create_diffusion``: epsilon prediction, MSE loss, respaced chain.
 
-    Respaced betas keep the original alpha_bar at the kept steps:
-    ``beta_i = 1 - abar[t_i] / abar[t_{i-1}]``. ``rescale_learned_sigmas`` selects the
+    The chain is ``respaced_betas``'s. ``rescale_learned_sigmas`` selects the
     official RESCALED_MSE loss (vb scaled by ``num_timesteps / 1000``); DiT leaves it off.
     """
-    base = get_beta_schedule(noise_schedule, diffusion_steps)
-    kept = space_timesteps(diffusion_steps, timestep_respacing)
-    base_abar = np.cumprod(1.0 - base)
-    kept_abar = base_abar[kept]
-    betas = 1.0 - kept_abar / np.append(1.0, kept_abar[:-1])
+    betas, kept = respaced_betas(timestep_respacing, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
     return _diffusion_from_betas(
         betas,
         kept,
