@@ -12,10 +12,11 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test test-all parity stats clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt setup.py
+$(VENV)/.installed: requirements.txt requirements-test.txt requirements-nodeps.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-test.txt -e .
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 demo: $(VENV)/.installed
