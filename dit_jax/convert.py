@@ -41,7 +41,7 @@ def _to_official(array: np.ndarray, path: tuple) -> np.ndarray:
     return array.reshape(-1) if path[-1] == "bias" else array
 
 
-def _from_official(array: np.ndarray, path: tuple, shape: tuple[int, ...]) -> np.ndarray | None:
+def from_official_layout(array: np.ndarray, path: tuple, shape: tuple[int, ...]) -> np.ndarray | None:
     """An official array in our layout of ``shape``, or None if it does not fit that shape."""
     if path[-1] == "kernel" and len(shape) == 4:
         array = array.transpose(np.argsort(_CONV_TO_OFFICIAL)) if array.ndim == 4 else array
@@ -56,10 +56,21 @@ def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
     return dict(nnx.to_flat_state(nnx.state(model)))
 
 
+# The official modules' registration order (their state_dict's order); numbers (blocks, Sequential) count up.
+_OFFICIAL_ORDER = {"pos_embed": 0, "x_embedder": 1, "t_embedder": 2, "y_embedder": 3, "blocks": 4, "final_layer": 5,
+                   "norm1": 0, "norm_final": 0, "attn": 1, "linear": 1, "qkv": 1, "q": 1, "kv": 2, "proj": 3,
+                   "norm_cross": 2, "cross_attn": 3, "norm2": 4, "mlp": 5, "fc1": 0, "fc2": 1, "adaLN_modulation": 6,
+                   "weight": 0, "bias": 1}
+
+
+def _official_position(name: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else _OFFICIAL_ORDER.get(p, 99) for p in name.split("."))
+
+
 def to_official_state_dict(model: DiT) -> dict[str, np.ndarray]:
-    """This model's weights as an official-layout ``state_dict`` of numpy arrays."""
-    return {official_name(path): _to_official(np.asarray(var[...]), path)
-            for path, var in _flat_state(model).items()}
+    """This model's weights as an official-layout ``state_dict`` of numpy arrays, in the official order."""
+    state = {official_name(path): _to_official(np.asarray(var[...]), path) for path, var in _flat_state(model).items()}
+    return {name: state[name] for name in sorted(state, key=_official_position)}
 
 
 def load_checked(variables: Mapping[tuple, nnx.Variable], state_dict: Mapping[str, np.ndarray],
@@ -81,7 +92,7 @@ def load_checked(variables: Mapping[tuple, nnx.Variable], state_dict: Mapping[st
             continue
         want = tuple(variables[path][...].shape)
         if pytorch_layout:
-            value = _from_official(np.asarray(state_dict[name]), path, want)
+            value = from_official_layout(np.asarray(state_dict[name]), path, want)
         else:
             value = state_dict[name] if tuple(np.shape(state_dict[name])) == want else None
         if value is None:

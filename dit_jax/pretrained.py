@@ -769,3 +769,101 @@ def _param_variables(net: DiT) -> dict[tuple, Any]:
     from flax import nnx
 
     return dict(nnx.to_flat_state(nnx.state(net, nnx.Param)))
+
+
+# ---------------------------------------------------------------- fine-tuning (train.init_from)
+
+LABEL_TABLE = "y_embedder.embedding_table.weight"
+
+
+def init_from_problems(value: str) -> list[str]:
+    """What is wrong with a ``train.init_from`` value (empty: nothing): it must be a registry DiT, an
+    existing file or folder, or a hub id. Checked before a run starts."""
+    if not value:
+        return []
+    if value in REGISTRY:
+        entry = REGISTRY[value]
+        if isinstance(entry, HubFolder) and entry.files != DIFFUSERS_DIT_FILES["files"]:
+            return [f"train.init_from={value!r} is {entry.what}, not a DiT"]
+        return []
+    if Path(value).expanduser().exists() or (value.count("/") == 1 and not value.startswith((".", "/", "~"))):
+        return []
+    return [f"train.init_from={value!r} is neither an existing file or folder nor a registry name "
+            f"({', '.join(n for n in REGISTRY if 'DiT' in n)}) nor a hub id"]
+
+
+def init_train_state_from(ckpt: str, state: Any, *, num_classes: int,
+                          num_heads: int | None = None) -> tuple[Any, dict[str, list[str]]]:
+    """A fresh train state with the weights of ``ckpt`` (any ``load_dit`` form) in its params and EMA.
+
+    ``state`` is a new run's initial state (its optimiser state stays fresh). The checkpoint may be
+    at another resolution (the position table is fixed and recomputed by the new model; every
+    parameter still fits) or have another class count (the label table keeps its fresh
+    initialisation); any other misfit is an error listing them all. Arrays keep the shardings of
+    ``state``. ``num_heads`` (the run's) stands in for heads a plain state dict does not record.
+    Returns the state and ``{"loaded": [...], "not_loaded": [...]}`` (official names).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dit_jax import convert
+
+    try:
+        loaded = load_dit(ckpt)
+    except ValueError as err:
+        if num_heads is None or "num_heads" not in str(err):
+            raise
+        loaded = load_dit(ckpt, num_heads=num_heads)  # a non-paper width: heads do not change any shape
+    source, info = convert.to_official_state_dict(loaded.model), loaded.info
+    del loaded  # only the arrays are needed (a DiT-XL/2 is 2.7 GB)
+    flat = list(nnx.to_flat_state(state.params))
+    report: dict[str, list[str]] = {"loaded": [], "not_loaded": []}
+    misfits, new = [], {}
+    for path, var in flat:
+        name, leaf = convert.official_name(path), var[...]
+        value = convert.from_official_layout(source[name], path, tuple(leaf.shape)) if name in source else None
+        if value is None:
+            if name == LABEL_TABLE and info["num_classes"] != num_classes:
+                report["not_loaded"].append(name)
+                new[path] = var
+                continue
+            misfits.append(f"{name}: checkpoint {tuple(np.shape(source[name])) if name in source else 'missing'}, "
+                           f"this run {tuple(leaf.shape)} (our layout)")
+            continue
+        value = np.asarray(value, dtype=leaf.dtype)
+        new[path] = var.replace(jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx, v=value: v[idx]))
+        report["loaded"].append(name)
+    if misfits:
+        raise ValueError(f"train.init_from={ckpt!r} ({info['model'] or 'a custom DiT'} at {info['image_size']}px, "
+                         f"{info['num_classes']} classes) does not fit this "
+                         "run's model (only the resolution and the class count may differ):\n  " + "\n  ".join(misfits))
+    params = nnx.from_flat_state(new)
+    return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)), report
+
+
+def create_initial_state(config: Any, init_state: Any, *, workdir: str | None = None) -> Any:
+    """A new run's first train state: ``init_state()``, with ``config.train.init_from``'s weights when it is set.
+
+    Called only when a run has no checkpoint of its own, so a resumed fine-tune restores its own
+    steps and never reads ``init_from`` again. Logs what was and was not loaded, and process 0
+    writes it to ``workdir/init_from.json``.
+    """
+    import json
+
+    import jax
+    from absl import logging
+
+    state, init_from = init_state(), config.train.init_from
+    if not init_from:
+        return state
+    state, report = init_train_state_from(init_from, state, num_classes=config.model.num_classes,
+                                          num_heads=config_architecture(config)["num_heads"])
+    logging.info("initialised %d tensors from train.init_from=%s (fresh optimiser state; EMA = these weights)",
+                 len(report["loaded"]), init_from)
+    if report["not_loaded"]:
+        logging.warning("not loaded from %s (freshly initialised): %s", init_from, ", ".join(report["not_loaded"]))
+    if workdir is not None and jax.process_index() == 0:
+        with open(os.path.join(workdir, "init_from.json"), "w") as f:
+            json.dump({"init_from": init_from, **report}, f, indent=1)
+    return state

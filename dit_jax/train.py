@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, sharding
+from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, sharding
 from dit_jax.evaluators import common as evaluators
 from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
 
@@ -217,6 +217,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if config.data.source == "synthetic" and config.data.image_size != config.model.input_size:
         problems.append(f"data.image_size ({config.data.image_size}) must equal model.input_size "
                         f"({config.model.input_size}) for pixel-space synthetic data")
+    problems += pretrained.init_from_problems(config.train.init_from)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     sharding.check_config(config, jax.device_count())
@@ -332,7 +333,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         state = checkpointing.restore_latest(manager, abstract_state, batches, config,
                                              quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
         resumed = state is not None
-        state = state if resumed else init_state()
+        state = state if resumed else pretrained.create_initial_state(config, init_state, workdir=workdir)
         start_step = int(state.step)
         if start_step > config.train.steps:
             raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="

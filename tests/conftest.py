@@ -254,13 +254,35 @@ def tiny_run_config(**sections: dict[str, Any]):
     return c
 
 
+def write_checkpoints(workdir: Path, config, steps: tuple[int, ...]) -> dict[int, Any]:
+    """Checkpoints of ``config``'s initial state at ``steps`` in ``workdir/checkpoints``, as a run writes them
+    (``checkpointing.save``), each step with its own EMA (the initial one plus a step-dependent shift) so
+    the steps and the EMA are told apart from the raw parameters. Returns the states by step."""
+    import jax
+
+    from dit_jax import checkpointing, input_pipeline, train
+
+    _, _, state = train.create_train_state(config)
+    batches = input_pipeline.make_train_iterator(input_pipeline.create_source(config),
+                                                 batch_size=config.train.batch_size, seed=config.seed)
+    manager = checkpointing.create_manager(str(workdir / "checkpoints"), every_steps=1, max_to_keep=10)
+    states = {}
+    try:
+        for step in steps:
+            states[step] = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32),
+                                         ema_params=jax.tree.map(lambda p, s=step: p + 0.01 * s, state.params))
+            checkpointing.save(manager, step, states[step], batches, config, force=True)
+            manager.wait_until_finished()
+    finally:
+        manager.close()
+    return states
+
+
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory) -> Path:
-    """A finished 3-step run of ``tiny_run_config()`` (checkpoints at steps 2 and 3)."""
-    from dit_jax import train
-
+    """A workdir of ``tiny_run_config()`` with checkpoints at steps 2 and 3 (``write_checkpoints``)."""
     workdir = tmp_path_factory.mktemp("tiny_run")
-    train.train_and_evaluate(tiny_run_config(), str(workdir))
+    write_checkpoints(workdir, tiny_run_config(), (2, 3))
     return workdir
 
 

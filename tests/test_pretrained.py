@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import time
@@ -135,9 +136,10 @@ def test_an_offline_hub_folder_says_how_to_fetch_it(tmp_path):
 
 # ---------------------------------------------------------------- load_dit
 
+import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dit_jax import checkpointing, parity, train  # noqa: E402
+from dit_jax import parity, train  # noqa: E402
 from tests.conftest import official_state, official_timesteps, save_torch, tiny_run_config, tiny_torch_dit  # noqa: E402,E501
 
 
@@ -197,25 +199,29 @@ def test_a_file_that_is_no_dit_says_what_it_is(tmp_path, tiny_vae_dir):
 def test_load_a_workdir_takes_the_newest_ema_and_the_saved_config(tiny_workdir):
     loaded = pretrained.load_dit(str(tiny_workdir))
     config = tiny_run_config()
-    assert loaded.info["source"] == "workdir" and loaded.info["step"] == config.train.steps
+    assert loaded.info["source"] == "workdir" and loaded.info["step"] == 3
     assert loaded.info["architecture"] == pretrained.config_architecture(config)
-    manager = checkpointing.create_manager(str(tiny_workdir / "checkpoints"), every_steps=1, max_to_keep=10)
-    try:
-        abstract = train.abstract_train_state(config, train.sharding.create_mesh(config.mesh))
-        import orbax.checkpoint as ocp
-        state = manager.restore(config.train.steps,
-                                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    finally:
-        manager.close()
+    _, _, fresh = train.create_train_state(config)
     ours = nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))
-    saved = dict(nnx.to_flat_state(state.ema_params))
-    assert len(saved) == len(ours)
-    for path, var in ours:
-        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(saved[path][...]))
-    assert not np.array_equal(np.asarray(state.params["final_layer"]["linear"]["kernel"][...]),
-                              np.asarray(loaded.model.final_layer.linear.kernel[...]))  # EMA, not the raw weights
+    raw = dict(nnx.to_flat_state(fresh.params))
+    assert len(raw) == len(ours)
+    for path, var in ours:  # the EMA of step 3 (write_checkpoints: params + 0.03), not the raw parameters
+        np.testing.assert_allclose(np.asarray(var[...]), np.asarray(raw[path][...]) + 0.03, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="num_classes: the checkpoint has 4, asked 10"):
         pretrained.load_dit(str(tiny_workdir), num_classes=10)
+
+
+def test_a_corrupt_newest_step_falls_back_to_the_previous_one(tiny_workdir, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_workdir, workdir)
+    for f in (workdir / "checkpoints" / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files
+            f.write_bytes(b"")
+    loaded = pretrained.load_dit(str(workdir / "checkpoints"))
+    assert loaded.info["step"] == 2
+    assert (workdir / "checkpoints" / "3").exists()  # reading never moves or deletes anything
 
 
 def diffusers_forward(model, x_nhwc: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -251,3 +257,75 @@ def test_a_diffusers_dit_with_per_block_embedders_is_refused(tmp_path):
     tiny_torch_dit(shared_embedders=False).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="different copies of norm1.emb.timestep_embedder"):
         pretrained.load_dit(str(tmp_path))
+
+
+# ---------------------------------------------------------------- fine-tuning (train.init_from)
+
+def finetune_config(reference, **model):
+    """A run of the reference's DiT (latents, 4 channels) with ``model`` fields changed."""
+    from dit_jax import recipes
+
+    c = recipes.base_config()
+    c.model.update(name="", **{**reference.config, **model})
+    return c
+
+
+def test_init_from_another_class_count_and_resolution_loads_the_rest(reference, tmp_path):
+    from dit_jax import convert
+
+    path = save_torch(tmp_path / "tiny.pt", official_state(reference))
+    config = finetune_config(reference, input_size=16, num_classes=7)  # 8x8 -> 16x16 latents, 10 -> 7 classes
+    graphdef, fixed, fresh = train.create_train_state(config)
+    state, report = pretrained.init_train_state_from(str(path), fresh, num_classes=7, num_heads=4)
+    assert report["not_loaded"] == [pretrained.LABEL_TABLE]
+    file = official_state(reference)
+    assert sorted(report["loaded"]) == sorted(set(file) - {"pos_embed", pretrained.LABEL_TABLE})
+    fresh_flat = dict(nnx.to_flat_state(fresh.params))
+    ours = convert.to_official_state_dict(nnx.merge(graphdef, state.params, fixed))
+    for flat_path, var in nnx.to_flat_state(state.params):
+        name = convert.official_name(flat_path)
+        if name == pretrained.LABEL_TABLE:  # the fresh initialisation, 7 + 1 rows
+            np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(fresh_flat[flat_path][...]))
+        else:
+            np.testing.assert_array_equal(ours[name], file[name], err_msg=name)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):  # EMA copied too
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh.opt_state)):  # a fresh optimiser
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model = nnx.merge(graphdef, state.params, fixed)  # the 16x16 position table, recomputed
+    from dit_jax.models import sincos_2d_pos_embed
+    np.testing.assert_allclose(np.asarray(model.pos_embed[...])[0], sincos_2d_pos_embed(64, 8), atol=1e-6)
+
+
+def test_init_from_another_model_lists_every_misfit(reference, tmp_path):
+    path = save_torch(tmp_path / "tiny.pt", official_state(reference))
+    _, _, fresh = train.create_train_state(finetune_config(reference, depth=3, hidden_size=32, num_heads=2))
+    with pytest.raises(ValueError, match="does not fit this run's model") as err:
+        pretrained.init_train_state_from(str(path), fresh, num_classes=10, num_heads=2)
+    assert "blocks.2.attn.qkv.weight: checkpoint missing" in str(err.value)
+    assert "x_embedder.proj.weight: checkpoint (64, 4, 2, 2), this run (2, 2, 4, 32)" in str(err.value)
+
+
+def test_init_from_is_validated_up_front(tmp_path):
+    config = tiny_run_config(train=dict(init_from=str(tmp_path / "no_such.pt")))
+    with pytest.raises(ValueError, match="init_from=.*neither an existing file"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.train.init_from = "stabilityai/sd-vae-ft-ema"
+    with pytest.raises(ValueError, match="not a DiT"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_a_fine_tune_trains_and_resumes_from_its_own_checkpoints(tiny_workdir, tmp_path, monkeypatch):
+    workdir = tmp_path / "finetune"
+    # The tiny run's checkpoint (4 classes, 32x32) fine-tuned to 5 classes at 16x16.
+    config = tiny_run_config(model=dict(num_classes=5, input_size=16), data=dict(image_size=16),
+                             train=dict(steps=2, init_from=str(tiny_workdir)))
+    train.train_and_evaluate(config, str(workdir))
+    report = json.loads((workdir / "init_from.json").read_text())
+    assert report["init_from"] == str(tiny_workdir) and report["not_loaded"] == [pretrained.LABEL_TABLE]
+    calls = []
+    monkeypatch.setattr(pretrained, "load_dit", lambda *a, **k: calls.append(a))
+    config.train.steps = 3
+    summary = train.train_and_evaluate(config, str(workdir))
+    assert summary["resumed_from_step"] == 2 and calls == []  # its own checkpoint, never init_from again
