@@ -244,6 +244,14 @@ def _missing(name: str, url: str, dest: Path, reason: str, kept: int = 0) -> Mis
         f"a folder that holds it")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub id ``owner/name`` rather than a local path (absolute, ``./``, ``../``,
+    ``~``, existing, or inside an existing folder)."""
+    first = name.split("/", 1)[0]
+    return not (name.count("/") != 1 or name.startswith(("/", ".", "~")) or os.path.isdir(first)
+                or os.path.exists(name))
+
+
 def fetch_hub(entry: HubFolder, *, cache: str | os.PathLike | None = None, offline: bool | None = None) -> Path:
     """A hub repository's files in ``<cache>/hub/<repo_id>`` (a plain folder), downloaded with
     huggingface_hub (which resumes and renames atomically) if missing; also for repositories
@@ -438,7 +446,7 @@ def _resolve_dit(ckpt: str, *, cache, offline) -> tuple[str, Path]:
                 return "diffusers", folder
         raise FileNotFoundError(f"{path} is a folder but neither a dit_jax workdir (checkpoints/<step>/) nor a "
                                 "diffusers DiT folder (transformer/config.json + diffusion_pytorch_model.safetensors)")
-    if ckpt.count("/") == 1 and not ckpt.startswith((".", "/", "~")):
+    if is_hub_id(ckpt):
         entry = HubFolder(ckpt, "a diffusers DiT", **DIFFUSERS_DIT_FILES)
         return "diffusers", fetch_hub(entry, cache=cache, offline=offline) / "transformer"
     known = ", ".join(n for n, e in REGISTRY.items() if "DiT" in n)
@@ -786,7 +794,7 @@ def init_from_problems(value: str) -> list[str]:
         if isinstance(entry, HubFolder) and entry.files != DIFFUSERS_DIT_FILES["files"]:
             return [f"train.init_from={value!r} is {entry.what}, not a DiT"]
         return []
-    if Path(value).expanduser().exists() or (value.count("/") == 1 and not value.startswith((".", "/", "~"))):
+    if Path(value).expanduser().exists() or is_hub_id(value):
         return []
     return [f"train.init_from={value!r} is neither an existing file or folder nor a registry name "
             f"({', '.join(n for n in REGISTRY if 'DiT' in n)}) nor a hub id"]

@@ -264,19 +264,12 @@ def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], 
                  header=f"{source} does not fit the AutoencoderKL built from its config.json:")
 
 
-def _looks_local(name: str) -> bool:
-    """A path, not a hub id ``owner/name``: absolute, relative (``./``, ``../``, ``~``) or inside an existing folder."""
-    first = name.split("/", 1)[0]
-    return (name.count("/") != 1 or name.startswith(("/", ".", "~")) or os.path.isdir(first)
-            or os.path.exists(name))
-
-
 def resolve(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> str:
     """A local diffusers VAE folder for ``name_or_path``: a folder, or a hub id (``HUB_VAES``, or any other
     diffusers VAE repository) fetched into ``pretrained.cache_dir()`` (or ``cache_dir``)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if _looks_local(name_or_path):
+    if not pretrained.is_hub_id(name_or_path):
         what = ("is not a folder" if os.path.exists(name_or_path) else
                 f"does not exist (no such folder: {os.path.abspath(os.path.expanduser(name_or_path))})")
         raise FileNotFoundError(f"VAE {name_or_path!r} {what}: pass a folder with config.json and "
@@ -305,12 +298,6 @@ def load_vae(name_or_path: str, *, cache_dir: str | None = None, offline: bool |
     weights = weights_file(folder)
     with open(os.path.join(folder, "config.json")) as f:
         config = VAEConfig.from_diffusers(json.load(f))
-    model = _materialise(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
+    model = pretrained.materialise(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
     load_state_dict(model, pretrained.read_weights(weights), source=weights)
     return model
-
-
-def _materialise(abstract: AutoencoderKL) -> AutoencoderKL:
-    """Zero arrays in place of an ``eval_shape`` model's shapes: no random init for weights about to be loaded."""
-    graphdef, state = nnx.split(abstract)
-    return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
