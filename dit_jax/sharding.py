@@ -39,35 +39,53 @@ COLUMN_PARALLEL = {("attn", "qkv"), ("cross_attn", "q"), ("cross_attn", "kv"), (
 # ... and by input, so each pair needs one reduction of its output and nothing in between.
 ROW_PARALLEL = {("attn", "proj"), ("cross_attn", "proj"), ("mlp", "fc2")}
 
-# Environment variables by which a cluster launcher (Slurm, Open MPI, Cloud TPU) says how many
-# processes it started; jax.distributed.initialize() reads the rest of the setup from them.
-_PROCESS_COUNT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+def detect_cluster(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None, *, timeout_s: int = 300,
+                   ) -> tuple[str | None, int | None, int | None, list[int] | None]:
+    """``(coordinator address, process count, this process's id, its local device ids)`` with the
+    unset ones filled in by JAX's own cluster detection (what ``jax.distributed.initialize()`` does
+    without arguments).
+
+    JAX recognises Slurm, Open MPI, Kubernetes, GKE TPU pods (``TPU_WORKER_HOSTNAMES``) and Cloud
+    TPU VMs made by ``gcloud compute tpus`` (through the GCE metadata server: the worker number and
+    the slice's network endpoints; ``GCE_METADATA_IP`` points it elsewhere). Outside all of them the
+    unset values stay None. The local device ids are set where a launcher starts one process per
+    device (e.g. Slurm on GPUs). ``timeout_s`` bounds the wait for the coordinator's name to resolve.
+    """
+    from jax._src import clusters  # the detection jax.distributed.initialize() runs; it has no public name
+
+    address, count, index, local = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        coordinator_address, num_processes, process_id, None, None, timeout_s)
+    return address, count, index, None if local is None else list(local)
 
 
-def launched_multi_process(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether a cluster launcher started several processes of this program."""
-    for name in _PROCESS_COUNT_ENV:
-        value = environ.get(name, "")
-        count = len(value.split(",")) if name == "TPU_WORKER_HOSTNAMES" else int(value or 1)
-        if count > 1:
-            return True
-    return False
+def _tpu_only_on_a_tpu_vm() -> None:
+    """On a Cloud TPU VM JAX defaults to ``JAX_PLATFORMS=tpu,cpu``: when another process holds the
+    TPU it silently trains on the host CPU. Unless the user chose the platforms, require the TPU, so
+    the run fails with JAX's message naming the holder instead."""
+    from jax._src import cloud_tpu_init
+
+    if (cloud_tpu_init.running_in_cloud_tpu_vm and "JAX_PLATFORMS" not in os.environ
+            and jax.config.jax_platforms == "tpu,cpu"):
+        jax.config.update("jax_platforms", "tpu")
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """Join the other processes of a multi-process run; a no-op in a single process or if done already.
 
-    Under Slurm, Open MPI or on a Cloud TPU pod everything is detected; elsewhere pass the
-    coordinator's ``host:port``, the number of processes and this one's id. Must run before
-    anything touches the devices (call it first in ``main``).
+    Under Slurm, Open MPI, Kubernetes or on a Cloud TPU slice everything is detected
+    (``detect_cluster``); elsewhere pass the coordinator's ``host:port``, the number of processes and
+    this one's id. On a TPU VM the TPU is required (no silent CPU fallback, see
+    ``_tpu_only_on_a_tpu_vm``). Must run before anything touches the devices (call it first in ``main``).
     """
     if jax.distributed.is_initialized():
         return
-    if num_processes is not None and num_processes > 1:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    elif num_processes is None and launched_multi_process():
-        jax.distributed.initialize()
+    _tpu_only_on_a_tpu_vm()
+    address, count, index, local_devices = detect_cluster(coordinator_address, num_processes, process_id)
+    if count is not None and count > 1:
+        jax.distributed.initialize(address, count, index, local_device_ids=local_devices)
 
 
 def is_main_process() -> bool:
