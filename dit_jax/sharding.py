@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.models import MODELS
@@ -60,14 +61,20 @@ def detect_cluster(coordinator_address: str | None = None, num_processes: int | 
     return address, count, index, None if local is None else list(local)
 
 
-def _tpu_only_on_a_tpu_vm() -> None:
-    """On a Cloud TPU VM JAX defaults to ``JAX_PLATFORMS=tpu,cpu``: when another process holds the
-    TPU it silently trains on the host CPU. Unless the user chose the platforms, require the TPU, so
-    the run fails with JAX's message naming the holder instead."""
-    from jax._src import cloud_tpu_init
+def _require_attached_tpus() -> None:
+    """On a machine with TPU chips attached, train on them or fail, never silently on the host CPU.
 
-    if (cloud_tpu_init.running_in_cloud_tpu_vm and "JAX_PLATFORMS" not in os.environ
-            and jax.config.jax_platforms == "tpu,cpu"):
+    Where libtpu is missing (a CPU-only ``jax`` in the venv), JAX warns and falls back to the CPU;
+    then this asks for the TPU (``jax_platforms=tpu``), so the first use of the devices fails with
+    JAX's error naming the problem. An explicit ``JAX_PLATFORMS`` (e.g. ``cpu``) is obeyed.
+    """
+    from jax._src import hardware_utils
+
+    if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms:
+        return  # the user's choice, or JAX's own on a TPU VM with libtpu ("tpu,cpu": a failing TPU is an error)
+    chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    if chips:
+        logging.info("%d TPU chips are attached: requiring the TPU backend (set JAX_PLATFORMS to choose)", chips)
         jax.config.update("jax_platforms", "tpu")
 
 
@@ -77,12 +84,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
     Under Slurm, Open MPI, Kubernetes or on a Cloud TPU slice everything is detected
     (``detect_cluster``); elsewhere pass the coordinator's ``host:port``, the number of processes and
-    this one's id. On a TPU VM the TPU is required (no silent CPU fallback, see
-    ``_tpu_only_on_a_tpu_vm``). Must run before anything touches the devices (call it first in ``main``).
+    this one's id. Where TPU chips are attached they are required (no silent CPU fallback, see
+    ``_require_attached_tpus``). Must run before anything touches the devices (call it first in ``main``).
     """
     if jax.distributed.is_initialized():
         return
-    _tpu_only_on_a_tpu_vm()
+    _require_attached_tpus()
     address, count, index, local_devices = detect_cluster(coordinator_address, num_processes, process_id)
     if count is not None and count > 1:
         jax.distributed.initialize(address, count, index, local_device_ids=local_devices)

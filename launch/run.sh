@@ -6,6 +6,8 @@
 #
 #   launch/run.sh --name=NAME --zone=ZONE --accelerator=v3-32 [--detach] -- main --config configs/dit_xl2_256.py --workdir DIR
 #
+# The command runs in ~/dit_jax on each worker; ~/ at the start of an argument (or after --flag=)
+# is the worker's home there (quote it here: '~/gcs/runs/xl2').
 # --detach starts it and returns (follow with launch/logs.sh, stop with launch/stop.sh).
 # --run-id ID (default run-DATE-TIME), --log-dir DIR (default runs/tpu/NAME), --platforms (tpu),
 # --grace seconds between SIGTERM and SIGKILL when stopping (120), --project, --dry-run;

@@ -4,6 +4,7 @@
 #   worker.sh setup                       the environment, from DIT_* variables (idempotent)
 #   worker.sh start RUN PLATFORMS MODULE [ARGS...]
 #                                         start `python -m dit_jax.MODULE ARGS` in the background
+#                                         (in ~/dit_jax; a leading ~/ in an argument is the home)
 #   worker.sh wait RUN                    stream the run's log until it ends; exit with its status
 #   worker.sh stop RUN [GRACE]            SIGTERM it (it checkpoints), SIGKILL after GRACE seconds
 #   worker.sh status [RUN]                running / exited N / none, per run
@@ -94,7 +95,8 @@ setup_gcsfuse() {
     if mountpoint -q "$dir"; then
         say "gs://${DIT_GCS_BUCKET#gs://} already mounted at $dir"
     else
-        gcsfuse --implicit-dirs "${DIT_GCS_BUCKET#gs://}" "$dir"
+        # Directory renames (how Orbax commits a checkpoint) are refused by gcsfuse unless allowed.
+        gcsfuse --implicit-dirs --rename-dir-limit=1000000 "${DIT_GCS_BUCKET#gs://}" "$dir"
         say "gs://${DIT_GCS_BUCKET#gs://} mounted at $dir"
     fi
 }
@@ -133,7 +135,14 @@ start() {
     [[ -x $VENV/bin/python ]] || die "no $VENV: run launch/setup.sh first"
     rm -rf "$dir"
     mkdir -p "$dir"
-    local cmd=(env JAX_PLATFORMS="$platforms" "$VENV/bin/python" -m "dit_jax.$module" "$@")
+    local args=() arg
+    for arg in "$@"; do  # ~/ (alone or after --flag=) is this worker's home, as the user meant it
+        # shellcheck disable=SC2088  # a literal ~/ that the user quoted for us
+        [[ $arg == "~/"* ]] && arg=$HOME/${arg#"~/"}
+        [[ $arg == --*"=~/"* ]] && arg=${arg%%=*}=$HOME/${arg#*=~/}
+        args+=("$arg")
+    done
+    local cmd=(env JAX_PLATFORMS="$platforms" "$VENV/bin/python" -m "dit_jax.$module" "${args[@]}")
     printf '%q ' "${cmd[@]}" >"$dir/cmd"
     cd "$PROJECT"
     # Its own session, so an ssh disconnect does not end it and stop can signal the whole group.

@@ -525,7 +525,8 @@ class FakeGcloud:
         self.state = {**self.state, **changes}
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DIT_TPU_")}
+        # Not DIT_TPU_* (the scripts' flags), nor what importing jax here set (no TPU chips: skip the metadata).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DIT_TPU_") and k != "TPU_SKIP_MDS_QUERY"}
         env.update(PATH=f"{self.bin}:{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(self.log),
                    FAKE_GCLOUD_STATE=str(self.state_path), DIT_TPU_POLL="0", DIT_TPU_LOG_DIR=str(self.root / "logs"))
         env.update(extra)
@@ -589,16 +590,21 @@ def tpu_vm_metadata(worker: int, num_workers: int, accelerator: str = "v4-16") -
 
 
 def fake_tpu_chips(root: Path, chips: int = 4) -> list[str] | None:
-    """A command prefix that runs a command where ``/sys/bus/pci/devices`` lists ``chips`` TPU v4 chips
-    (Google's PCI vendor id and the v4 device id, as JAX's hardware probe reads them), in a user and
-    mount namespace; None where unprivileged namespaces are not allowed."""
+    """A command prefix that runs a command where ``/sys/bus/pci/devices`` also lists ``chips`` TPU v4
+    chips (Google's PCI vendor id and the v4 device id, as JAX's hardware probe reads them), in a user
+    and mount namespace; None where unprivileged namespaces are not allowed."""
     import subprocess
 
+    root.mkdir(parents=True, exist_ok=True)
+    real = Path("/sys/bus/pci/devices")
+    for entry in real.iterdir() if real.exists() else []:  # the machine's own devices stay (gloo reads its NIC's)
+        (root / entry.name).symlink_to(entry.resolve())
     for i in range(chips):
-        device = root / f"0000:00:{4 + i:02x}.0"
+        device = root / f"fffe:00:{i:02x}.0"  # a PCI domain no real device uses
         device.mkdir(parents=True, exist_ok=True)
         (device / "vendor").write_text("0x1ae0\n")
         (device / "device").write_text("0x005e\n")
+        (device / "class").write_text("0x120000\n")  # a processing accelerator (gloo reads every device's class)
     prefix = ["unshare", "--user", "--map-root-user", "--mount", "--", "sh", "-c",
               f'mount --bind "{root}" /sys/bus/pci/devices && exec "$@"', "fake-tpu-vm"]
     try:

@@ -14,7 +14,8 @@ only (it runs for every gcloud call). Environment:
   command contains that text has been made); ``workers``: when set, ``ssh`` runs the command and
   ``scp`` copies for real, per worker: ``{"home": DIR, "env": {...}, "wrap": [ARGV...]}``
   (``create`` empties the homes, as a new slice has fresh disks); ``env_from_state`` names
-  state keys added to each worker's environment (e.g. a coordinator port a create changes).
+  state keys added to each worker's environment (``JAX_COORDINATOR_PORT``: a free port each
+  create picks).
 
 A stopped node (any state but READY) refuses ssh with status 255, as the real one does.
 """
@@ -149,7 +150,7 @@ def main(argv: list[str]) -> int:
                 state["qr"][name] = made["qr"]
             state["node"][name] = made["node"]
             state["pending_left"] = state.get("pending", 0)
-            state["coordinator_port"] = free_port()
+            state["JAX_COORDINATOR_PORT"] = free_port()  # a new slice's coordinator starts afresh
             for worker in state.get("workers") or []:
                 shutil.rmtree(worker["home"], ignore_errors=True)
                 os.makedirs(worker["home"])

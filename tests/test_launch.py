@@ -350,7 +350,7 @@ def test_setup_is_idempotent_on_every_worker(fake_gcloud, tmp_path):
         assert uv[2].endswith(f"--no-deps -e {home}/dit_jax")
         tpu_requirements = (home / "dit_jax_venv" / "requirements-tpu.txt").read_text().splitlines()
         assert "flax==0.12.8" in tpu_requirements and not any(line.startswith("jax[") for line in tpu_requirements)
-        assert (home / "gcsfuse_calls").read_text().splitlines() == [f"--implicit-dirs my-bucket {home}/gcs"]
+        assert (home / "gcsfuse_calls").read_text().splitlines() == [f"--implicit-dirs --rename-dir-limit=1000000 my-bucket {home}/gcs"]
         assert (home / "latents" / "metadata.json").exists() and (home / "latents" / "shard").is_dir()
     # A changed requirements file (a new commit) installs again.
     (homes[0] / "dit_jax_venv" / ".dit_jax_installed").write_text("jax[tpu]==0.0.1 old\n")
@@ -407,3 +407,92 @@ def test_worker_runs_start_wait_stop_and_status(fake_gcloud):
     logs = fake_gcloud.run("logs.sh", *COMMON, "--run-id=long")
     assert "got SIGTERM" in logs.stdout
     assert "long: exited 143" in fake_gcloud.run("status.sh", *COMMON).stdout
+
+
+# ---------------------------------------------------------------- a fake two-worker TPU pod
+
+POD_STEPS = 24
+POD_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
+             "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
+             "--config.data.num_train=128", "--config.train.log_every=1", "--config.sample.respacing=2",
+             "--config.sample.per_class=1", "--config.eval.class_consistency=False",
+             f"--config.train.steps={POD_STEPS}", "--config.train.batch_size=16", "--config.train.checkpoint_every=2"]
+
+
+@pytest.fixture
+def fake_pod(fake_gcloud, tmp_path):
+    """Two fake TPU VM workers: each has its own home, metadata server (worker number, the slice's
+    endpoints) and fake TPU chips in /sys, so JAX's own TPU-VM detection finds the two processes;
+    the CPU backend (4 devices each) computes. The fake gcloud runs their ssh commands for real."""
+    chips = fake_tpu_chips(tmp_path / "pci")
+    if chips is None:
+        pytest.skip("this machine refuses unprivileged user and mount namespaces (unshare -rm): no fake TPU chips")
+    servers = [FakeMetadataServer(tpu_vm_metadata(i, 2)) for i in range(2)]
+    cache = tmp_path / "jax_cache"
+    homes = exec_workers(fake_gcloud, 2, JAX_FORCE_TPU_INIT="1", JAX_COMPILATION_CACHE_DIR=str(cache),
+                         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                         XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    state = fake_gcloud.state
+    for worker, server in zip(state["workers"], servers):
+        worker["env"]["GCE_METADATA_IP"] = server.address
+        worker["wrap"] = chips
+    fake_gcloud.state = {**state, "qr": {}, "node": {}, "env_from_state": ["JAX_COORDINATOR_PORT"]}
+    yield fake_gcloud, homes
+    for server in servers:
+        server.close()
+
+
+def pod_babysit(fake: FakeGcloud, workdir: Path, run_id: str) -> subprocess.Popen:
+    args = [*COMMON, "--accelerator=v4-16", "--capacity=spot", "--platforms=cpu", f"--run-id={run_id}", "--grace=60",
+            "--", "train", "--config", "configs/default.py", "--workdir", str(workdir), *POD_FLAGS]
+    return subprocess.Popen(["bash", str(LAUNCH_DIR / "babysit.sh"), *args], cwd=fake.root, env=fake.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def losses(workdir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.slow
+def test_a_preempted_pod_run_is_resumed_by_the_babysitter_exactly(fake_pod, tmp_path):
+    """Two workers train one run through JAX's TPU-VM detection; SIGTERM (a preemption) stops both
+    with exit 143 after a checkpoint; the babysitter deletes, recreates and sets up the slice and
+    reruns the command, which resumes: the losses are those of an uninterrupted run."""
+    fake, homes = fake_pod
+    straight, preempted = tmp_path / "shared" / "straight", tmp_path / "shared" / "preempted"
+
+    proc = pod_babysit(fake, straight, "straight")
+    out, err = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, err[-5000:]
+    log0 = (fake.root / "logs" / "straight-1" / "worker-0.log").read_text()
+    # JAX found both workers (metadata server) and made one mesh over their 2 x 4 devices.
+    assert "trainable parameters on mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in log0, log0[-3000:]
+    assert [s for s, _ in losses(straight)] == list(range(1, POD_STEPS + 1))
+
+    proc = pod_babysit(fake, preempted, "pre")
+    try:
+        deadline = time.time() + 1200
+        checkpoints = preempted / "checkpoints"
+        while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-5000:]
+            time.sleep(0.05)
+        # A preemption: the node goes, each worker's processes get SIGTERM.
+        fake.update(node={"dit": "PREEMPTED"}, qr={"dit": "SUSPENDED"})
+        run = max((homes[0] / "dit_jax_runs").iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1])).name
+        for home in homes:
+            os.kill(int((home / "dit_jax_runs" / run / "child.pid").read_text()), signal.SIGTERM)
+        out, err = proc.communicate(timeout=1800)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-5000:]
+    assert [(fake.root / "logs" / run / f"worker-{w}.rc").read_text().strip() for w in range(2)] == ["143", "143"]
+    assert "preempted (exit 143): resuming" in err and "SUSPENDED: deleting and creating it again" in err
+    resumed = f"pre-{int(run.rsplit('-', 1)[1]) + 1}"
+    stopped = [line for line in (fake.root / "logs" / run / "worker-0.log").read_text().splitlines()
+               if "SIGTERM: stopped at step" in line]
+    assert stopped, "the trainer did not report the SIGTERM stop"
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    assert 0 < step < POD_STEPS
+    assert f"resumed from step {step}" in (fake.root / "logs" / resumed / "worker-0.log").read_text()
+    assert losses(preempted) == losses(straight)

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import default
 from dit_jax import sharding, train
+from tests.conftest import FakeMetadataServer, fake_tpu_chips, tpu_vm_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -231,16 +232,103 @@ def test_config_that_does_not_fit_the_mesh_is_rejected(overrides, match):
         sharding.check_config(c, 8)
 
 
-@pytest.mark.parametrize("environ, expected", [
-    ({}, False),
-    ({"SLURM_NTASKS": "1"}, False),
-    ({"SLURM_NTASKS": "4"}, True),
-    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
-    ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
-    ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
+CLUSTER_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+               "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+               "JAX_COORDINATOR_PORT", "GCE_METADATA_IP")
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    for name in CLUSTER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_outside_a_cluster_nothing_is_detected(no_cluster):
+    assert sharding.detect_cluster() == (None, None, None, None)
+    # Explicit values are kept as given.
+    assert sharding.detect_cluster("host:1234", 2, 1) == ("host:1234", 2, 1, None)
+
+
+def test_slurm_is_detected_by_jax(no_cluster):
+    no_cluster.setenv("SLURM_JOB_ID", "42")
+    no_cluster.setenv("SLURM_STEP_NODELIST", "node[003-004]")
+    no_cluster.setenv("SLURM_NTASKS", "2")
+    no_cluster.setenv("SLURM_PROCID", "1")
+    no_cluster.setenv("SLURM_LOCALID", "0")
+    # JAX's Slurm port: 42 mod 4096 in the top 4096 ports; one process per local device (id = local id).
+    assert sharding.detect_cluster() == (f"node003:{42 % 4096 + 65536 - 4096}", 2, 1, [0])
+
+
+def test_a_cloud_tpu_vm_slice_is_detected_through_the_metadata_server(no_cluster):
+    """Worker 1 of a 2-worker ``gcloud compute tpus`` slice: no environment variable says so, only
+    the GCE metadata server (here a fake one) does; the coordinator is worker 0's address."""
+    from jax._src import cloud_tpu_init
+    from jax._src.clusters import cloud_tpu_cluster
+
+    server = FakeMetadataServer(tpu_vm_metadata(1, 2))
+    try:
+        no_cluster.setenv("GCE_METADATA_IP", server.address)
+        no_cluster.delenv("TPU_SKIP_MDS_QUERY", raising=False)  # set by JAX here: this CPU machine has no TPU chips
+        # What JAX decides at import on a machine with TPU chips (tests/test_launch.py's fake pod starts it so).
+        for module in (cloud_tpu_init, cloud_tpu_cluster):
+            no_cluster.setattr(module, "running_in_cloud_tpu_vm", True)
+        assert sharding.detect_cluster() == ("127.0.0.1:8482", 2, 1, None)
+        no_cluster.setenv("JAX_COORDINATOR_PORT", "9999")
+        assert sharding.detect_cluster()[0] == "127.0.0.1:9999"
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("chips, platforms_env, configured, required", [
+    (4, None, None, True),        # TPU chips, no libtpu (JAX would fall back to the CPU): require the TPU
+    (0, None, None, False),       # a CPU machine
+    (4, "cpu", None, False),      # the user's explicit choice
+    (4, None, "tpu,cpu", False),  # JAX's own choice with libtpu present (a failing TPU is already an error)
 ])
-def test_multi_process_launch_is_detected(environ, expected):
-    assert sharding.launched_multi_process(environ) is expected
+def test_attached_tpu_chips_are_required(monkeypatch, chips, platforms_env, configured, required):
+    from jax._src import hardware_utils
+
+    monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (chips, None))
+    if platforms_env is None:
+        monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_PLATFORMS", platforms_env)
+    saved, update = jax.config.jax_platforms, jax.config.update
+    update("jax_platforms", configured)  # the devices are up already: only the value changes, restored below
+    updates = []
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(jax.config, "update", lambda name, value: updates.append((name, value)))
+            sharding._require_attached_tpus()
+    finally:
+        update("jax_platforms", saved)
+    assert updates == ([("jax_platforms", "tpu")] if required else [])
+
+
+@pytest.mark.slow
+def test_attached_tpu_chips_are_required_instead_of_a_silent_cpu_fallback(tmp_path):
+    """A machine with TPU chips (fake ones in /sys) but no libtpu (a CPU-only jax in the venv): JAX
+    alone warns and trains on the CPU; after ``initialize_distributed`` the first use of the devices
+    fails with JAX's error instead. An explicit ``JAX_PLATFORMS`` is obeyed."""
+    chips = fake_tpu_chips(tmp_path / "pci")
+    if chips is None:
+        pytest.skip("this machine refuses unprivileged user and mount namespaces (unshare -rm): no fake TPU chips")
+    env = {k: v for k, v in os.environ.items() if k not in (*CLUSTER_ENV, "JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY")}
+    env["PYTHONPATH"] = str(ROOT)
+    program = "from dit_jax import sharding; {}; import jax; print(jax.default_backend(), jax.device_count())"
+
+    def run(code, **extra):
+        return subprocess.run([*chips, sys.executable, "-c", program.format(code)], env={**env, **extra}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    alone = run("None")
+    assert alone.returncode == 0 and alone.stdout.split()[0] == "cpu", alone.stderr[-3000:]
+    assert "A Google TPU may be present on this machine" in alone.stderr  # JAX's warning, easy to miss in a log
+    guarded = run("sharding.initialize_distributed()")
+    assert guarded.returncode != 0 and "Unable to initialize backend 'tpu'" in guarded.stderr, guarded.stderr[-3000:]
+    chosen = run("sharding.initialize_distributed()", JAX_PLATFORMS="cpu")
+    assert chosen.returncode == 0 and chosen.stdout.split()[0] == "cpu", chosen.stderr[-3000:]
 
 
 def test_single_process_initialisation_is_a_no_op():
