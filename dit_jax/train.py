@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, sharding
+from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding
 from dit_jax.evaluators import common as evaluators
 from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
 
@@ -203,6 +203,11 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     t = config.train
     if t.steps < 1 or t.batch_size < 1:
         problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
+    float32_max = float(np.finfo(np.float32).max)  # the step computes in float32: 1e39 is inf there
+    if not 0 < t.lr <= float32_max:
+        problems.append(f"train.lr must be a finite number > 0, got {t.lr}")
+    if not 0 <= t.weight_decay <= float32_max:
+        problems.append(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
     if t.lr_schedule not in LR_SCHEDULES:
         problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
     if not 0 <= t.warmup_steps < t.steps:
@@ -273,13 +278,11 @@ def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[i
     return (steps[int(np.argmax(bad))], float(losses[int(np.argmax(bad))])) if bad.any() else None
 
 
-def _read_history(path: str, *, up_to_step: int) -> list[dict[str, Any]]:
-    """The log lines of ``metrics.jsonl`` up to ``up_to_step`` (a resumed run drops the lines after its checkpoint)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        history = [json.loads(line) for line in f if line.strip()]
-    return [h for h in history if h["step"] <= up_to_step]
+def _diverged(what: str, last_checkpoint: int | None, checkpoint_dir: str) -> str:
+    """The message of a run stopped by non-finite numbers: what, and where the last good checkpoint is."""
+    where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} (rerunning the same command "
+             "resumes from it)" if last_checkpoint is not None else "no checkpoint was written")
+    return f"{what}; stopping: {where}. Lower train.lr or check the data."
 
 
 def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pipeline.Source) -> evaluators.RunInfo:
@@ -324,12 +327,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         source, batch_size=sharding.process_batch_size(config.train.batch_size, mesh), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count())
     checkpoint_dir = os.path.join(workdir, "checkpoints")
+    # The model is built (abstractly) before any checkpoint is touched: a bad model config stops here.
+    graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
     with contextlib.ExitStack() as stack:
         manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
                                                max_to_keep=config.train.max_to_keep)
-        stack.callback(manager.close)  # waits for the last async save
+        stack.callback(checkpointing.close, manager)  # waits for the last async save
         # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
-        graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
         state = checkpointing.restore_latest(manager, abstract_state, batches, config,
                                              quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
         resumed = state is not None
@@ -352,7 +356,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         lr_schedule = learning_rate_schedule(config)
 
         metrics_path = os.path.join(workdir, "metrics.jsonl")
-        history = _read_history(metrics_path, up_to_step=start_step)
+        history = run_log.read_history(metrics_path, up_to_step=start_step)
+        if is_main and resumed:
+            run_log.rewind_event_files(workdir, start_step)  # TensorBoard gets each step once
         # Evaluations of the restored step that did not finish (a stop during them) rerun first; a finished
         # run evaluates its last step again.
         pending = [e for e in evals if e.due(start_step, config.train.steps) and (
@@ -368,9 +374,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                                   profile_duration_ms=None, first_profile=start_step + 10,
                                                   every_secs=None))
         sigterm = stack.enter_context(_stop_on_sigterm())
-        log = stack.enter_context(open(metrics_path, "w")) if is_main else None
-        if log:
-            log.writelines(json.dumps(h) + "\n" for h in history)
+        log = stack.enter_context(run_log.rewrite(metrics_path, history)) if is_main else None
         final: dict[str, dict[str, Any]] = {}
         eval_seconds = 0.0
 
@@ -395,11 +399,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                                 "resume", step, [e.name for e in entries if e.name not in results])
             return not stopped
 
-        window_start, window, unchecked = time.time(), [], []
+        window_start, window, unchecked, pending_save = time.time(), [], [], False
         if pending and not evaluate(pending, start_step):
             return {"preempted_at_step": start_step}
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+            pending_save = checkpointing.check_saves(manager, pending_save)  # a failed save stops the run at once
             window.append(metrics)
             unchecked.append((step, metrics))
             for hook in hooks:
@@ -413,11 +418,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 # Never log or checkpoint past a non-finite step.
                 bad = _first_non_finite(unchecked)
                 if bad is not None:
-                    where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} "
-                             "(rerunning the same command resumes from it)" if last_checkpoint is not None
-                             else "no checkpoint was written")
-                    raise FloatingPointError(f"non-finite loss {bad[1]} at step {bad[0]}; stopping: {where}. "
-                                             "Lower train.lr or check the data.")
+                    raise FloatingPointError(_diverged(f"non-finite loss {bad[1]} at step {bad[0]}", last_checkpoint,
+                                                       checkpoint_dir))
                 unchecked = []
             if log_now:
                 elapsed = time.time() - window_start
@@ -435,7 +437,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 history.append(record)
                 window_start, window = time.time(), []
             if save:
-                checkpointing.save(manager, step, state, batches, config, force=True)
+                # Never save (or name as good) a state that is not finite, though its loss was.
+                checksums, finite = checkpointing.fingerprint(state)
+                if not finite:
+                    raise FloatingPointError(_diverged(f"non-finite parameters after step {step}", last_checkpoint,
+                                                       checkpoint_dir))
+                pending_save = checkpointing.save(manager, step, state, batches, config, checksums=checksums,
+                                                  force=True)
                 last_checkpoint = step
             if due and not stop and not evaluate(due, step):
                 stop = True
@@ -452,8 +460,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         "steps": config.train.steps,
         "batch_size": config.train.batch_size,
         "resumed_from_step": start_step,
-        "first_loss": losses[0]["loss"],  # mean over the first log window
-        "final_loss": losses[-1]["loss"],  # mean over the last log window
+        # Means over the first and last log windows (unknown if metrics.jsonl of a finished run was lost).
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
         "train_seconds": train_seconds,  # this invocation's training steps only
         "steps_per_sec": (config.train.steps - start_step) / train_seconds,
     }

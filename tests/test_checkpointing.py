@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from configs import default
 from dit_jax import checkpointing, input_pipeline, locking, sharding, train
 from tests.conftest import flat_fields, read_log, set_field
-from tests.test_train import main_command as main_with_flags
+from tests.test_train import main_command as main_with_flags, tensorboard_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds. MLP ratio 4: its
@@ -168,6 +172,16 @@ def test_a_second_run_on_a_busy_workdir_refuses_at_once_naming_the_first(tmp_pat
     assert not (tmp_path / locking.LOCK_FILE).exists()
 
 
+def flip_bytes_in_the_middle(step_dir: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of the step's largest array file (a damaged disk or copy)."""
+    path = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
 def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_path, caplog):
     config = tiny_config(30, checkpoint_every=10)
     train.train_and_evaluate(config, str(tmp_path))
@@ -175,31 +189,149 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_pat
     final = restore_step(config, tmp_path, 30)
 
     # Step 30 loses the second half of each of its array files (one file alone may hold only data that
-    # OCDBT no longer references); an empty step 40 looks like a killed write.
+    # OCDBT no longer references); step 20 gets 64 flipped bytes in the middle of its largest array file
+    # (they decode, to wrong numbers: only the checksums tell); an empty step 40 looks like a killed
+    # write, and a temporary directory like a write killed half-way.
     for path in (tmp_path / "checkpoints" / "30" / "state").rglob("*"):
         if path.is_file() and path.parent.name == "d":
             with open(path, "r+b") as f:
                 f.truncate(path.stat().st_size // 2)
+    flip_bytes_in_the_middle(tmp_path / "checkpoints" / "20")
     (tmp_path / "checkpoints" / "40").mkdir()
+    unfinished = tmp_path / "checkpoints" / "50.orbax-checkpoint-tmp-1234"
+    (unfinished / "state").mkdir(parents=True)
+    # An earlier quarantined copy of step 30 must survive the next one.
+    (tmp_path / "checkpoints_corrupt" / "30").mkdir(parents=True)
 
     with caplog.at_level(logging.WARNING):
         summary = train.train_and_evaluate(config, str(tmp_path))
     messages = caplog.text
-    assert "checkpoint step 40" in messages and "checkpoint step 30" in messages and "corrupt or incomplete" in messages
-    assert summary["resumed_from_step"] == 20
-    # The unreadable steps are kept aside, not deleted, and retraining from 20 rebuilt step 30 exactly.
-    assert sorted(p.name for p in (tmp_path / "checkpoints_corrupt").iterdir()) == ["30", "40"]
+    assert "checkpoint step 40" in messages and "its directory is empty" in messages
+    assert "checkpoint step 30" in messages and "cannot be read" in messages
+    assert "checkpoint step 20" in messages and "differ from the checksums recorded" in messages
+    assert f"{unfinished} is the unfinished write of checkpoint step 50" in messages
+    assert summary["resumed_from_step"] == 10
+    # Nothing is deleted: every unusable step, both copies of step 30 and the unfinished write are kept
+    # aside, and retraining from 10 rebuilt step 30 exactly.
+    assert sorted(p.name for p in (tmp_path / "checkpoints_corrupt").iterdir()) == [
+        "20", "30", "30.1", "40", "50.orbax-checkpoint-tmp-1234"]
     assert committed_steps(tmp_path) == [10, 20, 30]
     assert_states_equal(restore_step(config, tmp_path, 30), final)
+
+
+EMA_KERNEL = "ema_params/blocks/0/mlp/fc1/kernel"
+
+
+def test_a_single_flipped_bit_in_one_ema_weight_is_caught(tmp_path, caplog):
+    """A step whose files hold one EMA weight with one bit flipped (written after its checksums were taken,
+    as a damaged disk would return it) is refused, naming the array, and the previous step is restored."""
+    config = tiny_config(10)
+    _, _, state = train.create_train_state(config)
+    iterator = input_pipeline.make_train_iterator(input_pipeline.create_source(config), batch_size=16, seed=0)
+    manager = checkpointing.create_manager(str(tmp_path / "checkpoints"), every_steps=1, max_to_keep=3)
+    try:
+        checkpointing.save(manager, 1, state, iterator, config, checksums=checkpointing.fingerprint(state)[0],
+                           force=True)
+        state2 = state.replace(step=state.step + 1)
+
+        def flip_one_bit(path, x):
+            if not jax.tree_util.keystr(path, simple=True, separator="/").startswith(EMA_KERNEL):
+                return x
+            x = np.array(x)
+            x.view(np.uint32)[3, 5] ^= 1 << 9  # one mantissa bit: a plausible, finite weight
+            return jax.numpy.asarray(x)
+
+        flipped = jax.tree_util.tree_map_with_path(flip_one_bit, state2)
+        checkpointing.save(manager, 2, flipped, iterator, config, checksums=checkpointing.fingerprint(state2)[0],
+                           force=True)
+        manager.wait_until_finished()
+        with caplog.at_level(logging.WARNING):
+            restored = checkpointing.restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+                                                    iterator, config, quarantine_dir=str(tmp_path / "corrupt"))
+    finally:
+        manager.close()
+    assert "checkpoint step 2" in caplog.text
+    assert "1 of its" in caplog.text and EMA_KERNEL in caplog.text
+    assert int(restored.step) == 0  # step 1 of the manager holds the initial state
+    assert_states_equal(restored, state)
+    assert [p.name for p in (tmp_path / "corrupt").iterdir()] == ["2"]
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    """An absurd weight decay overflows float32 in the first update (infinite parameters), while that
+    step's loss and gradient are still finite: the state check before the save stops it."""
+    config = tiny_config(5, checkpoint_every=1, lr=30.0, weight_decay=3e38)
+    with pytest.raises(FloatingPointError, match="non-finite parameters after step 1.*no checkpoint was written"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert committed_steps(tmp_path) == []
+
+
+def test_a_full_disk_is_reported_in_one_line_naming_the_step_and_the_last_committed_one(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.decode().strip()}")
+
+    def fill_the_disk_after_the_first_checkpoint():
+        while not committed_steps(disk / "run"):
+            time.sleep(0.01)
+        with open(disk / "filler", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+
+    filler = threading.Thread(target=fill_the_disk_after_the_first_checkpoint, daemon=True)
+    filler.start()
+    try:
+        with pytest.raises(checkpointing.CheckpointSaveError) as err:
+            train.train_and_evaluate(tiny_config(10_000, checkpoint_every=2), str(disk / "run"))
+        filler.join()
+        committed = committed_steps(disk / "run")
+        unfinished = [p.name for p in (disk / "run" / "checkpoints").iterdir() if checkpointing.TMP_MARKER in p.name]
+        last_logged = max(losses(disk / "run"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    message = str(err.value)
+    assert "\n" not in message
+    failed, last = map(int, re.fullmatch(r"saving the checkpoint of step (\d+) \(.*\) failed: no space left on "
+                                         r"device; the last committed checkpoint is step (\d+)\. Free space .*"
+                                         r"rerun the same command: it resumes from the last committed step\.",
+                                         message).groups())
+    assert committed[-1] == last < failed
+    assert last_logged <= failed + 2  # reported by the next save at the latest, not at the end of the run
+    assert unfinished == [f"{failed}.orbax-checkpoint-tmp"]  # kept for the next run to report
 
 
 def test_no_readable_checkpoint_is_an_error_that_keeps_them(tmp_path):
     config = tiny_config(10, checkpoint_every=10)
     train.train_and_evaluate(config, str(tmp_path))
     os.remove(tmp_path / "checkpoints" / "10" / "data" / "process_0-of-1.json")
-    with pytest.raises(checkpointing.NoIntactCheckpointError, match="step 10.*Move them away"):
+    with pytest.raises(checkpointing.NoIntactCheckpointError,
+                       match=r"can be restored:\n  step 10: a file of it is missing .*\nNothing was deleted"):
         train.train_and_evaluate(config, str(tmp_path))
     assert committed_steps(tmp_path) == [10]
+
+
+def test_the_logs_are_derived_data_rewound_to_the_restored_step(tmp_path, caplog):
+    """A kill after step 6 was logged but before its checkpoint, with metrics.jsonl's last line half-written:
+    the rerun drops the damaged line, and each step is in metrics.jsonl and TensorBoard once."""
+    train.train_and_evaluate(tiny_config(6, checkpoint_every=2), str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    text = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(text[:-40])
+    resumed = tiny_config(6, checkpoint_every=2, batch_size=8)
+    with caplog.at_level(logging.WARNING):
+        summary = train.train_and_evaluate(resumed, str(tmp_path))
+    assert summary["resumed_from_step"] == 4
+    assert "dropping its last line, which is damaged" in caplog.text
+    assert "train.batch_size changes from 16 to 8 at step 4" in caplog.text and "at example 32" in caplog.text
+    assert [h["step"] for h in read_log(tmp_path)] == list(range(1, 7))
+    assert tensorboard_steps(tmp_path)["loss"] == list(range(1, 7))
+    # A finished run whose metrics.jsonl is lost: rerunning it samples again instead of crashing.
+    (tmp_path / "metrics.jsonl").unlink()
+    summary = train.train_and_evaluate(resumed, str(tmp_path))
+    assert summary["resumed_from_step"] == 6 and summary["first_loss"] is None
 
 
 def test_a_checkpoint_of_another_model_or_past_the_last_step_is_refused_and_kept(tmp_path):

@@ -187,6 +187,10 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     ("data.source", "imagenet", "data.source='imagenet' is not available"),
     ("model.block_type", "film", "block_type"),
     ("train.checkpoint_every", 0, "checkpoint_every"),
+    ("train.lr", -1.0, "train.lr must be a finite number > 0"),
+    ("train.lr", float("nan"), "train.lr must be a finite number > 0"),
+    ("train.lr", float("inf"), "train.lr must be a finite number > 0"),
+    ("train.weight_decay", -0.5, "train.weight_decay must be a finite number >= 0"),
 ])
 def test_bad_config_values_are_named(tmp_path, field, value, message):
     c = tiny_config()
@@ -247,4 +251,21 @@ def test_main_runs_with_flag_overrides(tmp_path):
 
     bad = subprocess.run(cmd + ["--config.train.no_such_field=1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
-    assert bad.returncode != 0 and "no_such_field" in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == ("error: --config.train.no_such_field: the config has no field "
+                                                   "'no_such_field' (see dit_jax/recipes.py for every field and "
+                                                   "its meaning)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config", "configs/no_such.py"], "error: config file configs/no_such.py does not exist"),
+    (["--config", "configs/default.py", "--config.model.input_size=30", "--config.data.image_size=30"],
+     "error: invalid DiT config: input_size 30 must be a multiple of patch_size 4"),
+])
+def test_a_user_error_is_one_line_and_status_2(tmp_path, flags, message):
+    cmd = [sys.executable, "-m", "dit_jax.main", *flags, "--workdir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "orbax" not in proc.stderr.lower()
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert not list(tmp_path.iterdir())  # nothing written
