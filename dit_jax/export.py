@@ -50,7 +50,7 @@ def export_official(loaded: pretrained.LoadedDiT, path: str | os.PathLike) -> Pa
     except ImportError as err:
         raise ImportError(f"writing {path} (a PyTorch .pt) needs PyTorch: pip install torch (the CPU wheel is "
                           "enough), or export to a .safetensors file, which needs no PyTorch") from err
-    tensors = {k: torch.from_numpy(v) for k, v in state.items()}
+    tensors = {k: torch.from_numpy(v.copy()) for k, v in state.items()}  # writable copies (jax arrays are read-only)
     _atomic(path, lambda tmp: torch.save(tensors, tmp))
     return path
 
