@@ -25,10 +25,13 @@ posterior sample and a random flip per latent, batched, prefetched).
 
 from __future__ import annotations
 
+import time
+
+_MODULE_START = time.perf_counter()  # before jax's import: start-up figures count the imports too
+
 import json
 import os
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax import diffusion as gd, flops, input_pipeline, latents, sample, sharding, train
-from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, count_params
+from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, count_params
 from dit_jax.recipes import paper_config
 
 def _timed(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
@@ -69,35 +72,81 @@ def random_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.n
             "label": rng.integers(0, m.num_classes, n, dtype=np.int32)}
 
 
-def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> dict[str, Any]:
+# The compiled train step's HLO text, written beside a profile (its op names are the trace's).
+PROFILE_HLO = "train_step.hlo.txt"
+
+
+def peak_memory_bytes() -> int | None:
+    """The most device memory any local device has held (its allocator's peak), or None where the
+    backend keeps no statistics (CPUs)."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    return max(peaks) if peaks else None
+
+
+def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int, count_flops: bool = True,
+                    profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
     """Step time, images/s, train FLOPs per image and MFU of ``train.make_train_step`` on ``config``.
 
-    The state and batch are placed on the mesh ``config.mesh`` over all devices.
+    The state and batch are placed on the mesh ``config.mesh`` over all devices. ``startup``
+    splits the time to the first finished step: creating the state, counting the FLOPs (a CPU
+    lowering, skipped with ``count_flops=False``), tracing/lowering the step, compiling it, the
+    first call; ``since_start_seconds`` is measured from this module's import (before jax's),
+    which for ``python -m dit_jax.benchmark`` is the start of the command. With ``profile_dir``,
+    ``profile_steps`` more steps are traced there (``jax.profiler``, with a Perfetto JSON trace)
+    beside the compiled program's text (``PROFILE_HLO``), for ``sweep.time_split``.
     """
     if steps < 1 or warmup < 1:
         raise ValueError(f"steps and warmup must be >= 1 (the first call compiles), got {steps}, {warmup}")
     num_devices = jax.device_count()
     sharding.check_config(config, num_devices)
     mesh = sharding.create_mesh(config.mesh)
+    startup, clock = {}, time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        startup[f"{name}_seconds"], clock = now - clock, now
+
     graphdef, fixed, state = train.create_train_state(config, mesh)  # as the trainer: sharded from the start
     batch = sharding.global_batch(random_batch(config, config.seed + 1), mesh)
+    jax.block_until_ready((state, batch))
+    phase("init")
     diffusion = train.build_diffusion(config)
     step_fn = train.make_train_step(config, graphdef, fixed, diffusion, mesh)
-    flops_per_step = train.step_flops(config, graphdef, fixed, diffusion, state)  # the global program
-    compiled = step_fn.lower(state, batch).compile()
+    flops_per_step = None
+    if count_flops:
+        flops_per_step = train.step_flops(config, graphdef, fixed, diffusion, state)  # the global program
+        phase("flops_count")
+    lowered = step_fn.lower(state, batch)
+    phase("trace")
+    compiled = lowered.compile()
+    phase("compile")
 
     def call():
         nonlocal state
         state, metrics = compiled(state, batch)
         return state, metrics
 
-    seconds = _timed(call, steps, warmup)
+    jax.block_until_ready(call())
+    phase("first_step")
+    startup["since_start_seconds"] = clock - _MODULE_START
+    seconds = _timed(call, steps, warmup - 1)
     result = {"num_params": count_params(nnx.merge(graphdef, state.params, fixed)), "num_devices": num_devices,
               "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
-              "batch": config.train.batch_size, "steps": steps,
-              **_summary(seconds, config.train.batch_size),
-              "train_flops_per_image": flops_per_step / config.train.batch_size}
-    result.update(_utilisation(flops_per_step / result["step_seconds_median"], config.dtype))
+              "remat": config.remat, "attention": config.attention, "scan_blocks": bool(config.model.scan_blocks),
+              "batch": config.train.batch_size, "steps": steps, **_summary(seconds, config.train.batch_size),
+              "peak_memory_bytes": peak_memory_bytes(), "startup": startup,
+              "train_flops_per_image": None if flops_per_step is None else flops_per_step / config.train.batch_size}
+    if flops_per_step is not None:
+        result.update(_utilisation(flops_per_step / result["step_seconds_median"], config.dtype))
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
+        with open(os.path.join(profile_dir, PROFILE_HLO), "w") as f:
+            f.write(compiled.as_text())
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            profiled = _timed(call, profile_steps, 0)
+        result["profile"] = {"dir": profile_dir, "steps": profile_steps, "step_seconds": profiled}
     return result
 
 
@@ -152,7 +201,8 @@ def _architecture(config: ml_collections.ConfigDict) -> dict[str, int]:
     return dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads)
 
 
-def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int) -> dict[str, Any]:
+def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
+                          torch_compile: bool | str = False) -> dict[str, Any]:
     """The same training step in PyTorch: diffusers' ``DiTTransformer2DModel``, AdamW and EMA.
 
     Both sides draw timesteps, noise and label dropout per step, run the DiT on the noised
@@ -164,8 +214,13 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     parameters (``num_params``) than the official DiT; its attention is PyTorch's
     ``scaled_dot_product_attention``. ``config.dtype`` bfloat16 runs the model under
     ``torch.autocast`` (float32 weights and optimiser, bfloat16 matmuls: PyTorch's form of our
-    mixed precision). Runs eagerly on CUDA if available, else on the CPU with one thread per
-    core; on CUDA it frees its cached memory when done, so JAX can take the device after it.
+    mixed precision). Runs on CUDA if available, else on the CPU with one thread per core; on
+    CUDA it frees its cached memory when done, so JAX can take the device after it.
+
+    What a PyTorch user would do for speed: ``torch_compile`` wraps the model in ``torch.compile``
+    (``True``: the default inductor backend; a string names another backend) and the warm-up
+    steps compile it; on CUDA, AdamW is the fused kernel, and SDPA dispatches bfloat16 attention
+    to its flash kernel.
     """
     import torch  # only this benchmark needs PyTorch
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -179,8 +234,10 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     channels, n = m.in_channels, config.train.batch_size
     model = _diffusers_dit(config, device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config.train.weight_decay)
+                                  weight_decay=config.train.weight_decay, fused=device.type == "cuda")
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
+    backend = ("inductor" if torch_compile is True else torch_compile) or None
+    forward = torch.compile(model, backend=backend) if backend else model
     # The chain's tables from NumPy: a JAX array here would start JAX's backend, which takes
     # 75% of a GPU's memory before PyTorch has run.
     num_timesteps = config.diffusion.steps
@@ -200,7 +257,7 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
         noise = torch.randn_like(x)
         x_t = at["sqrt_alphas_cumprod"] * x + at["sqrt_one_minus_alphas_cumprod"] * noise
         with torch.autocast(**autocast):
-            out = model(x_t, timestep=t, class_labels=y).sample
+            out = forward(x_t, timestep=t, class_labels=y).sample
         compute_dtypes.add(str(out.dtype).removeprefix("torch."))
         out = out.float()
         if not m.learn_sigma:
@@ -228,8 +285,8 @@ def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warm
     seconds = _timed(call, steps, warmup)
     result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
               "compute_dtype": "/".join(sorted(compute_dtypes)), "threads": torch.get_num_threads(), "batch": n,
-              "steps": steps, **_summary(seconds, n)}
-    del model, optimizer, ema, tables, x, y
+              "compile": f"torch.compile({backend})" if backend else "eager", "steps": steps, **_summary(seconds, n)}
+    del model, forward, optimizer, ema, tables, x, y
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -383,7 +440,7 @@ def format_sample_report(result: dict[str, Any]) -> str:
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_steps: int, cfg_scale: float,
-        with_torch: bool) -> dict[str, Any]:
+        with_torch: bool, torch_compile: bool | str = False, profile_dir: str | None = None) -> dict[str, Any]:
     """All benchmarks ``config`` asks for, as one JSON-ready dict.
 
     PyTorch runs first: JAX keeps the device memory it takes (by default it reserves 75% of
@@ -391,8 +448,8 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_st
     """
     result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size}
     if with_torch:
-        result["torch_train"] = torch_train_benchmark(config, steps=steps, warmup=warmup)
-    result["train"] = train_benchmark(config, steps=steps, warmup=warmup)
+        result["torch_train"] = torch_train_benchmark(config, steps=steps, warmup=warmup, torch_compile=torch_compile)
+    result["train"] = train_benchmark(config, steps=steps, warmup=warmup, profile_dir=profile_dir)
     if with_torch:
         result["torch_over_jax_step_time"] = {
             stat: result["torch_train"][f"step_seconds_{stat}"] / result["train"][f"step_seconds_{stat}"]
@@ -427,6 +484,17 @@ def _percent(fraction: float | None) -> str:
     return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
 
 
+def format_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_startup(startup: dict[str, float]) -> str:
+    """``train_benchmark``'s start-up phases as one line."""
+    phases = ", ".join(f"{name.removesuffix('_seconds').replace('_', ' ')} {value:.1f} s"
+                       for name, value in startup.items() if name != "since_start_seconds")
+    return f"start-up: first step finished {startup['since_start_seconds']:.1f} s after the start ({phases})"
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The ``run`` result as readable lines."""
     t = result["train"]
@@ -437,11 +505,14 @@ def format_report(result: dict[str, Any]) -> str:
         f"over {t['steps']} steps; {t['images_per_sec']:.1f} images/s",
         f"train FLOPs/image: {t['train_flops_per_image'] / 1e9:.2f} GFLOP (XLA cost analysis, multiply-add = 2); "
         f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {_percent(t['mfu'])}",
+        f"peak device memory: {format_bytes(t['peak_memory_bytes'])}; remat {t['remat']}, attention {t['attention']}"
+        f"{', scanned blocks' if t['scan_blocks'] else ''}",
+        format_startup(t["startup"]),
     ]
     if "torch_train" in result:
         p, ratio = result["torch_train"], result["torch_over_jax_step_time"]
         lines.append(f"PyTorch (diffusers DiT, {p['num_params']:,} parameters, {p['device']}, {p['compute_dtype']} "
-                     f"compute, {p['threads']} threads): {1e3 * p['step_seconds_median']:.1f} ms median, "
+                     f"compute, {p['compile']}, {p['threads']} threads): {1e3 * p['step_seconds_median']:.1f} ms median, "
                      f"{1e3 * p['step_seconds_min']:.1f} ms min; {p['images_per_sec']:.1f} images/s")
         lines.append(f"PyTorch / JAX step time: {ratio['median']:.2f} (median), {ratio['min']:.2f} (min)")
     if "sample" in result:
@@ -454,14 +525,17 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str],
-                attention: str = "xla") -> ml_collections.ConfigDict:
-    """The paper config of ``model`` with the benchmark's batch, dtype, attention and ``axis=size`` mesh entries."""
+                attention: str = "xla", remat: str = "none", scan_blocks: bool = False) -> ml_collections.ConfigDict:
+    """The paper config of ``model`` with the benchmark's batch, dtype, attention, remat, block
+    scanning and ``axis=size`` mesh entries."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     config = paper_config(model, image_size)
     config.train.batch_size = batch
     config.dtype = dtype
     config.attention = attention
+    config.remat = remat
+    config.model.scan_blocks = scan_blocks
     for entry in mesh:
         axis, _, size = entry.partition("=")
         if axis not in config.mesh or not size.lstrip("-").isdigit():
@@ -478,6 +552,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
     flags.DEFINE_enum("attention", "xla", list(ATTENTION_IMPLEMENTATIONS),
                       "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16).")
+    flags.DEFINE_enum("remat", "none", list(REMAT_MODES), "Recompute block activations in the backward pass.")
+    flags.DEFINE_bool("scan_blocks", False, "Stack the blocks' parameters and run them as one lax.scan.")
     flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
                       "default: all devices on data.")
     flags.DEFINE_integer("batch", 32, "Global batch: training examples per step, images per sampling run.")
@@ -486,6 +562,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("sample_steps", 250, "DDPM steps of the timed guided sampling run; 0 skips it.")
     flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
     flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
+    flags.DEFINE_bool("torch_compile", False, "With --torch: torch.compile the PyTorch model (inductor).")
+    flags.DEFINE_string("profile_dir", None, "Also trace 3 train steps with jax.profiler into this folder.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
     flags.DEFINE_bool("sample_torch", False, "Instead: guided sampling of one --batch (--sample_steps, --cfg_scale), "
                       "PyTorch (the official eager loop on diffusers' DiT) then ours, --sample_repeats timed runs each.")
@@ -508,7 +586,7 @@ def main(argv: list[str]) -> None:
         return
     try:
         config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh,
-                             attention=f.attention)
+                             attention=f.attention, remat=f.remat, scan_blocks=f.scan_blocks)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     if f.sample_torch:
@@ -518,7 +596,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(result, indent=1) if f.json else format_sample_report(result))
         return
     result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,
-                 with_torch=f.torch)
+                 with_torch=f.torch, torch_compile=f.torch_compile, profile_dir=f.profile_dir)
     print(json.dumps(result, indent=1) if f.json else format_report(result))
 
 

@@ -52,8 +52,43 @@ def from_official_layout(array: np.ndarray, path: tuple, shape: tuple[int, ...])
     return array if tuple(array.shape) == tuple(shape) else None
 
 
-def _flat_state(model: DiT) -> dict[tuple, nnx.Variable]:
-    return dict(nnx.to_flat_state(nnx.state(model)))
+class _Layer:
+    """Layer ``index`` of a variable stacked over the blocks (``DiT(scan_blocks=True)``), read and
+    written like a variable (``layer[...]``) through a numpy copy of the stack shared by its layers."""
+
+    def __init__(self, stack: np.ndarray, index: int):
+        self.stack, self.index = stack, index
+
+    def __getitem__(self, key):
+        return self.stack[self.index][key]
+
+    def __setitem__(self, key, value) -> None:
+        self.stack[self.index][key] = value
+
+
+def _flat_state(model: DiT) -> dict[tuple, nnx.Variable | _Layer]:
+    """Path -> variable; a scanned model's stacked block variables appear as one ``_Layer`` per
+    block under the unrolled path (``('blocks', i, ...)``), so both layouts have the same names."""
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    if not model.scan_blocks:
+        return flat
+    out = {}
+    for path, var in flat.items():
+        if path[0] != "blocks":
+            out[path] = var
+            continue
+        stack = np.array(var[...])
+        out.update({(path[0], i, *path[1:]): _Layer(stack, i) for i in range(stack.shape[0])})
+    return out
+
+
+def _write_stacks(model: DiT, flat: Mapping[tuple, nnx.Variable | _Layer]) -> None:
+    """Store the stacks that ``_Layer`` views were written through back into a scanned model's variables."""
+    if model.scan_blocks:
+        for path, var in nnx.to_flat_state(nnx.state(model)):
+            if path[0] == "blocks":
+                layer = flat[(path[0], 0, *path[1:])]
+                var[...] = np.asarray(layer.stack, dtype=var[...].dtype)
 
 
 # The official modules' registration order (their state_dict's order); numbers (blocks, Sequential) count up.
@@ -123,7 +158,9 @@ def load_official_state_dict(model: DiT, state_dict: Mapping[str, np.ndarray], *
     """
     header = (f"{source} does not fit this DiT (input_size={model.input_size}, patch_size={model.patch_size}, "
               f"in_channels={model.in_channels}, out_channels={model.out_channels}, "
-              f"num_classes={model.num_classes}, depth={len(model.blocks)}):")
-    load_checked(_flat_state(model), state_dict, official_name, header=header,
+              f"num_classes={model.num_classes}, depth={model.depth}):")
+    flat = _flat_state(model)
+    load_checked(flat, state_dict, official_name, header=header,
                  hint="  Build the model that matches the checkpoint (model name, image size // 8, "
                       "learn_sigma, num_classes) or use the checkpoint made for this one.")
+    _write_stacks(model, flat)

@@ -25,8 +25,12 @@ OFFICIAL_GUIDANCE_CHANNELS = 3
 FREQUENCY_EMBEDDING_SIZE = 256
 # Compute dtypes by config name; parameters, optimiser state and losses stay float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Rematerialisation: "block" recomputes each block's activations in the backward pass.
-REMAT_MODES = ("none", "block")
+# Rematerialisation of each transformer block in the backward pass: "none" keeps every
+# activation, "block" recomputes the whole block (saves only its input), "dots" keeps the
+# outputs of the block's linear layers (matmuls without batch dimensions) and recomputes
+# the rest: attention, norms, modulation, GELU.
+REMAT_MODES = ("none", "block", "dots")
+_REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # jax.nn.dot_product_attention implementations: "xla" (any backend) or "cudnn" (fused flash
 # attention on NVIDIA GPUs; 16-bit inputs, head_dim a multiple of 8 and at most 128).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
@@ -241,8 +245,26 @@ class FinalLayer(nnx.Module):
         return self.linear(x)
 
 
-def _run_block(block: DiTBlock, x: jax.Array, c: jax.Array | None) -> jax.Array:
-    return block(x, c)
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """Modules of one structure as one module whose every variable gains a leading axis (``scan_blocks``)."""
+    graphdef = nnx.graphdef(modules[0])
+    states = [nnx.state(m) for m in modules]
+    return nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
+
+
+def _apply_blocks(blocks: nnx.List | DiTBlock, x: jax.Array, c: jax.Array | None, remat: str) -> jax.Array:
+    """Run the transformer blocks on tokens ``x``: unrolled over a list, or one ``lax.scan`` over stacked blocks."""
+    def run(block, x):
+        return block(x, c)
+    if remat != "none":
+        run = nnx.remat(run, policy=_REMAT_POLICIES[remat])
+    if isinstance(blocks, nnx.List):
+        for block in blocks:
+            x = run(block, x)
+        return x
+    graphdef, stacked = nnx.split(blocks)
+    x, _ = jax.lax.scan(lambda x, state: (run(nnx.merge(graphdef, state), x), None), x, stacked)
+    return x
 
 
 def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
@@ -258,8 +280,12 @@ class DiT(nnx.Module):
     """Diffusion Transformer over NHWC latents: ``model(x, t, y) -> eps (and variance values)``.
 
     ``dtype`` is the compute type (parameters stay float32, the output is float32);
-    ``remat`` recomputes each block's activations in the backward pass to save memory;
+    ``remat`` (``REMAT_MODES``) recomputes block activations in the backward pass to save memory;
     ``attention`` picks ``jax.nn.dot_product_attention``'s kernel (``ATTENTION_IMPLEMENTATIONS``).
+    ``scan_blocks`` stores the blocks' parameters stacked on a leading layer axis (``blocks`` is
+    then one ``DiTBlock`` whose every variable is ``[depth, ...]``) and runs them as one
+    ``lax.scan``: the program holds one block instead of ``depth``, so it traces and compiles
+    faster; initialised with the same values as the unrolled list (``blocks[i]`` is layer ``i``).
     """
 
     def __init__(
@@ -278,12 +304,13 @@ class DiT(nnx.Module):
         block_type: str = "adaln_zero",
         guidance: str = "official",
         dtype: Any = jnp.float32,
-        remat: bool = False,
+        remat: str = "none",
         attention: str = "xla",
+        scan_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                      class_dropout_prob, num_classes, block_type, guidance, attention)
+                      class_dropout_prob, num_classes, block_type, guidance, attention, remat)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -293,14 +320,17 @@ class DiT(nnx.Module):
         self.guidance = guidance
         self.dtype = dtype
         self.remat = remat
+        self.depth = depth
+        self.scan_blocks = scan_blocks
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype, rngs=rngs)
         self.t_embedder = TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, dtype=dtype, rngs=rngs)
         table = sincos_2d_pos_embed(hidden_size, input_size // patch_size)
         self.pos_embed = PosEmbed(jnp.asarray(table[None], dtype=jnp.float32))
-        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, block_type, dtype=dtype,
-                                         attention=attention, rngs=rngs) for _ in range(depth)])
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, block_type, dtype=dtype, attention=attention, rngs=rngs)
+                  for _ in range(depth)]
+        self.blocks = stack_modules(blocks) if scan_blocks else nnx.List(blocks)
         adaptive = block_type in ("adaln_zero", "adaln")
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive, dtype=dtype, rngs=rngs)
 
@@ -321,9 +351,7 @@ class DiT(nnx.Module):
             c = jnp.stack([t_emb, y_emb], axis=1)
         else:
             c = t_emb + y_emb
-        run_block = nnx.remat(_run_block) if self.remat else _run_block
-        for block in self.blocks:
-            tokens = run_block(block, tokens, c)
+        tokens = _apply_blocks(self.blocks, tokens, c, self.remat)
         if self.block_type == "in_context":
             tokens = tokens[:, 2:]
         out = self.final_layer(tokens, c)
@@ -373,8 +401,10 @@ def check_labels(y: Any, num_classes: int, *, allow_null: bool) -> None:
 
 
 def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                  class_dropout_prob, num_classes, block_type, guidance, attention) -> None:
+                  class_dropout_prob, num_classes, block_type, guidance, attention, remat) -> None:
     problems = []
+    if remat not in REMAT_MODES:
+        problems.append(f"remat {remat!r} is not one of {REMAT_MODES}")
     if block_type not in BLOCK_TYPES:
         problems.append(f"block_type {block_type!r} is not one of {BLOCK_TYPES}")
     if guidance not in GUIDANCE_MODES:
@@ -431,7 +461,7 @@ def compute_options(dtype: str, remat: str, attention: str) -> dict[str, Any]:
                             f"use attention 'xla'")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
-    return dict(dtype=DTYPES[dtype], remat=remat == "block", attention=attention)
+    return dict(dtype=DTYPES[dtype], remat=remat, attention=attention)
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> DiT:

@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params, optimiser state, losses stay float32)
-    c.remat = "none"                  # none | block (recompute each block's activations in the backward pass)
+    c.remat = "none"                  # none | block | dots (recompute each block's activations / all but its matmul outputs in the backward pass)
     c.attention = "xla"               # xla | cudnn (fused flash attention: NVIDIA GPUs, bfloat16 only)
 
     # Device mesh (see dit_jax/sharding.py): sizes of its axes, one of them may be -1 = the rest.
@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.learn_sigma = True
     c.model.block_type = "adaln_zero"  # adaln_zero | adaln | cross_attention | in_context
     c.model.guidance = "official"      # official (first 3 channels) | all
+    c.model.scan_blocks = False        # blocks' parameters stacked [depth, ...] and run as one lax.scan (faster compile)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.noise_schedule = "linear"

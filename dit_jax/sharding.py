@@ -135,7 +135,16 @@ def _names(path: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def param_spec(names: tuple[Any, ...], shape: tuple[int, ...], axis_sizes: Mapping[str, int],
                fsdp_min_size: int = FSDP_MIN_SIZE) -> P:
-    """The partition spec of one parameter, from its path names (e.g. ``(..., "mlp", "fc1", "kernel")``)."""
+    """The partition spec of one parameter, from its path names (e.g. ``(..., "mlp", "fc1", "kernel")``).
+
+    The blocks of a ``scan_blocks`` model are stacked on a leading layer axis (``("blocks",
+    "mlp", ...)`` without a block index): that axis stays whole (the scan walks it) and the rest
+    is split as one block's parameter would be.
+    """
+    if "blocks" in names[:-1] and not isinstance(names[names.index("blocks") + 1], int) and shape:
+        at = names.index("blocks") + 1
+        layer = tuple(param_spec((*names[:at], 0, *names[at:]), tuple(shape[1:]), axis_sizes, fsdp_min_size))
+        return P(None, *layer) if layer else P()
     spec: list[Any] = [None] * len(shape)
     tensor, fsdp = axis_sizes.get("tensor", 1), axis_sizes.get("fsdp", 1)
     layer, kind = tuple(names[-3:-1]), (names[-1] if names else None)

@@ -46,7 +46,7 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DiT:
     m = config.model
     common = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                  block_type=m.block_type, guidance=m.guidance,
+                  block_type=m.block_type, guidance=m.guidance, scan_blocks=m.scan_blocks,
                   **compute_options(config.dtype, config.remat, config.attention))
     if m.name:
         return create_model(m.name, rngs=rngs, **common)
@@ -158,6 +158,10 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> Train
     return _place(_initializer(config)[2][1], mesh)
 
 
+# The name scope of the step's optimiser, EMA and gradient-norm ops (``sweep.time_split`` finds them by it).
+OPTIMIZER_SCOPE = "optimizer_ema"
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, fixed: nnx.State,
                diffusion: gd.Diffusion, tx: optax.GradientTransformation,
                ema_decay: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -175,10 +179,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         return terms["loss"].mean(), {k: v.mean() for k, v in terms.items()}
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay(state.step))
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    with jax.named_scope(OPTIMIZER_SCOPE):  # names these ops in the compiled program, for profiles
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay(state.step))
+        metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
     return new_state, metrics
 

@@ -69,6 +69,10 @@ def read_log(workdir: Path, *, evals: bool = False) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return [h for h in lines if ("eval" in h) == evals]
 
+# The sweep's base settings for a tiny DiT (``sweep.row_config``): 51k parameters, 8x8x4 inputs.
+TINY_SWEEP_BASE = {"model": "DiT-S/2", "image_size": 64, "dtype": "float32",
+                   "overrides": {"model.name": "", "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2,
+                                 "model.input_size": 8, "model.num_classes": 10}}
 
 # ---------------------------------------------------------------- VAE / image tree / latents (issue 4)
 

@@ -58,6 +58,10 @@ def test_train_figures(result):
     assert t["achieved_tflops_per_sec"] == pytest.approx(
         t["train_flops_per_image"] * BATCH / t["step_seconds_median"] / 1e12)
     assert t["mfu"] is None and t["peak_tflops_per_sec"] is None  # no peak is known for a CPU
+    assert t["peak_memory_bytes"] is None  # XLA:CPU keeps no allocator statistics
+    phases = ["init_seconds", "flops_count_seconds", "trace_seconds", "compile_seconds", "first_step_seconds"]
+    assert list(t["startup"]) == [*phases, "since_start_seconds"] and all(t["startup"][p] > 0 for p in phases)
+    assert t["startup"]["since_start_seconds"] > sum(t["startup"][p] for p in phases)
 
 
 def test_train_flops_equal_the_lowered_count(result):
@@ -99,6 +103,29 @@ def test_torch_bfloat16_runs_the_model_under_autocast():
     assert p["compute_dtype"] == "bfloat16" and p["step_seconds_median"] > 0
 
 
+def test_torch_compile_option_compiles_the_model_it_runs(monkeypatch):
+    """``torch_compile`` wraps the DiT in torch.compile (here the quick ``eager`` backend: the wiring)."""
+    import torch
+
+    calls, real_compile = [], torch.compile
+
+    def recording(model, **kwargs):
+        calls.append((type(model).__name__, kwargs))
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1, torch_compile="eager")
+    assert calls == [("DiTTransformer2DModel", {"backend": "eager"})]
+    assert p["compile"] == "torch.compile(eager)" and p["step_seconds_median"] > 0
+    assert benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1)["compile"] == "eager"
+
+
+@pytest.mark.slow
+def test_torch_compile_with_inductor_runs_on_the_cpu():
+    p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1, torch_compile=True)
+    assert p["compile"] == "torch.compile(inductor)" and p["step_seconds_median"] > 0
+
+
 def test_the_pytorch_side_never_starts_a_jax_backend():
     """Started, JAX would take 75% of a GPU's memory before PyTorch runs (it runs first for that reason)."""
     code = ("from jax._src import xla_bridge; from dit_jax import benchmark; from tests.test_benchmark import tiny_config; "
@@ -122,6 +149,7 @@ def test_pytorch_runs_before_jax_takes_the_device(monkeypatch):
 def test_report_and_json(result):
     report = benchmark.format_report(result)
     assert "MFU unknown" in report and "PyTorch / JAX step time" in report and "2-step guided DDPM" in report
+    assert "peak device memory: n/a" in report and "start-up: first step finished" in report and "compile" in report
     assert json.loads(json.dumps(result)) == result
 
 
@@ -145,7 +173,10 @@ def test_make_config():
     config = benchmark.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"],
                                    attention="cudnn")
     assert config.model.name == "DiT-S/2" and config.model.input_size == 64 and config.train.batch_size == 4
-    assert config.attention == "cudnn"
+    assert config.attention == "cudnn" and config.remat == "none" and not config.model.scan_blocks
+    config = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], remat="dots",
+                                   scan_blocks=True)
+    assert config.remat == "dots" and config.model.scan_blocks
     assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
     for mesh in (["rows=2"], ["data=two"], ["data"]):
         with pytest.raises(ValueError, match="axis=size"):

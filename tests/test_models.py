@@ -203,38 +203,94 @@ def test_bfloat16_loss_and_gradients_are_float32(official, reference, inputs):
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
-def test_block_remat_gives_the_same_gradients(reference, inputs):
+def unrolled_layout(state: nnx.State) -> dict[tuple, np.ndarray]:
+    """A flat state with stacked block arrays (``scan_blocks``) split into the unrolled ``('blocks', i, ...)`` paths."""
+    out = {}
+    for path, value in nnx.to_flat_state(state):
+        value = np.asarray(value[...] if hasattr(value, "get_value") else value)
+        if path[0] == "blocks" and not isinstance(path[1], int):
+            out.update({(path[0], i, *path[1:]): layer for i, layer in enumerate(value)})
+        else:
+            out[path] = value
+    return out
+
+
+@pytest.mark.parametrize("remat, scan_blocks", [("block", False), ("dots", False), ("none", True), ("dots", True)])
+def test_remat_and_scanned_blocks_give_the_same_gradients(reference, inputs, remat, scan_blocks):
     grads = {}
-    for remat in (False, True):
-        model = official_model(reference, remat=remat)
+    for options in (dict(remat="none"), dict(remat=remat, scan_blocks=scan_blocks)):
+        model = official_model(reference, **options)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
         def loss(params):
             return jnp.sum(nnx.merge(graphdef, params, rest)(*inputs) ** 2)
 
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-        assert len(re.findall(r"\b(?:remat2|checkpoint)\[", jaxpr)) == (DEPTH if remat else 0)
-        grads[remat] = jax.jit(jax.grad(loss))(params)
-    assert jax.tree.structure(grads[True]) == jax.tree.structure(grads[False])
-    for a, b in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False])):
-        assert_close(a, b, rtol=1e-6)
+        # One remat region per block, or one in the scan's body; the scan itself is one loop.
+        expected = 0 if options["remat"] == "none" else (1 if options.get("scan_blocks") else DEPTH)
+        assert len(re.findall(r"\b(?:remat2|checkpoint)\[", jaxpr)) == expected
+        assert ("scan[" in jaxpr) == bool(options.get("scan_blocks"))
+        grads[len(grads)] = unrolled_layout(jax.jit(jax.grad(loss))(params))
+    assert grads[0].keys() == grads[1].keys()
+    for path, value in grads[0].items():
+        assert_close(grads[1][path], value, rtol=1e-5)
+
+
+def test_dots_remat_saves_the_linear_outputs_and_recomputes_the_rest(reference, inputs):
+    """``dots`` keeps the matmul results for the backward pass, ``block`` only the block inputs:
+    the backward pass of ``block`` recomputes every forward matmul of the blocks, ``dots`` none."""
+    def dots_in_gradient(remat):
+        model = official_model(reference, remat=remat)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(*inputs) ** 2)
+        return jax.jit(jax.grad(loss)).lower(params).compile().as_text().count(" dot(")
+    none, block, dots = (dots_in_gradient(r) for r in ("none", "block", "dots"))
+    assert block > none and dots < block
+
+
+def test_scanned_blocks_start_as_the_unrolled_model_and_load_official_weights(reference, inputs, nhwc):
+    unrolled, scanned = tiny(), tiny(scan_blocks=True)
+    kernel = scanned.blocks.attn.qkv.kernel[...]
+    assert kernel.shape == (DEPTH, D, 3, D)  # one stack: [layer, in, q/k/v, heads x head_dim]
+    expected = unrolled_layout(nnx.state(unrolled))
+    got = unrolled_layout(nnx.state(scanned))
+    assert got.keys() == expected.keys()
+    for path, value in expected.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+    # The official checkpoint loads by the same names, computes the same outputs, exports unchanged.
+    official = official_model(reference, scan_blocks=True)
+    a = reference.arrays
+    assert_close(official(nhwc(a["x"]), a["t"], a["y"]), nhwc(a["forward"]))
+    exported = to_official_state_dict(official)
+    assert exported.keys() == official_state(reference).keys()
+    for name, value in official_state(reference).items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+def test_scanned_model_rejects_a_checkpoint_of_another_depth_and_keeps_its_weights():
+    model = tiny(scan_blocks=True)
+    before = to_official_state_dict(model)
+    with pytest.raises(ValueError, match=r"depth=2\):\n  missing \(\d+\): blocks\.1\."):
+        load_official_state_dict(model, to_official_state_dict(tiny(depth=1)))
+    for name, value in to_official_state_dict(model).items():
+        np.testing.assert_array_equal(value, before[name])
 
 
 @pytest.mark.parametrize("dtype, remat, attention, match", [
     ("float16", "none", "xla", r"dtype 'float16' is not one of \('float32', 'bfloat16'\)"),
-    ("float32", "full", "xla", r"remat 'full' is not one of \('none', 'block'\)"),
+    ("float32", "full", "xla", r"remat 'full' is not one of \('none', 'block', 'dots'\)"),
     ("float32", "none", "flash", r"attention 'flash' is not one of \('xla', 'cudnn'\)"),
     ("bfloat16", "none", "cudnn", r"attention 'cudnn' needs an NVIDIA GPU, but JAX runs on 'cpu'"),
 ])
 def test_unknown_compute_options_are_rejected(dtype, remat, attention, match):
     with pytest.raises(ValueError, match=match):
         compute_options(dtype, remat, attention)
-    assert compute_options("bfloat16", "block", "xla") == dict(dtype=jnp.bfloat16, remat=True, attention="xla")
+    assert compute_options("bfloat16", "block", "xla") == dict(dtype=jnp.bfloat16, remat="block", attention="xla")
 
 
 def test_cudnn_attention_needs_bfloat16_on_a_gpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert compute_options("bfloat16", "none", "cudnn") == dict(dtype=jnp.bfloat16, remat=False, attention="cudnn")
+    assert compute_options("bfloat16", "none", "cudnn") == dict(dtype=jnp.bfloat16, remat="none", attention="cudnn")
     with pytest.raises(ValueError, match="attention 'cudnn' needs dtype 'bfloat16'.*got 'float32'"):
         compute_options("float32", "none", "cudnn")
 
@@ -341,6 +397,7 @@ def test_unknown_model_name_lists_valid_names():
     (dict(block_type="film"), "block_type 'film' is not one of"),
     (dict(guidance="half"), "guidance 'half' is not one of"),
     (dict(attention="flash"), "attention 'flash' is not one of"),
+    (dict(remat=True), "remat True is not one of"),
     (dict(hidden_size=48, num_heads=4, attention="cudnn"), "multiple of 8 and at most 128, got 12"),
     (dict(hidden_size=288, num_heads=2, attention="cudnn"), "multiple of 8 and at most 128, got 144"),
 ])

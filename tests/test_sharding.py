@@ -38,10 +38,11 @@ def tiny_config():
     return c
 
 
-def tiny_problem():
+def tiny_problem(scan_blocks: bool = False):
     """For the tiny model with a gradient-keeping SGD: a function creating its state, its
     (unjitted) step, and a batch."""
     c = tiny_config()
+    c.model.scan_blocks = scan_blocks
     graphdef, fixed, _ = train.create_train_state(c)
     # SGD whose state is the last gradient (a trace with decay 0): grads are compared exactly.
     tx = optax.chain(optax.trace(decay=0.0), optax.scale(-0.5))
@@ -112,6 +113,41 @@ def test_sharded_steps_match_one_device(setup, shape):
             assert out.sharding.is_equivalent_to(expected, out.ndim), (names_of(path), out.sharding.spec, expected.spec)
             sharded += 1
     assert sharded > 0 if shape[1] * shape[2] > 1 else sharded == 0
+
+
+def unstack(blocks):
+    """A scanned model's stacked block pytree as the unrolled model's list of blocks."""
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    return [jax.tree.map(lambda a: a[i], blocks) for i in range(depth)]
+
+
+def test_scanned_blocks_shard_like_unrolled_ones_and_step_the_same(setup):
+    """``scan_blocks``: each stacked weight keeps its layer axis whole and splits the rest as one
+    block's weight is split; the sharded step equals the unrolled model's on one device."""
+    state, _, batch, ref_state, ref_metrics = setup
+    init_state, step, _ = tiny_problem(scan_blocks=True)
+    scanned = init_state()
+    mesh = mesh_of((2, 2, 2))
+    shardings = sharding.train_state_shardings(scanned, mesh)
+    unrolled = sharding.train_state_shardings(state, mesh)
+    stacked_specs = jax.tree.leaves(shardings.params["blocks"])
+    split = 0
+    for block in unrolled.params["blocks"]:
+        for stacked, single in zip(stacked_specs, jax.tree.leaves(block), strict=True):
+            assert stacked.spec == (P(None, *single.spec) if single.spec != P() else P())
+            split += single.spec != P()
+    assert split > 0
+    assert shardings.params["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, "fsdp", "tensor")
+    sharded_step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
+    losses = []
+    for _ in range(STEPS):
+        scanned, metrics = sharded_step(jax.device_put(scanned, shardings), sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, [m["loss"] for m in ref_metrics], rtol=1e-5)
+    params = scanned.params
+    reference_blocks = [ref_state.params["blocks"][i] for i in range(len(unstack(params["blocks"])))]
+    assert_tree_close(unstack(params["blocks"]), reference_blocks, rtol=1e-5)
+    assert_tree_close(params["final_layer"], ref_state.params["final_layer"], rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
