@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dit_jax import benchmark, sweep, train
-from conftest import TINY_SWEEP_BASE
+from tests.conftest import TINY_SWEEP_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 
