@@ -174,9 +174,9 @@ def test_make_config():
                                    attention="cudnn")
     assert config.model.name == "DiT-S/2" and config.model.input_size == 64 and config.train.batch_size == 4
     assert config.attention == "cudnn" and config.remat == "none" and not config.model.scan_blocks
-    config = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], remat="dots",
-                                   scan_blocks=True)
-    assert config.remat == "dots" and config.model.scan_blocks
+    scanned = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], remat="dots",
+                                    scan_blocks=True)
+    assert scanned.remat == "dots" and scanned.model.scan_blocks
     assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
     for mesh in (["rows=2"], ["data=two"], ["data"]):
         with pytest.raises(ValueError, match="axis=size"):
