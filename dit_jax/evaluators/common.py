@@ -101,24 +101,37 @@ class EmaModel:
         return self._cache[key]
 
 
+def vae_name(run: RunInfo, vae: str = "") -> str | None:
+    """The VAE that decodes this run's samples: ``vae``, else the one the latents name; None for pixel runs."""
+    if run.data_source != "latents":
+        if vae:
+            raise ValueError(f"vae={vae!r} is only for latent runs; this run trains on {run.data_source} pixels")
+        return None
+    name = vae or (run.latents_metadata or {}).get("vae", "")
+    if not name:
+        raise ValueError("the latents' metadata.json names no VAE: set vae to the VAE the latents were "
+                         "encoded with (a diffusers folder or hub id)")
+    return name
+
+
+@functools.lru_cache(maxsize=2)
+def load_vae(name: str) -> vae_lib.AutoencoderKL:
+    """The VAE ``name`` (diffusers folder or hub id), loaded once per process."""
+    return vae_lib.load_vae(name)
+
+
 class Decoder:
     """Model-space samples -> uint8 images: pixels quantised, or latents decoded through their VAE first."""
 
     def __init__(self, run: RunInfo, vae: str = "", *, batch_size: int = 32):
         self.batch_size = batch_size
         self._vae = None
-        if run.data_source != "latents":
-            if vae:
-                raise ValueError(f"vae={vae!r} is only for latent runs; this run trains on {run.data_source} pixels")
-            self.name = "pixels"
+        name = vae_name(run, vae)
+        self.name = name or "pixels"
+        if name is None:
             return
-        metadata = run.latents_metadata or {}
-        self.name = vae or metadata.get("vae", "")
-        if not self.name:
-            raise ValueError("the latents' metadata.json names no VAE: set vae to the VAE the latents were "
-                             "encoded with (a diffusers folder or hub id)")
-        self.scale_factor = float(metadata.get("scale_factor", 0.18215))
-        self._vae = _load_decoder(self.name)
+        self.scale_factor = float((run.latents_metadata or {}).get("scale_factor", 0.18215))
+        self._vae = nnx.split(load_vae(name))
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         if self._vae is None:
@@ -127,12 +140,6 @@ class Decoder:
         out = [np.asarray(_decode(graphdef, state, jnp.asarray(samples[i:i + self.batch_size] / self.scale_factor)))
                for i in range(0, len(samples), self.batch_size)]
         return synthetic.from_model_range(np.concatenate(out))
-
-
-@functools.lru_cache(maxsize=2)
-def _load_decoder(name: str) -> tuple[nnx.GraphDef, nnx.State]:
-    """The VAE ``name`` (diffusers folder or hub id), loaded once per process, as (graphdef, state)."""
-    return nnx.split(vae_lib.load_vae(name))
 
 
 @functools.partial(jax.jit, static_argnums=0)
