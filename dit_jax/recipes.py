@@ -81,4 +81,9 @@ def paper_config(model_name: str, image_size: int = 256) -> ml_collections.Confi
     c.model.name = model_name
     c.model.input_size = image_size // 8
     c.evals.samples.every = 10_000
+    # FID-10K of the EMA model (ADM's five figures as fid10k_cfg1.5, ...), the paper's 250 DDPM steps and
+    # guidance 1.5: off until a reference batch is given, --config.evals.fid.reference=VIRTUAL_imagenet256_labeled.npz
+    # (512: VIRTUAL_imagenet512.npz); the Inception weights are fetched by name unless inception_weights is set.
+    c.evals.fid = dict(type="fid", every=50_000, num_samples=10_000, cfg_scale=1.5, sampler="ddpm", respacing="250",
+                       reference="", inception_weights="", vae="", per_device_batch=32, seed=0)
     return c

@@ -35,6 +35,10 @@ def test_paper_configs_build_the_paper_model_with_the_paper_recipe(name):
     assert c.model.class_dropout_prob == 0.1 and c.model.learn_sigma
     assert c.data.random_flip  # the paper's only augmentation
     assert c.data.source == "latents"
+    # Evaluations: a sample grid, and FID-10K at the paper's sampling settings, off until a reference is given.
+    assert (c.evals.samples.type, c.evals.samples.every) == ("grid", 10_000)
+    assert (c.evals.fid.type, c.evals.fid.num_samples, c.evals.fid.cfg_scale, c.evals.fid.respacing,
+            c.evals.fid.reference) == ("fid", 10_000, 1.5, "250", "")
 
 
 def test_512_config_uses_64x64_latents():

@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from dit_jax import latents, sample, synthetic, train, vae
-from dit_jax.evaluators import class_consistency, common, grid
+from dit_jax.evaluators import class_consistency, common, fid, grid
 from dit_jax.models import DiT
 from tests.conftest import latent_config, read_log
 from tests.test_train import tiny_config
@@ -151,7 +151,11 @@ class RealImages(common.EmaModel):
     def samples(self, labels, **_):
         images, drawn = synthetic.generate(len(labels) * 4, num_classes=self.run.num_classes, image_size=16, seed=9)
         wanted = (np.asarray(labels) + self.shift) % self.run.num_classes
-        picks = [np.flatnonzero(drawn == y)[i // self.run.num_classes] for i, y in enumerate(wanted)]
+        seen = np.zeros(self.run.num_classes, int)
+        picks = []
+        for y in wanted:  # a different image for every sample
+            picks.append(np.flatnonzero(drawn == y)[seen[y]])
+            seen[y] += 1
         return synthetic.to_model_range(images[picks])
 
 
@@ -165,9 +169,14 @@ def test_class_consistency_is_the_judges_agreement_with_the_labels(tmp_path):
     assert right["heldout_accuracy"] > 0.9 and right["chance"] == 0.25
     assert right["class_consistency"] > 0.9 and len(right["per_class"]) == 4
     assert right["class_consistency"] == pytest.approx(np.mean(right["per_class"]))
+    # FID in the judge's feature space: real images of the right classes score about the floor.
+    assert 0 < right["fid_floor"] and right["fid"] < 3 * right["fid_floor"]
     wrong = RealImages(model=None, step=10, run=run)
     wrong.shift = 1  # every image is of the next class
     assert evaluator.run(wrong)["class_consistency"] < 0.1
+    one_class = RealImages(model=None, step=10, run=run)
+    one_class.samples = lambda labels, **_: RealImages.samples(one_class, np.zeros_like(labels))
+    assert evaluator.run(one_class)["fid"] > 3 * right["fid_floor"]  # no diversity: far from the real images
 
 
 def test_sigterm_during_the_evaluations_checkpoints_and_reruns_them_on_resume(tmp_path, monkeypatch):
@@ -199,3 +208,56 @@ def test_sigterm_during_the_evaluations_checkpoints_and_reruns_them_on_resume(tm
     assert [h["step"] for h in read_log(tmp_path)] == [5, 8]
     assert sorted(summary["evals"]) == ["samples", "second"]
     assert json.loads((tmp_path / "summary.json").read_text())["evals"]["second"]["png"] == "second.png"
+
+
+def fake_features(images: np.ndarray) -> dict[str, np.ndarray]:
+    """A cheap stand-in for the Inception features (the wiring is tested here; the network in test_inception)."""
+    x = images.astype(np.float64) / 255.0
+    pool = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, ::4, ::4].reshape(len(x), -1)[:, :10]], 1)
+    return {"pool": pool, "spatial": x[:, ::2, ::2, 0].reshape(len(x), -1)[:, :12], "logits": pool[:, :6] * 5}
+
+
+@pytest.fixture
+def fake_inception(monkeypatch):
+    monkeypatch.setattr(fid.inception, "create_inception", lambda weights=None, **_: None)
+    monkeypatch.setattr(fid.inception, "create_feature_fn", lambda model, **_: fake_features)
+
+
+def write_reference(path, n: int = 24, size: int = 16):
+    images, _ = synthetic.generate(n, num_classes=4, image_size=size, seed=5)
+    np.savez(path, arr_0=images)
+    return path
+
+
+def test_fid_metric_names_carry_the_settings():
+    s = settings(fid, num_samples=10_000, cfg_scale=1.5)
+    assert fid.metric_suffix(s) == "10k_cfg1.5"
+    s.update(num_samples=500, cfg_scale=1.0, sampler="ddim", respacing="ddim50")
+    assert fid.metric_suffix(s) == "500_cfg1_ddim50"
+    s.update(sampler="ddpm", respacing="25,10,5")
+    assert fid.metric_suffix(s) == "500_cfg1_ddpm25-10-5"
+
+
+def test_fid_is_off_without_a_reference_and_checks_its_fields(tmp_path):
+    evals = ml_collections.ConfigDict({"fid": {"type": "fid", "every": 0, **fid.DEFAULTS}})
+    assert common.create_evaluators(evals, run_info(tmp_path)) == []  # off: no reference
+    evals.fid.update(reference=str(tmp_path / "missing.npz"), num_samples=0)
+    with pytest.raises(ValueError) as err:
+        common.create_evaluators(evals, run_info(tmp_path))
+    assert "evals.fid: num_samples must be >= 1" in str(err.value)
+
+
+def test_fid_in_a_tiny_run_is_logged_under_its_settings(tmp_path, fake_inception):
+    c = tiny_config()
+    c.train.update(steps=2, log_every=1)
+    c.evals.samples.every = -1
+    c.evals.fid = dict(type="fid", every=0, **{**fid.DEFAULTS, "num_samples": 16, "respacing": "2",
+                                                 "per_device_batch": 1,
+                                                 "reference": str(write_reference(tmp_path / "ref.npz"))})
+    summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+    names = {f"{m}16_cfg1.5_ddpm2" for m in ("fid", "sfid", "is", "precision", "recall")}
+    [line] = read_log(tmp_path / "run", evals=True)
+    assert line["step"] == 2 and line["eval"] == "fid" and names <= set(line)
+    assert all(np.isfinite(line[k]) for k in names) and line["fid16_cfg1.5_ddpm2"] > 0
+    assert 0 <= line["precision16_cfg1.5_ddpm2"] <= 1 and line["is16_cfg1.5_ddpm2"] >= 1
+    assert set(summary["evals"]["fid"]) >= names

@@ -4,6 +4,11 @@ A small CNN (``dit_jax.classifier``) is trained on fresh synthetic data (with ra
 rotations, so it judges shape rather than colour) and classifies guided EMA samples of every
 class: the fraction recognised as the class they were drawn for is the *class consistency*
 (chance is 1 / classes). The judge is trained once per run, at its first evaluation.
+
+It also reports an FID in the judge's feature space (``Classifier.features``, 128 values):
+the samples against ``heldout_examples`` fresh real images of the sampled classes (``fid``),
+beside the same distance between two real sets of those sizes (``fid_floor``, what a perfect
+model would score with this many samples).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from dit_jax import classifier, synthetic
-from dit_jax.evaluators import common
+from dit_jax.evaluators import common, metrics
 
 DEFAULTS = dict(
     per_class=30,                 # samples of each class judged
@@ -43,10 +48,10 @@ class Evaluator:
         self.decoder = common.Decoder(run)
         self.labels = np.repeat(np.arange(min(settings.num_classes, run.num_classes), dtype=np.int32),
                                 settings.per_class)
-        self._judge: tuple[classifier.Classifier, dict[str, Any]] | None = None
+        self._judge: tuple[classifier.Classifier, tuple[np.ndarray, np.ndarray], dict[str, Any]] | None = None
 
-    def _trained_judge(self) -> tuple[classifier.Classifier, dict[str, Any]]:
-        """The judge (trained on first use) and its figures on held-out real data."""
+    def _trained_judge(self) -> tuple[classifier.Classifier, tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+        """The judge (trained on first use), the real images' statistics in its feature space, its figures."""
         if self._judge is None:
             start, s, run = time.time(), self.settings, self.run_info
             k, size = run.num_classes, run.image_size
@@ -57,19 +62,30 @@ class Evaluator:
             held_images, held_labels = synthetic.generate(s.heldout_examples, num_classes=k, image_size=size,
                                                           seed=run.seed + 2000)
             held = synthetic.to_model_range(held_images)
+            sampled = held_labels < len(np.unique(self.labels))
+            reference = metrics.statistics(classifier.features(judge, held[sampled]))
             held[1::2] = held[1::2, :, ::-1]  # both orientations: the judge accepts either (data.random_flip)
-            self._judge = judge, {"heldout_accuracy": classifier.accuracy(judge, held, held_labels),
-                                  "judge_seconds": time.time() - start}
+            # The floor: a second real set with the samples' labels, against the same reference.
+            floor_images, floor_labels = synthetic.generate(len(self.labels) * k, num_classes=k, image_size=size,
+                                                            seed=run.seed + 3000)
+            floor = np.concatenate([floor_images[floor_labels == c][:s.per_class] for c in np.unique(self.labels)])
+            floor_stats = metrics.statistics(classifier.features(judge, synthetic.to_model_range(floor)))
+            self._judge = judge, reference, {
+                "heldout_accuracy": classifier.accuracy(judge, held, held_labels),
+                "fid_floor": metrics.frechet_distance(*floor_stats, *reference),
+                "judge_seconds": time.time() - start}
         return self._judge
 
     def run(self, ema: common.EmaModel) -> dict[str, Any]:
         s = self.settings
         images = ema.images(self.labels, decoder=self.decoder, seed=self.run_info.seed + 1, cfg_scale=s.cfg_scale,
                             sampler=s.sampler, respacing=s.respacing)
-        judge, figures = self._trained_judge()
-        predicted = classifier.predict(judge, synthetic.to_model_range(images))
+        judge, reference, figures = self._trained_judge()
+        x = synthetic.to_model_range(images)
+        predicted = classifier.predict(judge, x)
         return {
             "class_consistency": float(np.mean(predicted == self.labels)),
+            "fid": metrics.frechet_distance(*metrics.statistics(classifier.features(judge, x)), *reference),
             "per_class": [float(np.mean(predicted[self.labels == c] == c)) for c in np.unique(self.labels)],
             "chance": 1.0 / self.run_info.num_classes,
             **figures,
