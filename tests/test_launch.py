@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import (LAUNCH_DIR, FakeGcloud, FakeMetadataServer, fake_tpu_chips, fake_worker_tools,
                             tpu_vm_metadata)
+from tests.test_train import TINY_FLAGS
 
 ROOT = LAUNCH_DIR.parent
 SCRIPTS = sorted(LAUNCH_DIR.glob("*.sh"))
@@ -414,10 +415,8 @@ def test_worker_runs_start_wait_stop_and_status(fake_gcloud):
 # ---------------------------------------------------------------- a fake two-worker TPU pod
 
 POD_STEPS = 40
-POD_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
-             "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
-             "--config.data.num_train=128", "--config.train.log_every=1", "--config.sample.respacing=2",
-             "--config.sample.per_class=1", "--config.eval.class_consistency=False",
+# tests/test_train.py's tiny config, logging every step and checkpointing every 2.
+POD_FLAGS = [*TINY_FLAGS, "--config.train.log_every=1", "--config.evals.samples.per_class=1",
              f"--config.train.steps={POD_STEPS}", "--config.train.batch_size=16", "--config.train.checkpoint_every=2"]
 
 
