@@ -1,0 +1,119 @@
+"""``python -m dit_jax.evaluate``: the wiring of file -> features -> ADM's five figures, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dit_jax import evaluate
+from dit_jax.evaluators import inception, metrics
+from tests.conftest import natural_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images(seed: int, n: int, size: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([natural_image(rng, size, size) for _ in range(n)])
+
+
+def test_evaluate_streams_the_files_and_computes_the_five_figures(tmp_path, inception_state):
+    import torch
+
+    torch.save(inception_state, tmp_path / "inception.pth")
+    samples, reference = _images(0, 6, 32), _images(1, 5, 48)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    np.savez_compressed(tmp_path / "ref.npz", arr_0=reference)  # deflated members stream too
+    result = evaluate.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
+                               inception_weights=str(tmp_path / "inception.pth"), batch_size=8, progress=False)
+    # The same figures straight from the library.
+    features = inception.create_feature_fn(
+        inception.create_inception({k: v.numpy() for k, v in inception_state.items()}), batch_size=8)
+    s, r = features(samples), features(reference)
+    expected, _ = metrics.compute_metrics(s, {"pool": r["pool"], "spatial": r["spatial"]})
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert result["num_samples"] == 6 and result["num_reference_images"] == 5
+    assert result["settings"]["pr_distances"] == "float16" and result["settings"]["is_split_size"] == 5000
+    assert any("32x32" in note and "48x48" in note for note in result["notes"])  # another resolution: said
+    json.dumps(result)
+
+
+def test_npz_images_read_in_chunks_from_stored_and_deflated_files(tmp_path):
+    images = _images(2, 7, 16)
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    np.savez_compressed(tmp_path / "b.npz", arr_0=images)
+    for name in ("a.npz", "b.npz"):
+        reader = evaluate.NpzImages(str(tmp_path / name))
+        assert len(reader) == 7
+        np.testing.assert_array_equal(np.concatenate(list(reader.chunks(2, 7, 2))), images[2:])
+
+
+def test_bad_batches_get_clear_errors(tmp_path):
+    np.savez(tmp_path / "labels.npz", arr_1=np.zeros(3))
+    with pytest.raises(evaluate.BadBatch, match="no 'arr_0'"):
+        evaluate.NpzImages(str(tmp_path / "labels.npz"))
+    np.savez(tmp_path / "float.npz", arr_0=np.full((2, 8, 8, 3), np.nan, np.float32))
+    with pytest.raises(evaluate.BadBatch, match="not uint8"):
+        evaluate.NpzImages(str(tmp_path / "float.npz"))
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(evaluate.BadBatch, match=r"\[N, H, W, 3\]"):
+        evaluate.NpzImages(str(tmp_path / "nchw.npz"))
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(evaluate.BadBatch, match="not a readable .npz"):
+        evaluate.NpzImages(str(tmp_path / "corrupt.npz"))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.full((2048, 2048), np.nan))
+    with pytest.raises(evaluate.BadBatch, match="sigma contains NaN"):
+        evaluate.read_statistics(str(tmp_path / "stats.npz"))
+    np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(evaluate.BadBatch, match="another network"):
+        evaluate.read_statistics(str(tmp_path / "small.npz"))
+    full = np.zeros((4, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "truncated.npz", arr_0=full)
+    data = (tmp_path / "truncated.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(evaluate.BadBatch):
+        evaluate.NpzImages(str(tmp_path / "truncated.npz"))
+
+
+def test_the_command_reports_bad_input_without_a_traceback(tmp_path):
+    (tmp_path / "corrupt.npz").write_bytes(b"garbage")
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", "--reference", str(tmp_path / "ref.npz"),
+                           "--samples", str(tmp_path / "corrupt.npz")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 1
+    assert "corrupt.npz is not a readable .npz file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_module_defines_no_flags_at_import():
+    from absl import flags
+
+    import dit_jax.evaluate  # noqa: F401
+
+    assert "samples" not in flags.FLAGS and "reference" not in flags.FLAGS
+
+
+ADM_FIGURES = {"inception_score": 215.837, "fid": 3.94256, "sfid": 6.14043, "precision": 0.8265, "recall": 0.5309}
+
+
+def test_adm_readme_figures_with_the_real_files():
+    """ADM's README: VIRTUAL_imagenet256_labeled.npz vs admnet_guided_upsampled_imagenet256.npz (50K samples)."""
+    reference, samples = os.environ.get("DIT_JAX_EVAL_REFERENCE"), os.environ.get("DIT_JAX_EVAL_SAMPLES")
+    if not (reference and samples):
+        pytest.skip("set DIT_JAX_EVAL_REFERENCE=VIRTUAL_imagenet256_labeled.npz and DIT_JAX_EVAL_SAMPLES="
+                    "admnet_guided_upsampled_imagenet256.npz (and DIT_JAX_INCEPTION_WEIGHTS=the FID .pth if it is "
+                    "not in the cache) to check ADM's published figures")
+    result = evaluate.evaluate(reference, samples, inception_weights=os.environ.get("DIT_JAX_INCEPTION_WEIGHTS"))
+    assert result["inception_score"] == pytest.approx(ADM_FIGURES["inception_score"], rel=5e-3)
+    assert result["fid"] == pytest.approx(ADM_FIGURES["fid"], abs=2e-3)
+    assert result["sfid"] == pytest.approx(ADM_FIGURES["sfid"], rel=1e-3)
+    assert result["precision"] == pytest.approx(ADM_FIGURES["precision"], abs=3e-3)
+    assert result["recall"] == pytest.approx(ADM_FIGURES["recall"], abs=3e-3)
