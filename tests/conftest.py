@@ -276,7 +276,8 @@ def write_checkpoints(workdir: Path, config, steps: tuple[int, ...]) -> dict[int
         for step in steps:
             states[step] = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32),
                                          ema_params=jax.tree.map(lambda p, s=step: p + 0.01 * s, state.params))
-            checkpointing.save(manager, step, states[step], batches, config, force=True)
+            checkpointing.save(manager, step, states[step], batches, config, force=True,
+                               checksums=checkpointing.fingerprint(states[step])[0])
             manager.wait_until_finished()
     finally:
         manager.close()
