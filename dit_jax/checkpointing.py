@@ -212,20 +212,21 @@ def _verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Raise ``CorruptCheckpointError`` if the restored ``state`` of ``step`` is not finite or does not
     reproduce the checksums recorded when it was saved (steps written before checksums are only warned of)."""
     sums, finite = fingerprint(state)
-    if not finite:
-        raise CorruptCheckpointError("it holds non-finite numbers (NaN or inf): it was saved by a run that diverged")
-    if not os.path.isdir(os.path.join(str(manager.directory), str(step), "checksums")):
+    if os.path.isdir(os.path.join(str(manager.directory), str(step), "checksums")):
+        # First: changed bits explain anything else (damaged bytes often decode to NaN).
+        recorded = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+        changed = [name for name in sums if recorded["arrays"].get(name) != sums[name]]
+        changed += sorted(set(recorded["arrays"]) - set(sums))
+        if changed:
+            raise CorruptCheckpointError(
+                f"{len(changed)} of its {len(sums)} arrays differ from the checksums recorded when it was saved "
+                f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): its files changed after they "
+                "were written (a damaged disk or copy)")
+    else:
         logging.warning("checkpoint step %d has no checksums (written by an older version): its arrays cannot be "
                         "verified", step)
-        return
-    recorded = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums["arrays"]
-    changed = [name for name in sums if recorded.get(name) != sums[name]]
-    changed += sorted(set(recorded) - set(sums))
-    if changed:
-        raise CorruptCheckpointError(
-            f"{len(changed)} of its {len(sums)} arrays differ from the checksums recorded when it was saved "
-            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): its files changed after they "
-            "were written (a damaged disk or copy)")
+    if not finite:
+        raise CorruptCheckpointError("it holds non-finite numbers (NaN or inf): it was saved by a run that diverged")
 
 
 def _plain_reason(step_dir: str, error: Exception) -> str:
