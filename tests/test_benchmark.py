@@ -198,7 +198,7 @@ def test_loader_benchmark_reads_a_latents_folder(tmp_path):
     assert result["latents_per_cpu_sec"] > 0
     with pytest.raises(ValueError, match="batches"):
         benchmark.loader_benchmark(folder, batch_size=16, batches=0, warmup=0)
-    with pytest.raises(FileNotFoundError, match="not a latents folder"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         benchmark.loader_benchmark(str(tmp_path / "missing"), batch_size=16, batches=1, warmup=0)
 
 
