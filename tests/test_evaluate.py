@@ -23,6 +23,7 @@ def _images(seed: int, n: int, size: int) -> np.ndarray:
     return np.stack([natural_image(rng, size, size) for _ in range(n)])
 
 
+@pytest.mark.slow  # compiles the network twice and two 2048x2048 square roots (~5 min); the metric and reading tests are the fast ones
 def test_evaluate_streams_the_files_and_computes_the_five_figures(tmp_path, inception_state):
     import torch
 

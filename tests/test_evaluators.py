@@ -179,6 +179,7 @@ def test_class_consistency_is_the_judges_agreement_with_the_labels(tmp_path):
     assert evaluator.run(one_class)["fid"] > 3 * right["fid_floor"]  # no diversity: far from the real images
 
 
+@pytest.mark.slow  # two training runs with evaluations
 def test_sigterm_during_the_evaluations_checkpoints_and_reruns_them_on_resume(tmp_path, monkeypatch):
     c = tiny_config()
     c.train.update(steps=8, checkpoint_every=100)
@@ -247,6 +248,7 @@ def test_fid_is_off_without_a_reference_and_checks_its_fields(tmp_path):
     assert "evals.fid: num_samples must be >= 1" in str(err.value)
 
 
+@pytest.mark.slow  # a training run with a fid entry; the fid name and field tests are the fast ones
 def test_fid_in_a_tiny_run_is_logged_under_its_settings(tmp_path, fake_inception):
     c = tiny_config()
     c.train.update(steps=2, log_every=1)

@@ -31,6 +31,7 @@ def swept(tmp_path_factory):
     return result, "\n".join(lines), tmp
 
 
+@pytest.mark.slow  # four subprocesses; the plan, flag, classify and bad-row tests are the fast ones
 def test_rows_are_measured_in_their_own_processes_and_failures_are_rows(swept):
     result, printed, tmp = swept
     ok, typo = result["rows"]
@@ -55,6 +56,7 @@ def test_rows_are_measured_in_their_own_processes_and_failures_are_rows(swept):
     assert "| dots, scanned, GPU flags | 8 | xla | dots | yes |" in printed and "| ok |" in printed
 
 
+@pytest.mark.slow  # shares the end-to-end sweep above
 def test_the_best_row_is_profiled_and_its_time_split(swept):
     result, printed, _ = swept
     profile = result["profile"]
