@@ -133,6 +133,15 @@ def test_inception_score_closed_forms():
     assert metrics.inception_score(np.tile(np.random.default_rng(4).normal(size=8), (30, 1))) == pytest.approx(1.0)
 
 
+def test_inception_score_counts_probabilities_that_underflow_to_zero_as_nothing():
+    # Class 0 is never predicted: its softmax probability is exactly 0.0 in float64 for every image
+    # (exp(-2000)), so its mean is 0 too; p log(p / mean p) -> 0 there, not 0 * inf = NaN.
+    confident = np.full((42, 8), -50.0)
+    confident[np.arange(42), 1 + np.arange(42) % 7] = 50.0  # evenly over the other 7 classes: IS 7
+    confident[:, 0] = -2000.0
+    assert metrics.inception_score(confident) == pytest.approx(7.0, rel=1e-6)
+
+
 # ------------------------------------------------------------------ precision / recall
 
 def _clusters(rng, n, d, centres, spread):

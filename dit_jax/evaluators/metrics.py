@@ -80,7 +80,10 @@ def inception_score(logits: np.ndarray, split_size: int = SPLIT_SIZE) -> float:
     scores = []
     for start in range(0, len(p), split_size):
         part, log_part = p[start:start + split_size], log_p[start:start + split_size]
-        kl = np.sum(part * (log_part - np.log(part.mean(axis=0, keepdims=True))), axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = part * (log_part - np.log(part.mean(axis=0, keepdims=True)))
+        # p log p -> 0 as p -> 0: a probability that underflows to exactly 0 adds nothing (not 0 * inf = NaN).
+        kl = np.sum(np.where(part > 0, terms, 0.0), axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores))
 
