@@ -369,9 +369,7 @@ def _define_flags() -> None:
                       "damaged shards again")
     # Multi-process (as for dit_jax.main): Slurm, Open MPI and Cloud TPU pods are detected; elsewhere run the
     # same command on every host with these. Each process encodes its share of the shards.
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    sharding.define_distributed_flags()
 
 
 def main(argv: list[str]) -> None:

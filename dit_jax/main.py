@@ -28,9 +28,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the summary.")
     flags.mark_flags_as_required(["config", "workdir"])
     # Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    sharding.define_distributed_flags()
 
 
 # Errors that are the user's to fix (status 2) and failures of the run itself (status 1): one line each.

@@ -595,9 +595,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("per_device_batch", 32, "Samples per device per program call (the bytes are identical on "
                          "any device count for one per-device batch).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "DiT compute dtype (the VAE decodes in float32).")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
-    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    sharding.define_distributed_flags()
     flags.mark_flag_as_required("ckpt")
 
 

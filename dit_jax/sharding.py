@@ -78,6 +78,15 @@ def _require_attached_tpus() -> None:
         jax.config.update("jax_platforms", "tpu")
 
 
+def define_distributed_flags() -> None:
+    """The absl flags of a multi-process run outside detected clusters, for every command that starts one."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a multi-process run.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """Join the other processes of a multi-process run; a no-op in a single process or if done already.
