@@ -8,7 +8,8 @@ mesh, where sample ``j`` depends only on ``(seed, j)`` (its labels, start noise 
 noise come from ``fold_in(key(seed), j)``), so 1 device, 8 devices and a resumed run give
 the same bytes. ``write_samples`` runs it resumably into an ADM-format ``samples.npz``.
 
-Picture mode, the official ``sample.py`` (a PNG grid of the 8 official classes, guidance 4.0)::
+Picture mode, the official ``sample.py`` (a PNG grid of the 8 official classes, guidance 4.0;
+``sample_picture`` in a notebook)::
 
     python -m dit_jax.sample --ckpt DiT-XL-2-256x256.pt --vae ema --png sample.png
 
@@ -491,20 +492,56 @@ def parse_labels(text: str, num_classes: int) -> np.ndarray:
     """``--labels 207,360,...`` -> int32 [N], each in [0, num_classes)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-        raise ValueError(f"--labels must be comma-separated class indices such as 207,360,387; got {text!r}")
+        raise ValueError(f"labels must be comma-separated class indices such as 207,360,387; got {text!r}")
     labels = np.array([int(p) for p in parts], np.int32)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"--labels must be class indices in [0, {num_classes - 1}] (the checkpoint has "
+        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}] (the checkpoint has "
                          f"{num_classes} classes); got {[int(v) for v in labels if not 0 <= v < num_classes]}")
     return labels
 
 
-def _load_vae(name: str):
+def load_decoder(name: str) -> Any | None:
+    """The ``--vae`` choice: ``ema`` / ``mse`` (the SD VAEs, fetched), a diffusers VAE folder or hub id, or ``none``."""
     from dit_jax import vae as vae_lib  # not needed for pixel-space models
 
     if name == "none":
         return None
     return vae_lib.load_vae(HUB_VAES.get(name, name))
+
+
+def released_checkpoint(image_size: int) -> str:
+    """The registry name of the released DiT-XL/2 for ``image_size`` (256 or 512), fetched by ``pretrained.load_dit``."""
+    if image_size not in (256, 512):
+        raise ValueError(f"the released DiT-XL/2 checkpoints are 256x256 and 512x512; got image size {image_size}")
+    return f"DiT-XL-2-{image_size}x{image_size}.pt"
+
+
+def _sampling_chain(model: DiT, num_sampling_steps: int) -> gd.Diffusion:
+    if num_sampling_steps < 1:
+        raise ValueError(f"the number of sampling steps must be >= 1, got {num_sampling_steps}")
+    return gd.create_diffusion(str(num_sampling_steps), learn_sigma=model.out_channels == 2 * model.in_channels)
+
+
+def sample_picture(model: DiT, vae: Any | None, labels: str | Any = OFFICIAL_LABELS, *, seed: int = 0,
+                   cfg_scale: float = 4.0, num_sampling_steps: int = 250, sampler: str = "ddpm", eta: float = 0.0,
+                   per_device_batch: int | None = None, png: str | None = None, mesh: Mesh | None = None) -> np.ndarray:
+    """Picture mode (the official ``sample.py``): uint8 images [N, H, W, C] of ``labels``, and their grid in ``png``.
+
+    ``labels``: class indices, or a string ``"207,360,..."`` (``parse_labels``). ``per_device_batch``
+    ``None``: just enough samples per device for the labels in one program call (the bytes are
+    those of ``sample_uint8`` with that per-device batch). The PNG (``save_picture_grid``, 4 a
+    row) is written by process 0; every process returns the images.
+    """
+    labels = parse_labels(labels, model.num_classes) if isinstance(labels, str) else _check_labels(
+        labels, model.num_classes)
+    mesh = sharding.create_mesh({"data": -1}) if mesh is None else mesh
+    if per_device_batch is None:
+        per_device_batch = -(-len(labels) // sharding.batch_shards(mesh))
+    images = sample_uint8(model, _sampling_chain(model, num_sampling_steps), labels, seed=seed, cfg_scale=cfg_scale,
+                          sampler=sampler, eta=eta, vae=vae, per_device_batch=per_device_batch, mesh=mesh)
+    if png is not None and sharding.is_main_process():
+        save_picture_grid(png, images)
+    return images
 
 
 def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, num_heads: int | None = None,
@@ -537,25 +574,23 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
     loaded = pretrained.load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype)
     net = loaded.model
     net.guidance = guidance
-    decoder = _load_vae(vae)
+    decoder = load_decoder(vae)
     size = net.input_size * (decoder.config.downsample_factor if decoder is not None else 1)
     if image_size is not None and image_size != size:
         raise ValueError(f"--image_size {image_size} does not fit: the checkpoint's {net.input_size}x{net.input_size}"
                          f" model through this VAE makes {size}x{size} images")
-    labels_array = (parse_labels(labels or ",".join(map(str, OFFICIAL_LABELS)), net.num_classes) if not fid_mode
-                    else balanced_labels(num_samples, net.num_classes) if balanced_labels
-                    else random_labels(seed, num_samples, net.num_classes))
-    chain = gd.create_diffusion(str(num_sampling_steps), learn_sigma=net.out_channels == 2 * net.in_channels)
-    engine = create_image_sampler(net, chain, cfg_scale=cfg_scale, sampler=sampler, eta=eta, vae=decoder,
-                                  per_device_batch=per_device_batch)
-    logging.info("%s: %d samples of %s, %s %d steps, guidance %s (%s) on %d device(s), %d per program call",
-                 ckpt, len(labels_array), engine.image_shape, sampler, num_sampling_steps, cfg_scale, guidance,
-                 jax.device_count(), engine.block_size)
+    logging.info("%s: %s samples, %s %d steps, guidance %s (%s) on %d device(s)", ckpt,
+                 num_samples if fid_mode else "picture", sampler, num_sampling_steps, cfg_scale, guidance,
+                 jax.device_count())
     if not fid_mode:
-        images = np.concatenate([b.images for b in iterate_blocks(engine, labels_array, seed=seed)])
-        if sharding.is_main_process():
-            save_picture_grid(png, images)
+        sample_picture(net, decoder, labels or ",".join(map(str, OFFICIAL_LABELS)), seed=seed, cfg_scale=cfg_scale,
+                       num_sampling_steps=num_sampling_steps, sampler=sampler, eta=eta,
+                       per_device_batch=per_device_batch, png=png)
         return png
+    labels_array = (balanced_labels(num_samples, net.num_classes) if balanced_labels
+                    else random_labels(seed, num_samples, net.num_classes))
+    engine = create_image_sampler(net, _sampling_chain(net, num_sampling_steps), cfg_scale=cfg_scale,
+                                  sampler=sampler, eta=eta, vae=decoder, per_device_batch=per_device_batch)
     settings = {"ckpt": ckpt, "checkpoint": {k: v for k, v in loaded.info.items() if k != "path"},
                 "weights_sha256": weights_digest(net, decoder),
                 "vae": vae if vae in HUB_VAES or vae == "none" else os.path.abspath(vae),

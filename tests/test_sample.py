@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from dit_jax import diffusion as gd, sample, sharding, vae
+from dit_jax import diffusion as gd, pretrained, sample, sharding, vae
 from dit_jax.models import DiT
 from tests.conftest import (TINY_LATENT_DIT, persistent_compile_cache, sample_command, tiny_latent_dit,
                             write_official_checkpoint)
@@ -315,6 +315,14 @@ def test_the_command_names_bad_labels_checkpoints_and_sizes(tmp_path, tiny_ckpt,
             sample.run(str(tiny_ckpt), **{**common, **kwargs})
     with pytest.raises(FileNotFoundError):
         sample.run(str(tmp_path / "missing.pt"), **common)
+    assert [sample.released_checkpoint(s) for s in (256, 512)] == ["DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"]
+    assert all(name in pretrained.REGISTRY for name in map(sample.released_checkpoint, (256, 512)))
+    with pytest.raises(ValueError, match="256x256 and 512x512; got image size 128"):
+        sample.released_checkpoint(128)
+    for labels, message in [("207,x", "comma-separated"), ([1, 5], r"class labels must be in \[0, 4\]"),
+                            ("0,7", r"class indices in \[0, 4\].*got \[7\]")]:
+        with pytest.raises(ValueError, match=message):  # before anything is compiled
+            sample.sample_picture(tiny_latent_dit(), None, labels)
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises((ValueError, OSError), match="garbage.pt"):
         sample.run(str(tmp_path / "garbage.pt"), **common)
