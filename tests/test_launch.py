@@ -472,17 +472,25 @@ def test_a_preempted_pod_run_is_resumed_by_the_babysitter_exactly(fake_pod, tmp_
     assert [s for s, _ in losses(straight)] == list(range(1, POD_STEPS + 1))
 
     proc = pod_babysit(fake, preempted, "pre")
+    run = "pre-1"  # the babysitter's first run of --run-id=pre (the homes also hold straight-1)
+    runs = [home / "dit_jax_runs" / run for home in homes]
     try:
         deadline = time.time() + 1200
-        metrics = preempted / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().strip()):  # training has begun
+        # The first checkpoint is committed (Orbax renames a finished step into place): there is one to resume.
+        while not any(p.name.isdigit() for p in (preempted / "checkpoints").glob("*")):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-5000:]
             time.sleep(0.05)
-        # A preemption: the node goes, each worker's processes get SIGTERM.
+        # A preemption: the node goes, each worker's trainer gets SIGTERM. The trainers are frozen
+        # (SIGSTOP) while this happens so that a run this short cannot finish before the notice.
+        children = [int((r / "child.pid").read_text()) for r in runs]
+        for pid in children:
+            os.kill(pid, signal.SIGSTOP)
+        assert not any((r / "rc").exists() for r in runs), "the run ended before the preemption"
         fake.update(node={"dit": "PREEMPTED"}, qr={"dit": "SUSPENDED"})
-        run = max((homes[0] / "dit_jax_runs").iterdir(), key=lambda p: int(p.name.rsplit("-", 1)[1])).name
-        for home in homes:
-            os.kill(int((home / "dit_jax_runs" / run / "child.pid").read_text()), signal.SIGTERM)
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            os.kill(pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=1800)
     finally:
         if proc.poll() is None:
