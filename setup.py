@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Scalable Diffusion Models with Transformers (DiT) in JAX/Flax NNX.",
     packages=find_packages(include=["dit_jax", "dit_jax.*"]),
+    package_data={"dit_jax": ["imagenet_classes.tsv"]},
     python_requires=">=3.10",
     install_requires=[
         line.strip()

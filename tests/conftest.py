@@ -401,6 +401,18 @@ def sample_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dit_jax.sample", *args]
 
 
+def execute_notebook(notebook: Path, out_dir: Path, **parameters: Any):
+    """Run ``notebook`` with papermill (parameters injected after its ``parameters`` cell) in a fresh
+    ``python3`` kernel working in ``out_dir``, which inherits this environment; returns the executed notebook."""
+    import nbformat
+    import papermill
+
+    out = out_dir / notebook.name
+    papermill.execute_notebook(str(notebook), str(out), parameters=parameters, kernel_name="python3",
+                               cwd=str(out_dir), progress_bar=False, execution_timeout=600)
+    return nbformat.read(out, as_version=4)
+
+
 # ---------------------------------------------------------------- FID InceptionV3 (issue 16)
 
 def torch_fidelity_inception_class():
