@@ -246,9 +246,9 @@ def test_the_notebook_shows_the_librarys_message_for_a_bad_label(tmp_path, offli
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_the_notebook_fetches_the_released_weights_and_says_what_to_fetch_offline(tmp_path, offline, tiny_vae_dir):
+def test_the_notebook_fetches_the_released_weights_and_says_what_to_fetch_offline(tmp_path, offline):
     import papermill
 
     # CKPT "" = the released DiT-XL/2 for RESOLUTION, through the registry; offline, the error names it.
     with pytest.raises(papermill.PapermillExecutionError, match=r"DiT-XL-2-512x512\.pt.*offline"):
-        execute_notebook(NOTEBOOK, tmp_path, INSTALL=False, CKPT="", RESOLUTION=512, VAE=str(tiny_vae_dir))
+        execute_notebook(NOTEBOOK, tmp_path, INSTALL=False, CKPT="", RESOLUTION=512)

@@ -1,0 +1,1 @@
+"""dit_jax: DiT (Peebles & Xie, 2023) in JAX/Flax NNX."""

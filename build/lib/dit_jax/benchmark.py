@@ -1,0 +1,605 @@
+"""Throughput of the training step and of guided sampling, with FLOPs and MFU; optionally vs PyTorch.
+
+``python -m dit_jax.benchmark --model DiT-XL/2 --batch 32 --steps 20 --dtype bfloat16`` times
+the project's real jitted train step (``train.make_train_step``: hybrid loss, label dropout,
+AdamW, EMA) on a fixed on-device batch of random latents, so no input pipeline is measured,
+with the state and batch laid out on a device mesh (``sharding.py``; ``--mesh``), then a
+guided DDPM run (``sample.generate``, 250 steps unless ``--sample_steps``). Each timed call
+ends with ``block_until_ready``; warm-up calls (compilation included) are not timed.
+
+Train FLOPs come from XLA's cost analysis of the step (see ``flops.py``: a multiply-add is
+two flops; everything the step computes counts, optimiser and EMA included). They are
+counted on the lowered, global program, before XLA's fusion duplicates cheap elementwise
+work into several kernels (the compiled per-device count times the devices is a few %
+higher on tiny models): these are the model's flops, so the ratio to the devices' dense
+peak for ``--dtype`` is the MFU, "unknown" where the device is not in
+``flops.peak_flops_per_device``'s table.
+
+``--torch`` also times the same model and batch in PyTorch on the CPU or CUDA device:
+diffusers' ``DiTTransformer2DModel`` (see ``torch_train_benchmark`` for what each side computes).
+
+``--loader_dir DIR`` instead measures the training input: the latents/s that the grain
+pipeline over an ``extract_latents`` folder delivers on this host (shuffled reads, a fresh
+posterior sample and a random flip per latent, batched, prefetched).
+"""
+
+from __future__ import annotations
+
+import time
+
+_MODULE_START = time.perf_counter()  # before jax's import: start-up figures count the imports too
+
+import json
+import os
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dit_jax import diffusion as gd, flops, input_pipeline, latents, sample, sharding, train
+from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, count_params
+from dit_jax.recipes import paper_config
+
+def _timed(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    """Seconds of each of ``steps`` calls after ``warmup`` untimed ones; each waits for its result."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _summary(seconds: list[float], batch: int) -> dict[str, float]:
+    median = statistics.median(seconds)
+    return {"step_seconds_median": median, "step_seconds_min": min(seconds),
+            "step_seconds_mean": statistics.fmean(seconds), "images_per_sec": batch / median}
+
+
+def random_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
+    """A batch of standard-normal latents and uniform labels, shaped as ``config`` says."""
+    m, n = config.model, config.train.batch_size
+    rng = np.random.default_rng(seed)
+    return {"image": rng.standard_normal((n, m.input_size, m.input_size, m.in_channels), np.float32),
+            "label": rng.integers(0, m.num_classes, n, dtype=np.int32)}
+
+
+# The compiled train step's HLO text, written beside a profile (its op names are the trace's).
+PROFILE_HLO = "train_step.hlo.txt"
+
+
+def peak_memory_bytes() -> int | None:
+    """The most device memory any local device has held (its allocator's peak), or None where the
+    backend keeps no statistics (CPUs)."""
+    stats = [d.memory_stats() for d in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    return max(peaks) if peaks else None
+
+
+def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int, count_flops: bool = True,
+                    profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """Step time, images/s, train FLOPs per image and MFU of ``train.make_train_step`` on ``config``.
+
+    The state and batch are placed on the mesh ``config.mesh`` over all devices. ``startup``
+    splits the time to the first finished step: creating the state, counting the FLOPs (a CPU
+    lowering, skipped with ``count_flops=False``), tracing/lowering the step, compiling it, the
+    first call; ``since_start_seconds`` is measured from this module's import (before jax's),
+    which for ``python -m dit_jax.benchmark`` is the start of the command. With ``profile_dir``,
+    ``profile_steps`` more steps are traced there (``jax.profiler``, with a Perfetto JSON trace)
+    beside the compiled program's text (``PROFILE_HLO``), for ``sweep.time_split``.
+    """
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1 (the first call compiles), got {steps}, {warmup}")
+    num_devices = jax.device_count()
+    sharding.check_config(config, num_devices)
+    mesh = sharding.create_mesh(config.mesh)
+    startup, clock = {}, time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        startup[f"{name}_seconds"], clock = now - clock, now
+
+    graphdef, fixed, state = train.create_train_state(config, mesh)  # as the trainer: sharded from the start
+    batch = sharding.global_batch(random_batch(config, config.seed + 1), mesh)
+    jax.block_until_ready((state, batch))
+    phase("init")
+    diffusion = train.build_diffusion(config)
+    step_fn = train.make_train_step(config, graphdef, fixed, diffusion, mesh)
+    flops_per_step = None
+    if count_flops:
+        flops_per_step = train.step_flops(config, graphdef, fixed, diffusion, state)  # the global program
+        phase("flops_count")
+    lowered = step_fn.lower(state, batch)
+    phase("trace")
+    compiled = lowered.compile()
+    phase("compile")
+
+    def call():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return state, metrics
+
+    jax.block_until_ready(call())
+    phase("first_step")
+    startup["since_start_seconds"] = clock - _MODULE_START
+    seconds = _timed(call, steps, warmup - 1)
+    result = {"num_params": count_params(nnx.merge(graphdef, state.params, fixed)), "num_devices": num_devices,
+              "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
+              "remat": config.remat, "attention": config.attention, "scan_blocks": bool(config.model.scan_blocks),
+              "batch": config.train.batch_size, "steps": steps, **_summary(seconds, config.train.batch_size),
+              "peak_memory_bytes": peak_memory_bytes(), "startup": startup,
+              "train_flops_per_image": None if flops_per_step is None else flops_per_step / config.train.batch_size}
+    if flops_per_step is not None:
+        result.update(_utilisation(flops_per_step / result["step_seconds_median"], config.dtype))
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)
+        with open(os.path.join(profile_dir, PROFILE_HLO), "w") as f:
+            f.write(compiled.as_text())
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            profiled = _timed(call, profile_steps, 0)
+        result["profile"] = {"dir": profile_dir, "steps": profile_steps, "step_seconds": profiled}
+    return result
+
+
+def _utilisation(flops_per_sec: float, dtype: str) -> dict[str, float | None]:
+    """Achieved TFLOP/s, the devices' summed dense peak and their ratio (MFU); ``None`` where the peak is unknown."""
+    peak = flops.peak_flops_per_device(jax.devices()[0], DTYPES[dtype])
+    peak = None if peak is None else jax.device_count() * peak
+    return {"achieved_tflops_per_sec": flops_per_sec / 1e12,
+            "peak_tflops_per_sec": None if peak is None else peak / 1e12,
+            "mfu": None if peak is None else flops_per_sec / peak}
+
+
+def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float) -> dict[str, Any]:
+    """Images/s, FLOPs per image and MFU of one guided DDPM run of ``num_steps`` over ``train.batch_size`` labels.
+
+    The model is freshly initialised (the weights do not change the work) and replicated
+    over the mesh ``config.mesh``; the labels are split over its batch axes. The run is
+    done twice with the same shapes; the first compiles and is not timed. XLA counts a
+    ``lax.scan`` body once, so the FLOPs are those of one guided model evaluation (the
+    doubled batch) times ``num_steps``; the sampler's own elementwise update is left out.
+    """
+    mesh = sharding.create_mesh(config.mesh)
+    model = train.build_model(config, rngs=nnx.Rngs(config.seed))
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
+    diffusion = train.build_diffusion(config, str(num_steps))
+    n = config.train.batch_size
+    labels = jax.device_put(np.arange(n, dtype=np.int32) % config.model.num_classes, sharding.batch_sharding(mesh))
+
+    def call():
+        return sample.generate(model, diffusion, labels, jax.random.key(config.seed), cfg_scale=cfg_scale)
+
+    graphdef, state = nnx.split(model)
+    m = config.model
+
+    def guided_eval(state, x, t, y):
+        return nnx.merge(graphdef, state).forward_with_cfg(x, t, y, cfg_scale)
+
+    x = jax.ShapeDtypeStruct((2 * n, m.input_size, m.input_size, m.in_channels), np.float32)
+    t = y = jax.ShapeDtypeStruct((2 * n,), np.int32)
+    flops_per_image = num_steps * flops.lowered_flops(guided_eval, state, x, t, y) / n
+    (seconds,) = _timed(call, 1, 1)
+    return {"images": n, "sample_steps": num_steps, "cfg_scale": cfg_scale, "seconds": seconds,
+            "images_per_sec": n / seconds, "sample_flops_per_image": flops_per_image,
+            **_utilisation(flops_per_image * n / seconds, config.dtype)}
+
+
+def _architecture(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """Patch size, width, depth and heads of ``config.model`` (a paper model or explicit sizes)."""
+    m = config.model
+    if m.name:
+        return {k: MODELS[m.name][k] for k in ("patch_size", "hidden_size", "depth", "num_heads")}
+    return dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads)
+
+
+def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
+                          torch_compile: bool | str = False) -> dict[str, Any]:
+    """The same training step in PyTorch: diffusers' ``DiTTransformer2DModel``, AdamW and EMA.
+
+    Both sides draw timesteps, noise and label dropout per step, run the DiT on the noised
+    batch and backpropagate mse(eps) + vb, then take an AdamW step and update the EMA.
+    ``train.train_step`` computes the official vb (KL of the true posterior to the
+    predicted one, the decoder NLL where t = 0) and the gradient norm; this side computes
+    the KL for every t (the elementwise work of both is negligible next to the transformer).
+    diffusers' DiT gives every block its own timestep/label embedder, so it has more
+    parameters (``num_params``) than the official DiT; its attention is PyTorch's
+    ``scaled_dot_product_attention``. ``config.dtype`` bfloat16 runs the model under
+    ``torch.autocast`` (float32 weights and optimiser, bfloat16 matmuls: PyTorch's form of our
+    mixed precision). Runs on CUDA if available, else on the CPU with one thread per core; on
+    CUDA it frees its cached memory when done, so JAX can take the device after it.
+
+    What a PyTorch user would do for speed: ``torch_compile`` wraps the model in ``torch.compile``
+    (``True``: the default inductor backend; a string names another backend) and the warm-up
+    steps compile it; on CUDA, AdamW is the fused kernel, and SDPA dispatches bfloat16 attention
+    to its flash kernel.
+    """
+    import torch  # only this benchmark needs PyTorch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    m = config.model
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1, got {steps}, {warmup}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    channels, n = m.in_channels, config.train.batch_size
+    model = _diffusers_dit(config, device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config.train.weight_decay, fused=device.type == "cuda")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
+    backend = ("inductor" if torch_compile is True else torch_compile) or None
+    forward = torch.compile(model, backend=backend) if backend else model
+    # The chain's tables from NumPy: a JAX array here would start JAX's backend, which takes
+    # 75% of a GPU's memory before PyTorch has run.
+    num_timesteps = config.diffusion.steps
+    host_tables = gd.chain_tables(gd.get_beta_schedule(config.diffusion.noise_schedule, num_timesteps))
+    tables = {name: torch.tensor(host_tables[name], dtype=torch.float32, device=device) for name in (
+        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+        "posterior_log_variance_clipped", "log_betas")}
+    x = torch.randn(n, channels, m.input_size, m.input_size, device=device)  # NCHW, as diffusers wants
+    y = torch.randint(0, m.num_classes, (n,), device=device)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    compute_dtypes = set()
+
+    def loss_fn() -> torch.Tensor:
+        t = torch.randint(0, num_timesteps, (n,), device=device)
+        at = {name: table[t].view(n, 1, 1, 1) for name, table in tables.items()}
+        noise = torch.randn_like(x)
+        x_t = at["sqrt_alphas_cumprod"] * x + at["sqrt_one_minus_alphas_cumprod"] * noise
+        with torch.autocast(**autocast):
+            out = forward(x_t, timestep=t, class_labels=y).sample
+        compute_dtypes.add(str(out.dtype).removeprefix("torch."))
+        out = out.float()
+        if not m.learn_sigma:
+            return ((noise - out) ** 2).mean()
+        eps, var_values = out.split(channels, dim=1)
+        mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
+        true_mean = at["posterior_mean_coef1"] * x + at["posterior_mean_coef2"] * x_t
+        true_log_var = at["posterior_log_variance_clipped"]
+        frac = (var_values + 1) / 2
+        log_var = frac * at["log_betas"] + (1 - frac) * true_log_var
+        pred_x0 = at["sqrt_recip_alphas_cumprod"] * x_t - at["sqrt_recipm1_alphas_cumprod"] * eps.detach()
+        mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x_t
+        kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                    + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        return (mse + kl.mean(dim=(1, 2, 3)) / np.log(2.0)).mean()
+
+    def call() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+        ema.update_parameters(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    seconds = _timed(call, steps, warmup)
+    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+              "compute_dtype": "/".join(sorted(compute_dtypes)), "threads": torch.get_num_threads(), "batch": n,
+              "compile": f"torch.compile({backend})" if backend else "eager", "steps": steps, **_summary(seconds, n)}
+    del model, forward, optimizer, ema, tables, x, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _diffusers_dit(config: ml_collections.ConfigDict, device: Any) -> Any:
+    """diffusers' ``DiTTransformer2DModel`` with ``config.model``'s patch, width, depth, heads, sigma and classes."""
+    from diffusers import DiTTransformer2DModel
+
+    m, arch = config.model, _architecture(config)
+    if m.block_type != "adaln_zero" or m.mlp_ratio != 4.0 or m.class_dropout_prob != 0.1:
+        raise ValueError("diffusers' DiT is adaLN-Zero with mlp_ratio 4 and label dropout 0.1; got block_type="
+                         f"{m.block_type}, mlp_ratio={m.mlp_ratio}, class_dropout_prob={m.class_dropout_prob}")
+    return DiTTransformer2DModel(
+        num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
+        in_channels=m.in_channels, out_channels=2 * m.in_channels if m.learn_sigma else m.in_channels,
+        num_layers=arch["depth"], sample_size=m.input_size, patch_size=arch["patch_size"],
+        num_embeds_ada_norm=m.num_classes, norm_eps=1e-6).to(device)
+
+
+def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
+                           repeats: int) -> dict[str, Any]:
+    """Guided DDPM sampling of ``train.batch_size`` latents in PyTorch, as the official ``sample.py`` runs it.
+
+    Eager, under ``torch.no_grad``: the batch doubled (conditional half, null label 1000 half, the
+    same latents), diffusers' DiT on the doubled batch, guidance on the first 3 eps channels
+    (``forward_with_cfg``), then the learned-range ``p_sample`` step with fresh noise, for each
+    of the ``num_steps`` respaced steps. Untimed: one warm-up model call; then ``repeats``
+    timed chains. bfloat16 runs the model under ``torch.autocast``.
+    """
+    import torch  # only this benchmark needs PyTorch
+
+    m, n = config.model, config.train.batch_size
+    if not m.learn_sigma:
+        raise ValueError("the sampling side by side runs the official learned-sigma chain: model.learn_sigma=True")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    model = _diffusers_dit(config, device).eval()
+    betas, kept = gd.respaced_betas(str(num_steps), noise_schedule=config.diffusion.noise_schedule,
+                                    diffusion_steps=config.diffusion.steps)
+    host_tables = gd.chain_tables(betas)  # NumPy: JAX must not start before PyTorch is done (GPU memory)
+    tables = {name: torch.tensor(host_tables[name], dtype=torch.float32, device=device) for name in (
+        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+        "posterior_log_variance_clipped", "log_betas")}
+    timesteps = torch.tensor(kept, device=device)
+    c = m.in_channels
+    y = torch.cat([torch.arange(n, device=device) % m.num_classes, torch.full((n,), m.num_classes, device=device)])
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+
+    def forward_with_cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        half = x[: len(x) // 2]
+        with torch.autocast(**autocast):
+            out = model(torch.cat([half, half]), timestep=timesteps[t], class_labels=y).sample
+        out = out.float()
+        eps, rest = out[:, :3], out[:, 3:]
+        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+    def chain(steps: int) -> torch.Tensor:
+        z = torch.randn(n, c, m.input_size, m.input_size, device=device)
+        x = torch.cat([z, z])
+        for i in reversed(range(num_steps - steps, num_steps)):
+            t = torch.full((2 * n,), i, device=device, dtype=torch.long)
+            at = {name: table[t].view(-1, 1, 1, 1) for name, table in tables.items()}
+            eps, var_values = forward_with_cfg(x, t).split(c, dim=1)
+            frac = (var_values + 1) / 2
+            log_var = frac * at["log_betas"] + (1 - frac) * at["posterior_log_variance_clipped"]
+            pred_x0 = at["sqrt_recip_alphas_cumprod"] * x - at["sqrt_recipm1_alphas_cumprod"] * eps
+            mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x
+            x = mean + (i != 0) * torch.exp(0.5 * log_var) * torch.randn_like(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x[:n]
+
+    with torch.no_grad():
+        chain(1)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            chain(num_steps)
+            seconds.append(time.perf_counter() - start)
+    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+              "threads": torch.get_num_threads(), "images": n, "seconds": seconds,
+              "seconds_median": statistics.median(seconds), "images_per_sec": n / statistics.median(seconds)}
+    del model, tables
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
+                         repeats: int) -> dict[str, Any]:
+    """The same guided chain with ``python -m dit_jax.sample``'s engine (no VAE), over all devices.
+
+    One program per block (``sample.create_image_sampler``, the whole chain one ``lax.scan``);
+    the first call compiles and is not timed, then ``repeats`` timed calls of one batch.
+    """
+    n, devices = config.train.batch_size, jax.device_count()
+    if n % devices:
+        raise ValueError(f"--batch {n} must be divisible by the {devices} devices")
+    model = train.build_model(config, rngs=nnx.Rngs(config.seed))
+    diffusion = train.build_diffusion(config, str(num_steps))
+    engine = sample.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,
+                                         mesh=sharding.create_mesh({"data": -1}))
+    labels = np.arange(n, dtype=np.int32) % config.model.num_classes
+    seconds = _timed(lambda: engine.dispatch(config.seed, 0, labels), repeats, 1)
+    return {"num_params": count_params(model), "device_kind": jax.devices()[0].device_kind, "num_devices": devices,
+            "images": n, "seconds": seconds, "seconds_median": statistics.median(seconds),
+            "images_per_sec": n / statistics.median(seconds)}
+
+
+def sample_side_by_side(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
+                        repeats: int) -> dict[str, Any]:
+    """Guided sampling of one batch, PyTorch (official-style eager loop, diffusers' DiT) first, then ours.
+
+    Returns both sides and the ratio of their median chain times (PyTorch / JAX: > 1 = ours faster).
+    """
+    result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size,
+                              "dtype": config.dtype, "sample_steps": num_steps, "cfg_scale": cfg_scale,
+                              "repeats": repeats, "load_average": os.getloadavg()}
+    result["torch_sample"] = torch_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
+    result["jax_sample"] = jax_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
+    result["torch_over_jax_sample_time"] = (result["torch_sample"]["seconds_median"]
+                                            / result["jax_sample"]["seconds_median"])
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def format_sample_report(result: dict[str, Any]) -> str:
+    """The ``sample_side_by_side`` result as readable lines."""
+    p, j = result["torch_sample"], result["jax_sample"]
+
+    def runs(side: dict[str, Any]) -> str:
+        return ", ".join(f"{s:.2f}" for s in side["seconds"])
+
+    return "\n".join([
+        f"guided sampling, {result['model']}, {result['latent_size']}x{result['latent_size']} latents, batch "
+        f"{j['images']}, {result['sample_steps']} DDPM steps, cfg {result['cfg_scale']}, {result['dtype']}; "
+        f"load average {', '.join(f'{v:.1f}' for v in result['load_average'])} before, "
+        f"{', '.join(f'{v:.1f}' for v in result['load_average_after'])} after",
+        f"PyTorch (diffusers DiT, official eager loop, {p['device']}, {p['threads']} threads): {runs(p)} s; "
+        f"median {p['seconds_median']:.2f} s, {p['images_per_sec']:.2f} images/s",
+        f"dit_jax ({j['num_devices']} x {j['device_kind']}): {runs(j)} s; median {j['seconds_median']:.2f} s, "
+        f"{j['images_per_sec']:.2f} images/s",
+        f"PyTorch / JAX sampling time (medians of {result['repeats']}): {result['torch_over_jax_sample_time']:.2f}",
+    ])
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_steps: int, cfg_scale: float,
+        with_torch: bool, torch_compile: bool | str = False, profile_dir: str | None = None) -> dict[str, Any]:
+    """All benchmarks ``config`` asks for, as one JSON-ready dict.
+
+    PyTorch runs first: JAX keeps the device memory it takes (by default it reserves 75% of
+    a GPU at its first use), so PyTorch after it would run out of memory on a large model.
+    """
+    result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size}
+    if with_torch:
+        result["torch_train"] = torch_train_benchmark(config, steps=steps, warmup=warmup, torch_compile=torch_compile)
+    result["train"] = train_benchmark(config, steps=steps, warmup=warmup, profile_dir=profile_dir)
+    if with_torch:
+        result["torch_over_jax_step_time"] = {
+            stat: result["torch_train"][f"step_seconds_{stat}"] / result["train"][f"step_seconds_{stat}"]
+            for stat in ("median", "min")}
+    if sample_steps:
+        result["sample"] = sample_benchmark(config, num_steps=sample_steps, cfg_scale=cfg_scale)
+    return result
+
+
+def loader_benchmark(latents_dir: str, *, batch_size: int, batches: int, warmup: int) -> dict[str, Any]:
+    """Latents/s (wall clock) and latents per CPU-second of the training input over ``latents_dir``.
+
+    ``warmup`` batches first fill the prefetch buffer and are passed, so the timed window
+    measures production, not the buffer.
+    """
+    if batch_size < 1 or batches < 1 or warmup < 0:
+        raise ValueError(f"batch_size and batches must be >= 1 and warmup >= 0, got {batch_size}, {batches}, {warmup}")
+    source = latents.LatentSource(latents_dir)
+    batches_it = input_pipeline.make_train_iterator(source, batch_size=batch_size, seed=0)
+    for _ in range(warmup):
+        next(batches_it)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+        batch = next(batches_it)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    n = batches * batch_size
+    return {"latents_dir": latents_dir, "latent_shape": list(batch["image"].shape[1:]), "batch": batch_size,
+            "batches": batches, "seconds": wall, "latents_per_sec": n / wall, "latents_per_cpu_sec": n / cpu}
+
+
+def _percent(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def format_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def format_startup(startup: dict[str, float]) -> str:
+    """``train_benchmark``'s start-up phases as one line."""
+    phases = ", ".join(f"{name.removesuffix('_seconds').replace('_', ' ')} {value:.1f} s"
+                       for name, value in startup.items() if name != "since_start_seconds")
+    return f"start-up: first step finished {startup['since_start_seconds']:.1f} s after the start ({phases})"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The ``run`` result as readable lines."""
+    t = result["train"]
+    lines = [
+        f"{result['model']} on {t['num_devices']} x {t['device_kind']} (mesh {t['mesh']}), {t['dtype']}, "
+        f"{result['latent_size']}x{result['latent_size']} latents, batch {t['batch']}, {t['num_params']:,} parameters",
+        f"train step: {1e3 * t['step_seconds_median']:.1f} ms median, {1e3 * t['step_seconds_min']:.1f} ms min "
+        f"over {t['steps']} steps; {t['images_per_sec']:.1f} images/s",
+        f"train FLOPs/image: {t['train_flops_per_image'] / 1e9:.2f} GFLOP (XLA cost analysis, multiply-add = 2); "
+        f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {_percent(t['mfu'])}",
+        f"peak device memory: {format_bytes(t['peak_memory_bytes'])}; remat {t['remat']}, attention {t['attention']}"
+        f"{', scanned blocks' if t['scan_blocks'] else ''}",
+        format_startup(t["startup"]),
+    ]
+    if "torch_train" in result:
+        p, ratio = result["torch_train"], result["torch_over_jax_step_time"]
+        lines.append(f"PyTorch (diffusers DiT, {p['num_params']:,} parameters, {p['device']}, {p['compute_dtype']} "
+                     f"compute, {p['compile']}, {p['threads']} threads): {1e3 * p['step_seconds_median']:.1f} ms median, "
+                     f"{1e3 * p['step_seconds_min']:.1f} ms min; {p['images_per_sec']:.1f} images/s")
+        lines.append(f"PyTorch / JAX step time: {ratio['median']:.2f} (median), {ratio['min']:.2f} (min)")
+    if "sample" in result:
+        s = result["sample"]
+        lines.append(f"sampling: {s['images']} images, {s['sample_steps']}-step guided DDPM (scale "
+                     f"{s['cfg_scale']}): {s['seconds']:.2f} s, {s['images_per_sec']:.2f} images/s; "
+                     f"{s['sample_flops_per_image'] / 1e9:.1f} GFLOP/image, {s['achieved_tflops_per_sec']:.3f} "
+                     f"TFLOP/s; MFU {_percent(s['mfu'])}")
+    return "\n".join(lines)
+
+
+def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str],
+                attention: str = "xla", remat: str = "none", scan_blocks: bool = False) -> ml_collections.ConfigDict:
+    """The paper config of ``model`` with the benchmark's batch, dtype, attention, remat, block
+    scanning and ``axis=size`` mesh entries."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    config = paper_config(model, image_size)
+    config.train.batch_size = batch
+    config.dtype = dtype
+    config.attention = attention
+    config.remat = remat
+    config.model.scan_blocks = scan_blocks
+    for entry in mesh:
+        axis, _, size = entry.partition("=")
+        if axis not in config.mesh or not size.lstrip("-").isdigit():
+            raise ValueError(f"mesh entries are axis=size with axis one of {list(config.mesh)}, got {entry!r}")
+        config.mesh[axis] = int(size)
+    return config
+
+
+def _define_flags() -> None:
+    """The command line. Defined only when run as a program: ``model_stats`` has a ``--json``
+    flag too, and both modules are imported side by side (tests, notebooks)."""
+    flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
+    flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
+    flags.DEFINE_enum("attention", "xla", list(ATTENTION_IMPLEMENTATIONS),
+                      "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16).")
+    flags.DEFINE_enum("remat", "none", list(REMAT_MODES), "Recompute block activations in the backward pass.")
+    flags.DEFINE_bool("scan_blocks", False, "Stack the blocks' parameters and run them as one lax.scan.")
+    flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
+                      "default: all devices on data.")
+    flags.DEFINE_integer("batch", 32, "Global batch: training examples per step, images per sampling run.")
+    flags.DEFINE_integer("steps", 20, "Timed training steps.")
+    flags.DEFINE_integer("warmup", 2, "Untimed training steps first (the first one compiles).")
+    flags.DEFINE_integer("sample_steps", 250, "DDPM steps of the timed guided sampling run; 0 skips it.")
+    flags.DEFINE_float("cfg_scale", 4.0, "Guidance scale of the sampling run.")
+    flags.DEFINE_bool("torch", False, "Also time the same training step in PyTorch (diffusers DiT).")
+    flags.DEFINE_bool("torch_compile", False, "With --torch: torch.compile the PyTorch model (inductor).")
+    flags.DEFINE_string("profile_dir", None, "Also trace 3 train steps with jax.profiler into this folder.")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+    flags.DEFINE_bool("sample_torch", False, "Instead: guided sampling of one --batch (--sample_steps, --cfg_scale), "
+                      "PyTorch (the official eager loop on diffusers' DiT) then ours, --sample_repeats timed runs each.")
+    flags.DEFINE_integer("sample_repeats", 3, "Timed sampling runs per side with --sample_torch (the median counts).")
+    flags.DEFINE_string("loader_dir", None, "Instead: time the training input over this extract_latents folder "
+                        "(--batch latents a batch, --steps batches after --warmup).")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if f.sample_steps < 0:
+        raise app.UsageError(f"--sample_steps must be >= 0, got {f.sample_steps}")
+    if f.loader_dir:
+        result = loader_benchmark(f.loader_dir, batch_size=f.batch, batches=f.steps, warmup=f.warmup)
+        print(json.dumps(result, indent=1) if f.json else
+              f"loader: {result['latents_per_sec']:,.0f} latents/s ({result['latents_per_cpu_sec']:,.0f} per "
+              f"CPU-second), batches of {f.batch} x {result['latent_shape']} from {f.loader_dir}")
+        return
+    try:
+        config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh,
+                             attention=f.attention, remat=f.remat, scan_blocks=f.scan_blocks)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    if f.sample_torch:
+        if f.sample_steps < 1:
+            raise app.UsageError("--sample_torch needs --sample_steps >= 1")
+        result = sample_side_by_side(config, num_steps=f.sample_steps, cfg_scale=f.cfg_scale, repeats=f.sample_repeats)
+        print(json.dumps(result, indent=1) if f.json else format_sample_report(result))
+        return
+    result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,
+                 with_torch=f.torch, torch_compile=f.torch_compile, profile_dir=f.profile_dir)
+    print(json.dumps(result, indent=1) if f.json else format_report(result))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,326 @@
+"""Orbax checkpoints of a training run, and resuming from the newest intact one.
+
+One step directory holds three items: ``state`` (the ``TrainState`` pytree: params, optimiser
+state, EMA params, step, RNG), ``data`` (each process's grain iterator position) and ``config``
+(the run's config as JSON, to refuse resuming another model). A run may resume on another
+mesh or another number of processes. Orbax writes a step to a
+temporary directory and renames it when complete, and deletes old steps (``max_to_keep``) only
+after a newer one is committed, so a killed run always leaves its last committed step behind.
+
+A fourth item, ``checksums``, records two 32-bit sums of every array's bits, computed on the
+devices in one fused reduction (``fingerprint``; integer sums do not depend on the sharding,
+so any mesh reproduces them), together with an all-finite check of the state: a step is
+saved only if it is finite, and restored only if its arrays reproduce the recorded sums.
+Anything that fails (unreadable, changed bits, non-finite) is reported, moved to the
+quarantine folder (every copy kept) and the previous step is tried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from grain import checkpoint as grain_checkpoint
+from jax.experimental import multihost_utils
+
+from dit_jax import input_pipeline, sharding
+
+ITEMS = ("state", "data", "config", "checksums")
+# Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it when complete.
+TMP_MARKER = ".orbax-checkpoint-tmp"
+# Config sections that define the parameters and what they compute: a checkpoint whose values
+# differ in any of them belongs to another model.
+MODEL_SECTIONS = ("model", "diffusion")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoints in a directory belong to another model than the config."""
+
+
+class NoIntactCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be restored."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A step's arrays do not match their recorded checksums, or are not finite."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background checkpoint write failed (e.g. a full disk)."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as uint32 (narrower types widened; PRNG keys as their key data)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}")).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """[n, 2] uint32 (sum of the words, sum of the words times (2 * flat index + 1)) and all-finite."""
+    sums = []
+    for x in leaves:
+        words = _words(x)
+        # The flat index from one iota per axis (no reshape: the array keeps its sharding).
+        index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+        for axis in reversed(range(words.ndim)):
+            index += jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+            stride *= words.shape[axis]
+        # Odd weights: a single flipped bit changes the weighted sum by an odd multiple of a power of two (never
+        # 0 mod 2**32), and the weights make it sensitive to moved words too.
+        sums.append(jnp.stack([words.sum(dtype=jnp.uint32), (words * (2 * index + 1)).sum(dtype=jnp.uint32)]))
+    finite = [jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(sums), jnp.stack(finite).all() if finite else jnp.bool_(True)
+
+
+def fingerprint(tree: Any) -> tuple[dict[str, list[int]], bool]:
+    """(``{array path: [sum, weighted sum]}``, whether every floating-point number is finite) of ``tree``.
+
+    One jitted reduction over the (sharded, possibly multi-process) arrays; every process gets the
+    same values, and any mesh the same sums (integer addition wraps, so its order does not matter).
+    """
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(tree))
+    sums, finite = _fingerprint(list(leaves))
+    # Replicated results: this process's copy (a multi-process array is not addressable as a whole).
+    sums, finite = (np.asarray(a.addressable_data(0)) for a in (sums, finite))
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path in paths]
+    return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}, bool(finite)
+
+
+def create_manager(directory: str, *, every_steps: int, max_to_keep: int) -> ocp.CheckpointManager:
+    """An async ``CheckpointManager`` saving every ``every_steps`` steps, keeping the newest ``max_to_keep``."""
+    # Unfinished writes are not deleted on start-up: ``restore_latest`` reports them and keeps them aside.
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=max_to_keep,
+                                           cleanup_tmp_directories=False, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: grain.DatasetIterator,
+         config: ml_collections.ConfigDict, *, checksums: dict[str, list[int]], force: bool = False) -> bool:
+    """Start an async save of ``step`` with ``checksums`` (``fingerprint(state)[0]``; only on the manager's
+    schedule unless ``force``); True if started. Raises ``CheckpointSaveError`` if the previous save failed."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain_checkpoint.CheckpointSave(iterator),
+                              config=ocp.args.JsonSave(config.to_dict()),
+                              checksums=ocp.args.JsonSave({"version": 1, "arrays": checksums}))
+    with _reporting_failed_saves(manager):
+        return manager.save(step, args=args, force=force)
+
+
+def committed_steps(directory: str) -> list[int]:
+    """The step directories Orbax has committed in ``directory`` (renamed from their temporary name)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+@contextlib.contextmanager
+def _reporting_failed_saves(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Turn the error of a failed background save into one ``CheckpointSaveError`` line that names the step,
+    its path, the last committed step and what to do."""
+    try:
+        yield
+    except Exception as e:
+        directory = str(manager.directory)
+        unfinished = sorted(n for n in os.listdir(directory) if TMP_MARKER in n) if os.path.isdir(directory) else []
+        failed = (f"step {unfinished[-1].split('.')[0]} ({os.path.join(directory, unfinished[-1])})" if unfinished
+                  else f"a step in {directory}")
+        committed = committed_steps(directory)
+        last = (f"the last committed checkpoint is step {committed[-1]}" if committed
+                else "no checkpoint has been committed")
+        text = str(e).strip()
+        reason = "no space left on device" if "No space left" in text else (text.splitlines() or [""])[-1][:300]
+        raise CheckpointSaveError(
+            f"saving the checkpoint of {failed} failed: {reason}; {last}. Free space on that disk (or fix its "
+            "permissions) and rerun the same command: it resumes from the last committed step.") from None
+
+
+def check_saves(manager: ocp.CheckpointManager, pending: bool) -> bool:
+    """Raise ``CheckpointSaveError`` as soon as the ``pending`` background save has failed; whether one is
+    still pending (cheap: call it every step, with True after starting a save)."""
+    if not pending or manager.is_saving_in_progress():
+        return pending
+    with _reporting_failed_saves(manager):
+        manager.wait_until_finished()  # done: returns at once, or raises the save's error
+    return False
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """Wait for the last background save and close ``manager``; a failed save raises ``CheckpointSaveError``."""
+    with _reporting_failed_saves(manager):
+        manager.close()
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                       sections: tuple[str, ...]) -> list[str]:
+    """``section.field: saved -> current`` for each field of ``sections`` present in both and different."""
+    current = json.loads(json.dumps(config.to_dict()))  # as saved: tuples become lists
+    out = []
+    for section in sections:
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(old.keys() & new.keys()):
+            if old[key] != new[key]:
+                out.append(f"{section}.{key}: {old[key]!r} -> {new[key]!r}")
+    return out
+
+
+def _quarantine(manager: ocp.CheckpointManager, names: list[str], quarantine_dir: str) -> list[str]:
+    """Move step directories (by name) out of the manager's way, kept for inspection: a name already in
+    ``quarantine_dir`` gets a suffix (``30.1``, ``30.2``, ...), so no earlier copy is lost. Their new paths."""
+    moved = []
+    if sharding.is_main_process():
+        os.makedirs(quarantine_dir, exist_ok=True)
+        for name in names:
+            target, copy = os.path.join(quarantine_dir, name), 0
+            while os.path.exists(target):
+                copy += 1
+                target = os.path.join(quarantine_dir, f"{name}.{copy}")
+            shutil.move(os.path.join(str(manager.directory), name), target)
+            moved.append(target)
+    multihost_utils.sync_global_devices("dit_jax_checkpoint_quarantine")
+    manager.reload()
+    return moved
+
+
+def _set_aside_unfinished_writes(manager: ocp.CheckpointManager, quarantine_dir: str) -> None:
+    """Report the temporary directories of writes that never finished (a killed or failed save) and keep them
+    in ``quarantine_dir`` (Orbax would delete them)."""
+    directory = str(manager.directory)
+    unfinished = (sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
+                  if sharding.is_main_process() and os.path.isdir(directory) else [])
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(len(unfinished)))):  # every process must agree
+        return
+    for name, target in zip(unfinished, _quarantine(manager, unfinished, quarantine_dir)):
+        logging.warning("%s is the unfinished write of checkpoint step %s (the run was killed or failed while "
+                        "saving it); moved to %s, not used", os.path.join(directory, name), name.split(".")[0],
+                        target)
+
+
+def _verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Raise ``CorruptCheckpointError`` if the restored ``state`` of ``step`` is not finite or does not
+    reproduce the checksums recorded when it was saved (steps written before checksums are only warned of)."""
+    sums, finite = fingerprint(state)
+    if os.path.isdir(os.path.join(str(manager.directory), str(step), "checksums")):
+        # First: changed bits explain anything else (damaged bytes often decode to NaN).
+        recorded = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
+        changed = [name for name in sums if recorded["arrays"].get(name) != sums[name]]
+        changed += sorted(set(recorded["arrays"]) - set(sums))
+        if changed:
+            raise CorruptCheckpointError(
+                f"{len(changed)} of its {len(sums)} arrays differ from the checksums recorded when it was saved "
+                f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}): its files changed after they "
+                "were written (a damaged disk or copy)")
+    else:
+        logging.warning("checkpoint step %d has no checksums (written by an older version): its arrays cannot be "
+                        "verified", step)
+    if not finite:
+        raise CorruptCheckpointError("it holds non-finite numbers (NaN or inf): it was saved by a run that diverged")
+
+
+def _plain_reason(step_dir: str, error: Exception) -> str:
+    """Why a step could not be restored, in words."""
+    if isinstance(error, CorruptCheckpointError):
+        return str(error)
+    if os.path.isdir(step_dir) and not os.listdir(step_dir):
+        return "its directory is empty (the write was killed before anything was saved)"
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    if isinstance(error, FileNotFoundError) or "does not exist" in first_line or "No such file" in first_line:
+        return f"a file of it is missing ({first_line})"
+    return f"its files cannot be read: truncated or damaged ({type(error).__name__}: {first_line})"
+
+
+def _restore_position(manager: ocp.CheckpointManager, step: int, iterator: grain.DatasetIterator,
+                      batches: int) -> None:
+    """Set ``iterator`` to this process's saved position, or from the step count if the checkpoint
+    was written by a different number of processes (grain keeps one file per process)."""
+    data_dir = os.path.join(str(manager.directory), str(step), "data")
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
+    if own in saved or not saved:  # no files at all: let grain report the missing data
+        manager.restore(step, args=ocp.args.Composite(data=grain_checkpoint.CheckpointRestore(iterator)))
+        return
+    input_pipeline.seek(iterator, batches)
+    logging.warning("checkpoint step %d was written by %s process(es), this run has %d: each process's input "
+                    "continues after batch %d (the same examples; new augmentation draws)",
+                    step, saved[0].split("-of-")[-1].removesuffix(".json"), jax.process_count(), batches)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator: grain.DatasetIterator,
+                   config: ml_collections.ConfigDict, *, quarantine_dir: str) -> Any | None:
+    """Restore the newest intact checkpoint onto ``abstract_state``'s shardings; ``None`` if there is none.
+
+    Sets ``iterator`` to the saved data position. Newer steps that cannot be read (a killed write,
+    a truncated or missing file, an empty directory), whose arrays do not match their recorded
+    checksums, or that hold non-finite numbers are reported and moved to ``quarantine_dir``, as are
+    the temporary directories of unfinished writes. Raises ``CheckpointMismatchError`` if a
+    checkpoint holds another model, and ``NoIntactCheckpointError`` if checkpoints exist but none
+    can be restored.
+    """
+    _set_aside_unfinished_writes(manager, quarantine_dir)
+    failures: list[tuple[int, str]] = []
+
+    def unreadable(step: int, error: Exception) -> None:
+        reason = _plain_reason(os.path.join(str(manager.directory), str(step)), error)
+        logging.warning("checkpoint step %d in %s is corrupt or incomplete: %s; trying the previous one",
+                        step, manager.directory, reason)
+        failures.append((step, reason))
+
+    for step in reversed(manager.all_steps()):
+        # Any failure to read a step means it is not intact.
+        try:
+            saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        except Exception as e:
+            unreadable(step, e)
+            continue
+        differences = config_differences(saved_config, config, MODEL_SECTIONS)
+        if differences:
+            raise CheckpointMismatchError(
+                f"{manager.directory} holds checkpoints of another model (step {step}): " + "; ".join(differences)
+                + ". Use a new --workdir for this config, or run with the checkpoint's config to resume it.")
+        try:
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+            _verify(manager, step, state)
+            _restore_position(manager, step, iterator, int(state.step))
+        except Exception as e:
+            unreadable(step, e)
+            continue
+        if failures:
+            logging.warning("resuming from step %d; moving the newer step(s) %s that cannot be used to %s", step,
+                            [s for s, _ in failures], quarantine_dir)
+            _quarantine(manager, [str(s) for s, _ in failures], quarantine_dir)
+        _warn_of_changes(saved_config, config, step)
+        return state
+    if failures:
+        raise NoIntactCheckpointError(
+            f"none of the checkpoints in {manager.directory} can be restored:\n"
+            + "\n".join(f"  step {s}: {r}" for s, r in failures)
+            + f"\nNothing was deleted. Move {manager.directory} away (or use a new --workdir) to start from scratch.")
+    return None
+
+
+def _warn_of_changes(saved: dict[str, Any], config: ml_collections.ConfigDict, step: int) -> None:
+    """Log the run settings that differ from the checkpoint's; explain what a new batch size changes."""
+    differences = config_differences(saved, config, ("train", "data", "sample", "mesh"))
+    differences = [d for d in differences if not d.startswith("train.steps:")]  # raising it continues a run
+    if differences:
+        logging.warning("resuming step %d with settings that differ from its run: %s", step, "; ".join(differences))
+    old, new = saved.get("train", {}).get("batch_size"), config.train.batch_size
+    if old is not None and old != new:
+        logging.warning(
+            "train.batch_size changes from %d to %d at step %d: every step now trains on %d examples (%.3gx the "
+            "gradient's sample); the input continues at batch %d of the new size, i.e. at example %d of the "
+            "shuffled order instead of %d (a different point of the epoch); train.lr, the warmup, the schedule and "
+            "the EMA decay stay per step (scale train.lr yourself if the batch size should change it)",
+            old, new, step, new, new / old, step, step * new, step * old)

@@ -1,0 +1,229 @@
+"""``python -m dit_jax.evaluate``: ADM's evaluator (Inception Score, FID, sFID, precision, recall) in JAX.
+
+    python -m dit_jax.evaluate --reference VIRTUAL_imagenet256_labeled.npz --samples samples.npz \\
+        [--inception_weights PATH] [--json OUT.json]
+
+Both files are ADM-style ``.npz``: ``arr_0`` uint8 ``[N, H, W, 3]``; a reference may also hold
+``mu, sigma, mu_s, sigma_s`` (used when present; ``arr_0`` then serves precision/recall only).
+Arrays are streamed from the file in batches (a 50K x 256 x 256 sample file is never loaded
+whole); on several processes each takes a contiguous share and only features are gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from dit_jax.evaluators import inception, metrics
+
+FIGURES = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
+           ("recall", "Recall"))
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+class BadBatch(ValueError):
+    """A sample or reference file that cannot be evaluated; the message says why and what to do."""
+
+
+class NpzImages:
+    """``arr_0`` of an ``.npz`` read in row chunks straight from the zip member (stored or deflated)."""
+
+    def __init__(self, path: str, key: str = "arr_0"):
+        self.path, self.key = path, key
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise BadBatch(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from err
+        names = set(self._zip.namelist())
+        if f"{key}.npy" not in names:
+            raise BadBatch(f"{path} has no {key!r} array (it holds {sorted(n[:-4] for n in names)}); "
+                           "ADM batches store the images as arr_0: np.savez(path, arr_0=uint8 [N, H, W, 3])")
+        with self._zip.open(f"{key}.npy") as f:
+            self.shape, self.dtype, self._offset = _npy_header(f, path)
+        if len(self.shape) != 4 or self.shape[-1] != 3:
+            raise BadBatch(f"{path}: {key} has shape {self.shape}; expected images [N, H, W, 3] (NHWC RGB)")
+        if self.dtype != np.uint8:
+            raise BadBatch(f"{path}: {key} is {self.dtype}, not uint8; ADM batches are uint8 in [0, 255] "
+                           "(DiT's sample_ddp.py writes clamp(127.5 * x + 128, 0, 255).to(uint8))")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def chunks(self, start: int, stop: int, size: int) -> Iterator[np.ndarray]:
+        """Rows ``start..stop-1`` in chunks of ``size``."""
+        row = int(np.prod(self.shape[1:]))
+        with self._zip.open(f"{self.key}.npy") as f:
+            f.seek(self._offset + start * row)
+            for begin in range(start, stop, size):
+                count = min(size, stop - begin)
+                data = f.read(count * row)
+                if len(data) != count * row:
+                    raise BadBatch(f"{self.path}: {self.key} is truncated (rows from {begin} missing)")
+                yield np.frombuffer(data, np.uint8).reshape((count,) + tuple(self.shape[1:]))
+
+
+def _npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise BadBatch(f"{path}: arr_0 is not a valid .npy array ({err})") from err
+    if fortran:
+        raise BadBatch(f"{path}: arr_0 is stored in Fortran order; save it with np.savez(path, arr_0=np.ascontiguousarray(x))")
+    return tuple(shape), dtype, f.tell()
+
+
+def read_statistics(path: str) -> dict[str, np.ndarray]:
+    """The precomputed ``mu, sigma, mu_s, sigma_s`` of a reference (those it has), checked for shape and NaN."""
+    try:
+        with np.load(path) as data:
+            stats = {k: np.asarray(data[k], np.float64) for k in STAT_KEYS if k in data.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise BadBatch(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from err
+    for mu, sigma, dim in (("mu", "sigma", inception.POOL_DIM), ("mu_s", "sigma_s", inception.SPATIAL_DIM)):
+        if (mu in stats) != (sigma in stats):
+            raise BadBatch(f"{path} has {mu if mu in stats else sigma} without {sigma if mu in stats else mu}")
+        if mu in stats and (stats[mu].shape != (dim,) or stats[sigma].shape != (dim, dim)):
+            raise BadBatch(f"{path}: {mu}/{sigma} have shapes {stats[mu].shape}/{stats[sigma].shape}; ADM's are "
+                           f"({dim},)/({dim}, {dim}) (statistics of another network?)")
+        for key in (mu, sigma):
+            if key in stats and not np.isfinite(stats[key]).all():
+                raise BadBatch(f"{path}: {key} contains NaN or inf")
+    return stats
+
+
+def batch_features(images: NpzImages, features: inception.FeatureFn, *, chunk: int,
+                   progress: bool = True, label: str = "") -> dict[str, np.ndarray]:
+    """Features of every image of ``images``: each process reads its contiguous share; all get all, in file order."""
+    import jax
+    import tqdm
+
+    n, count, index = len(images), jax.process_count(), jax.process_index()
+    shares = [(n * p // count, n * (p + 1) // count) for p in range(count)]
+    steps = -(-max(stop - start for start, stop in shares) // chunk)
+    per_process: list[dict[str, list[np.ndarray]]] = [{"pool": [], "spatial": [], "logits": []} for _ in shares]
+    bar = tqdm.tqdm(total=n, unit="img", desc=label, file=sys.stderr, disable=not progress or index != 0)
+    chunks = images.chunks(*shares[index], chunk)
+    for step in range(steps):  # every process runs the same number of (possibly empty) steps
+        local = next(chunks, np.zeros((0,) + tuple(images.shape[1:]), np.uint8))
+        feats = features(local)  # all processes' rows of this step, process 0's first
+        offset = 0
+        for p, (start, stop) in enumerate(shares):
+            size = min(max(stop - start - step * chunk, 0), chunk)
+            for k, v in feats.items():
+                per_process[p][k].append(v[offset:offset + size])
+            offset += size
+        bar.update(offset)
+    bar.close()
+    return {k: np.concatenate([part for proc in per_process for part in proc[k]]) for k in ("pool", "spatial", "logits")}
+
+
+def evaluate(reference: str, samples: str, *, inception_weights: str | None = None, batch_size: int | None = None,
+             pr_float16: bool = True, split_size: int = metrics.SPLIT_SIZE, progress: bool = True) -> dict[str, Any]:
+    """ADM's five figures for ``samples`` against ``reference``, with every setting and note (a JSON-able dict)."""
+    import jax
+
+    started = time.time()
+    sample_images = NpzImages(samples)
+    ref_stats = read_statistics(reference)
+    try:
+        ref_images: NpzImages | None = NpzImages(reference)
+    except BadBatch as err:
+        if "no 'arr_0'" not in str(err):
+            raise
+        ref_images = None
+    if ref_images is None and not ref_stats:
+        raise BadBatch(f"{reference} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)})")
+    notes = []
+    if ref_images is not None and ref_images.shape[1:3] != sample_images.shape[1:3]:
+        notes.append(f"samples are {sample_images.shape[1]}x{sample_images.shape[2]}, the reference images "
+                     f"{ref_images.shape[1]}x{ref_images.shape[2]}: allowed (both are resized to 299x299, as ADM "
+                     "does), but the figures compare different resolutions")
+    model = inception.create_inception(inception_weights)
+    features = inception.create_feature_fn(model, batch_size=batch_size)
+    chunk = 256
+    sample_feats = batch_features(sample_images, features, chunk=chunk, progress=progress, label="samples")
+    if not np.isfinite(sample_feats["pool"]).all():
+        raise BadBatch("the Inception features of the samples are not finite (NaN/inf): check the weights file")
+    reference_feats: dict[str, Any] = dict(ref_stats)
+    if ref_images is not None:
+        ref_feats = batch_features(ref_images, features, chunk=chunk, progress=progress, label="reference")
+        reference_feats.update(pool=ref_feats["pool"], spatial=ref_feats["spatial"])
+    figures, metric_notes = metrics.compute_metrics(sample_feats, reference_feats, split_size=split_size,
+                                                    pr_float16=pr_float16)
+    return {
+        **figures,
+        "num_samples": len(sample_images),
+        "num_reference_images": 0 if ref_images is None else len(ref_images),
+        "notes": notes + metric_notes,
+        "settings": {
+            "samples": os.path.abspath(samples), "reference": os.path.abspath(reference),
+            "sample_shape": list(sample_images.shape),
+            "reference_statistics": "precomputed mu/sigma/mu_s/sigma_s" if ref_stats else "from arr_0",
+            "inception_weights": inception_weights or inception.DEFAULT_WEIGHTS,
+            "resize": "TF1 ResizeBilinear to 299x299, no half-pixel centres", "normalisation": "(x - 128) / 128",
+            "precision": "float32, precision=HIGHEST", "fd_sqrt": "scipy.linalg.sqrtm, float64",
+            "is_split_size": split_size, "pr_k": metrics.PR_K, "pr_block": metrics.PR_BLOCK,
+            "pr_distances": "float16" if pr_float16 else "float32", "batch_size": batch_size,
+            "devices": jax.device_count(), "processes": jax.process_count(), "platform": jax.devices()[0].platform,
+        },
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("reference", None, "reference batch .npz (ADM's VIRTUAL_imagenet*.npz or one built by "
+                        "python -m dit_jax.reference_batch)", required=True)
+    flags.DEFINE_string("samples", None, "sample batch .npz: arr_0 uint8 [N, H, W, 3]", required=True)
+    flags.DEFINE_string("inception_weights", None, "the FID InceptionV3 weights: pytorch-fid's or torch-fidelity's "
+                        f".pth, a .safetensors conversion, or a registry name (default {inception.DEFAULT_WEIGHTS}, "
+                        "fetched into the cache)")
+    flags.DEFINE_string("json", None, "also write the figures, settings and notes to this JSON file")
+    flags.DEFINE_integer("batch_size", None, "global Inception batch (default 32 per device)")
+    flags.DEFINE_bool("pr_float32", False, "precision/recall distances in float32 instead of ADM's float16")
+    flags.DEFINE_string("save_safetensors", None, "convert --inception_weights to this .safetensors file and exit")
+
+
+def main(argv: list[str]) -> None:
+    from absl import flags
+
+    from dit_jax import sharding
+
+    del argv
+    f = flags.FLAGS
+    sharding.initialize_distributed()
+    try:
+        if f.save_safetensors:
+            print(f"wrote {inception.save_safetensors(f.inception_weights, f.save_safetensors)}")
+            return
+        result = evaluate(f.reference, f.samples, inception_weights=f.inception_weights, batch_size=f.batch_size,
+                          pr_float16=not f.pr_float32)
+    except (BadBatch, ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    if not sharding.is_main_process():
+        return
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"{result['num_samples']} samples")
+    for key, name in FIGURES:
+        print(f"{name}: {result[key]:.6g}" if key in result else f"{name}: not computed")
+    if f.json:
+        with open(f.json, "w") as out:
+            json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

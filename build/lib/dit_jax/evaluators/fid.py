@@ -1,0 +1,112 @@
+"""``fid``: ADM's five figures (FID, sFID, Inception Score, precision, recall) of N EMA samples.
+
+``num_samples`` images (labels uniform at random as DiT's ``sample_ddp.py`` draws them; sample
+``j`` depends only on (``seed``, ``j``)) come from the sharded sampling engine
+(``dit_jax.sample``), decoded through the latents' VAE on a latent run. Block by block they go
+through the FID InceptionV3 (``dit_jax.evaluators.inception``), keeping only features, and are
+compared with ``reference`` (ADM's ``VIRTUAL_imagenet256_labeled.npz``, or a batch built by
+``python -m dit_jax.evaluate``) by ``dit_jax.evaluators.metrics``. The metric names carry the
+settings: ``fid10k_cfg1.5``, ``sfid10k_cfg1.5``, ``is10k_cfg1.5``, ``precision10k_cfg1.5``,
+``recall10k_cfg1.5`` (with e.g. ``_ddim50`` when the chain is not the paper's DDPM-250).
+
+Off while ``reference`` is "" (the paper configs name no file: pass
+``--config.evals.fid.reference=PATH``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from dit_jax import sample
+from dit_jax.evaluators import common, inception, metrics
+
+DEFAULTS = dict(
+    num_samples=10_000,     # samples scored (the paper's FID uses 50,000)
+    cfg_scale=1.5,          # the paper's FID guidance (1.0 = unguided)
+    sampler="ddpm",
+    respacing="250",        # the paper's 250 DDPM steps
+    reference="",           # the reference batch (.npz); "" = this evaluator is off
+    inception_weights="",   # the FID InceptionV3 weights (.pth/.safetensors); "" = the registry's, fetched
+    vae="",                 # latent runs: "" = the VAE named in the latents' metadata.json
+    per_device_batch=32,    # samples per device per engine call
+    seed=0,                 # labels and noise
+)
+# compute_metrics' names -> the short names of the logged metrics.
+_SHORT = {"fid": "fid", "sfid": "sfid", "inception_score": "is", "precision": "precision", "recall": "recall"}
+
+
+def metric_suffix(settings: ml_collections.ConfigDict) -> str:
+    """``10k_cfg1.5`` (+ ``_<chain>`` unless DDPM-250): what the figures were computed with."""
+    n = settings.num_samples
+    text = f"{n // 1000}k" if n % 1000 == 0 else str(n)
+    text += f"_cfg{settings.cfg_scale:g}"
+    if (settings.sampler, settings.respacing) != ("ddpm", "250"):
+        chain = settings.respacing.replace(",", "-")
+        text += "_" + (chain if chain.startswith(settings.sampler) else settings.sampler + chain)
+    return text
+
+
+_STATS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+def reference_keys(path: str) -> list[str]:
+    """The arrays of a reference batch (checked up front: a file that cannot be used is named now)."""
+    try:
+        with np.load(path) as f:
+            keys = list(f.files)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"reference {path!r} cannot be read as an .npz ({type(err).__name__}: {err}); pass ADM's "
+                         "VIRTUAL_imagenet256_labeled.npz or a batch written by `python -m dit_jax.evaluate`") from err
+    if "arr_0" not in keys and not {"mu", "sigma"} <= set(keys):
+        raise ValueError(f"reference {path!r} holds neither images (arr_0) nor statistics (mu, sigma): {keys}")
+    return keys
+
+
+def load_reference(path: str, features: inception.FeatureFn) -> dict[str, Any]:
+    """What ``metrics.compute_metrics`` compares with: the stored statistics and the features of ``arr_0``."""
+    with np.load(path) as f:
+        reference = {k: f[k] for k in _STATS if k in f.files}
+        if "arr_0" in f.files:
+            feats = features(f["arr_0"])
+            reference.update(pool=feats["pool"], spatial=feats["spatial"])
+    return reference
+
+
+class Evaluator:
+    def __init__(self, settings: ml_collections.ConfigDict, run: common.RunInfo, *, name: str):
+        problems = common.sampling_problems(settings, run)
+        for field in ("num_samples", "per_device_batch"):
+            if settings[field] < 1:
+                problems.append(f"{field} must be >= 1, got {settings[field]}")
+        common.check(problems)
+        self.settings, self.run_info = settings, run
+        self.off = None if settings.reference else ("no reference batch: set reference to a .npz (ADM's "
+                                                    "VIRTUAL_imagenet256_labeled.npz or `python -m dit_jax.evaluate` "
+                                                    "output) to score FID during training")
+        if self.off:
+            return
+        name = common.vae_name(run, settings.vae)
+        self.vae = common.load_vae(name) if name else None
+        self._reference_keys = reference_keys(settings.reference)
+        self.features = inception.create_feature_fn(inception.create_inception(settings.inception_weights or None))
+        self._reference: dict[str, Any] | None = None
+
+    def run(self, ema: common.EmaModel) -> dict[str, Any]:
+        s = self.settings
+        if self._reference is None:  # the reference images' features, computed once
+            self._reference = load_reference(s.reference, self.features)
+        labels = sample.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
+        engine = sample.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
+                                             sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)
+        feats: dict[str, list[np.ndarray]] = {}
+        for block in sample.iterate_blocks(engine, labels, seed=s.seed):
+            for key, value in self.features(block.images).items():
+                feats.setdefault(key, []).append(value)
+            ema.raise_if_stopped()
+        figures, notes = metrics.compute_metrics({k: np.concatenate(v) for k, v in feats.items()}, self._reference)
+        suffix = metric_suffix(s)
+        return {**{f"{_SHORT[k]}{suffix}": v for k, v in figures.items()}, "notes": notes,
+                "reference": s.reference}

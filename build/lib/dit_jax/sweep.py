@@ -1,0 +1,489 @@
+"""A one-shot sweep of train-step settings, each row in a fresh process, and a profile of the best row.
+
+``python -m dit_jax.sweep --out sweep.json`` (on a GPU: about 7 minutes) times the real train
+step (``benchmark.train_benchmark``) of DiT-XL/2 in bfloat16 for each row of ``GPU_PLAN``:
+XLA against cuDNN attention, batch 128 and 256, remat ``none`` / ``block`` / ``dots``, scanned
+blocks, and XLA GPU flags (latency-hiding scheduler, Triton GEMM off, command buffers off).
+XLA reads its flags when the backend starts, so every row runs in its own subprocess with
+its own ``XLA_FLAGS`` and a time limit; a row that runs out of memory, fails or times out is
+reported as a row (status ``oom`` / ``failed`` / ``timeout``), and rows that would not finish
+within ``--budget_s`` are reported ``skipped``. Then the fastest row is run again with
+``jax.profiler`` (``profile`` in the JSON) and its device time is split into matmuls,
+attention, elementwise/normalisation, optimiser/EMA, other and gaps (``time_split``).
+
+Each row prints step time, images/s, MFU (train FLOPs of the model without recomputation,
+counted once per batch size on the CPU in a parallel process, over the devices' dense peak
+for the dtype: ``flops.py``), peak device memory ("n/a" where the backend keeps no
+statistics, e.g. CPUs), compile time and the time from the row's launch to its first finished
+step. The table is printed as rows finish and written to ``--out`` (JSON) after every row, so
+a killed sweep keeps what it measured. ``--rows FILE`` replaces the plan (a JSON list of rows),
+``--set a.b=value`` overrides config fields (the tests run a tiny model on the CPU this way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+
+from dit_jax.models import ATTENTION_IMPLEMENTATIONS, REMAT_MODES
+
+# One row of the sweep: what differs from the base settings (batch, attention, remat,
+# scan_blocks, xla_flags) and a name. Missing keys take ROW_DEFAULTS.
+ROW_DEFAULTS: dict[str, Any] = {"batch": 128, "attention": "xla", "remat": "none", "scan_blocks": False,
+                                "xla_flags": []}
+LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
+NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
+NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="  # an empty list of command types: off
+# In order of what is learned first (rows past the time budget are skipped, not lost silently).
+GPU_PLAN: tuple[dict[str, Any], ...] = (
+    {"name": "b128 xla (today's default)", "batch": 128},
+    {"name": "b128 cudnn", "batch": 128, "attention": "cudnn"},
+    {"name": "b256 cudnn", "batch": 256, "attention": "cudnn"},
+    {"name": "b256 cudnn remat=dots", "batch": 256, "attention": "cudnn", "remat": "dots"},
+    {"name": "b128 cudnn latency-hiding", "batch": 128, "attention": "cudnn", "xla_flags": [LATENCY_HIDING]},
+    {"name": "b128 cudnn no-triton-gemm", "batch": 128, "attention": "cudnn", "xla_flags": [NO_TRITON_GEMM]},
+    {"name": "b128 cudnn no-command-buffers", "batch": 128, "attention": "cudnn", "xla_flags": [NO_COMMAND_BUFFERS]},
+    {"name": "b256 cudnn remat=block", "batch": 256, "attention": "cudnn", "remat": "block"},
+    {"name": "b128 cudnn scan", "batch": 128, "attention": "cudnn", "scan_blocks": True},
+    {"name": "b256 xla", "batch": 256},
+)
+# The categories of ``time_split``, in the order they are tested and printed.
+CATEGORIES = ("attention", "matmul", "optimizer_ema", "elementwise_norm", "other")
+_RESULT_MARK = "SWEEP_RESULT "
+# Device memory a row may take: it is alone on the device (JAX's default is 75%).
+MEM_FRACTION = "0.95"
+
+
+def resolve_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with defaults filled in, checked: unknown keys, a missing name, bad flags are errors."""
+    out = []
+    for row in rows:
+        unknown = set(row) - set(ROW_DEFAULTS) - {"name"}
+        if unknown or "name" not in row:
+            raise ValueError(f"sweep row {row!r}: needs a name; unknown keys {sorted(unknown)} (known: name, "
+                             f"{', '.join(ROW_DEFAULTS)})")
+        row = {**ROW_DEFAULTS, **row}
+        problems = []
+        if not isinstance(row["xla_flags"], list) or not all(isinstance(f, str) and f.startswith("--")
+                                                              for f in row["xla_flags"]):
+            problems.append("xla_flags must be a list of --flag=value strings")
+        if row["remat"] not in REMAT_MODES:
+            problems.append(f"remat {row['remat']!r} is not one of {REMAT_MODES}")
+        if row["attention"] not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention {row['attention']!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        if not isinstance(row["batch"], int) or row["batch"] < 1 or not isinstance(row["scan_blocks"], bool):
+            problems.append("batch must be a positive integer and scan_blocks true or false")
+        if problems:
+            raise ValueError(f"sweep row {row['name']!r}: " + "; ".join(problems))
+        out.append(row)
+    return out
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``a.b=value`` strings -> {"a.b": value}, values read as JSON where they parse (numbers, true), else strings."""
+    parsed = {}
+    for entry in overrides:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise ValueError(f"config overrides are key=value (e.g. model.depth=2), got {entry!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        parsed[key] = value
+    return parsed
+
+
+def row_config(base: dict[str, Any], row: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The benchmark config of one row: ``base`` (model, image_size, dtype, overrides) with the row's settings."""
+    from dit_jax import benchmark  # imported where a row runs: the parent never starts a JAX backend
+
+    config = benchmark.make_config(base["model"], image_size=base["image_size"], batch=row["batch"],
+                                   dtype=base["dtype"], mesh=[], attention=row["attention"], remat=row["remat"],
+                                   scan_blocks=row["scan_blocks"])
+    for key, value in base.get("overrides", {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"unknown config field {key!r}")
+        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    return config
+
+
+def _run_row_here(spec: dict[str, Any]) -> dict[str, Any]:
+    """A row's measurement in this process (the ``--row`` child): ``benchmark.train_benchmark`` without
+    the FLOP count, the devices' peak for MFU, and, asked for, a profile split by ``time_split``."""
+    import jax
+
+    from dit_jax import benchmark, flops
+    from dit_jax.models import DTYPES
+
+    config = row_config(spec["base"], spec["row"])
+    result = benchmark.train_benchmark(config, steps=spec["steps"], warmup=spec["warmup"], count_flops=False,
+                                       profile_dir=spec.get("profile_dir"), profile_steps=spec.get("profile_steps", 3))
+    peak = flops.peak_flops_per_device(jax.devices()[0], DTYPES[config.dtype])
+    result["peak_flops_per_sec"] = None if peak is None else peak * jax.device_count()
+    result["since_launch_seconds"] = time.time() - spec["launched_at"] - (
+        time.perf_counter() - benchmark._MODULE_START - result["startup"]["since_start_seconds"])
+    if "profile" in result:
+        tokens = (config.model.input_size // _patch_size(config)) ** 2
+        result["profile"]["split"] = time_split(result["profile"]["dir"], sum(result["profile"]["step_seconds"]),
+                                                tokens=tokens)
+    return result
+
+
+def _patch_size(config: ml_collections.ConfigDict) -> int:
+    from dit_jax.models import MODELS
+
+    return MODELS[config.model.name]["patch_size"] if config.model.name else config.model.patch_size
+
+
+def _count_flops_here(spec: dict[str, Any]) -> dict[str, float]:
+    """Train FLOPs per image of the plain model (no remat, XLA attention, unrolled) for each batch (the ``--count`` child)."""
+    from flax import nnx
+
+    from dit_jax import sharding, train
+
+    counts = {}
+    for batch in spec["batches"]:
+        config = row_config(spec["base"], {**ROW_DEFAULTS, "batch": batch})
+        abstract_model = nnx.eval_shape(lambda: train.build_model(config, rngs=nnx.Rngs(0)))
+        graphdef, _, fixed = nnx.split(abstract_model, nnx.Param, ...)
+        state = train.abstract_train_state(config, sharding.create_mesh(config.mesh))
+        counts[str(batch)] = train.step_flops(config, graphdef, fixed, train.build_diffusion(config), state) / batch
+    return counts
+
+
+def _child_command(mode: str, spec: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "dit_jax.sweep", f"--{mode}", json.dumps(spec)]
+
+
+def _child_result(stdout: str) -> dict[str, Any] | None:
+    lines = [line for line in stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    return json.loads(lines[-1][len(_RESULT_MARK):]) if lines else None
+
+
+def _failure(stderr: str) -> tuple[str, str]:
+    """(status, the most telling line) of a failed child: ``oom`` when it ran out of device memory."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    oom = [line for line in lines if re.search(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM", line)]
+    errors = [line for line in lines if re.search(r"Error|error|Unknown flag|F\d{4} ", line)]
+    return ("oom", oom[-1]) if oom else ("failed", (errors or lines or ["no output"])[-1])
+
+
+def run_row(base: dict[str, Any], row: dict[str, Any], *, steps: int, warmup: int, timeout_s: float,
+            profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """One row in a fresh process with the row's ``XLA_FLAGS`` (appended to the caller's); a dict with ``status``."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *row["xla_flags"]]).strip()
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
+    spec = {"base": base, "row": row, "steps": steps, "warmup": warmup, "launched_at": time.time(),
+            "profile_dir": profile_dir, "profile_steps": profile_steps}
+    out = {"row": row}
+    try:
+        proc = subprocess.run(_child_command("row", spec), capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {**out, "status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
+    result = _child_result(proc.stdout)
+    if proc.returncode or result is None:
+        status, error = _failure(proc.stderr)
+        return {**out, "status": status, "error": error, "returncode": proc.returncode}
+    return {**out, "status": "ok", **result}
+
+
+def _start_count(base: dict[str, Any], batches: list[int]) -> subprocess.Popen:
+    """The FLOP count, started beside the rows on the host CPU (never the accelerator)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(_child_command("count", {"base": base, "batches": batches}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish_count(proc: subprocess.Popen, timeout_s: float) -> tuple[dict[str, float], str | None]:
+    try:
+        stdout, stderr = proc.communicate(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {}, "the FLOP count did not finish in time: MFU unknown"
+    result = _child_result(stdout)
+    return (result, None) if proc.returncode == 0 and result else ({}, "FLOP count failed: " + _failure(stderr)[1])
+
+
+def add_mfu(rows: list[dict[str, Any]], flops_per_image: dict[str, float]) -> None:
+    """MFU of each measured row: model FLOPs per image x images/s over the devices' peak (None where unknown)."""
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        count, peak = flops_per_image.get(str(row["batch"])), row["peak_flops_per_sec"]
+        row["train_flops_per_image"] = count
+        row["mfu"] = None if count is None or peak is None else count * row["images_per_sec"] / peak
+
+
+# ------------------------------------------------------------------ the profile's time split
+
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+# Ops that only hold other ops: their events span their body's events and are not counted.
+_CONTAINERS = re.compile(r"(?<![\w-])(while|call|conditional)\(")
+
+
+def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The compiled module's text -> (instruction name -> its line, computation name -> its instructions' lines).
+
+    Computations start at the line's first column and end their header with ``{``; their
+    instructions are indented ``name = shape op(...)`` lines.
+    """
+    instructions, computations, current = {}, defaultdict(list), None
+    for line in text.splitlines():
+        if line[:1] not in ("", " ", "\t", "}") and line.rstrip().endswith("{"):
+            current = line.removeprefix("ENTRY ").split()[0].lstrip("%")
+        elif current is not None and (match := _INSTRUCTION.match(line)):
+            instructions[match.group(1)] = match.group(2)
+            computations[current].append(match.group(2))
+    return instructions, computations
+
+
+def _called(line: str, computations: dict[str, list[str]], depth: int = 0) -> list[str]:
+    """The lines of ``line`` and of every computation it calls (fusions, custom-call bodies), recursively."""
+    lines = [line]
+    if depth < 4:
+        for name in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
+            for inner in computations.get(name, []):
+                lines.extend(_called(inner, computations, depth + 1))
+    return lines
+
+
+def classify(line: str, computations: dict[str, list[str]], *, tokens: int, optimizer_scope: str) -> str:
+    """The category of one executed HLO instruction (one of ``CATEGORIES``).
+
+    attention: cuDNN's fused attention, batched dots (in a DiT only attention's q.k and p.v
+    have batch dimensions), or anything touching a ``[..., tokens, tokens]`` array (softmax);
+    matmul: other dots, convolutions, cuBLAS/Triton GEMMs; optimizer_ema: ops of the step's
+    optimiser scope; elementwise_norm: other fusions and elementwise work (norms,
+    modulation, GELU, residuals, copies); other: collectives, control flow, the rest.
+    """
+    body = "\n".join(_called(line, computations))
+    square = re.compile(rf"\[[\d,]*\b{tokens},{tokens}\]")
+    if "fmha" in body or "lhs_batch_dims" in body or square.search(body):
+        return "attention"
+    if re.search(r"\b(dot|convolution)\(|cublas|gemm", body):
+        return "matmul"
+    if optimizer_scope in body:
+        return "optimizer_ema"
+    if re.search(r"(?<![\w-])(fusion|copy|transpose|add|multiply|subtract|divide|exponential|tanh|reduce|broadcast|select|"
+                 r"convert|maximum|rsqrt|sqrt|negate|power|concatenate|slice|dynamic-slice|dynamic-update-slice|"
+                 r"pad|iota|compare|log|bitcast|reshape)\(", body.split("\n", 1)[0]):
+        return "elementwise_norm"
+    return "other"
+
+
+def _trace_events(profile_dir: str) -> list[dict[str, Any]]:
+    """The op events (``args.hlo_op``) of the newest Perfetto trace under ``profile_dir``.
+
+    Where the trace has a device's "XLA Ops" line (GPUs, TPUs) only its events count: the
+    kernels' stream lines repeat them; on a CPU every thread's op events count.
+    """
+    paths = []
+    for root, _, files in os.walk(profile_dir):
+        paths += [os.path.join(root, f) for f in files if f == "perfetto_trace.json.gz"]
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {profile_dir}")
+    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
+             for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+           and e.get("name") == e["args"]["hlo_op"]]
+    xla_ops = [e for e in ops if "XLA Ops" in names.get((e.get("pid"), e.get("tid")), "")]
+    return xla_ops or ops
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, end) intervals, in the trace's microseconds -> seconds."""
+    total, end = 0.0, -float("inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e6
+
+
+def time_split(profile_dir: str, wall_seconds: float, *, tokens: int) -> dict[str, Any]:
+    """Where the profiled steps' time went: seconds per category, busy time and gaps, the top ops.
+
+    ``wall_seconds`` is the host-timed total of the profiled steps. Each op event of the train
+    step's module is classified by its instruction in the compiled text (``classify``); the
+    categories sum op durations (on a CPU ops overlap across threads, so the split is coarse
+    and may exceed the wall time); ``gaps`` is the wall time when no op of the step ran.
+    """
+    from dit_jax import benchmark, train
+
+    with open(os.path.join(profile_dir, benchmark.PROFILE_HLO)) as f:
+        instructions, computations = parse_hlo(f.read())
+    events = [e for e in _trace_events(profile_dir) if e["args"]["hlo_op"] in instructions
+              and not _CONTAINERS.search(instructions[e["args"]["hlo_op"]].split("metadata=", 1)[0])]
+    seconds: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
+    per_op: dict[str, float] = defaultdict(float)
+    categories = {}
+    for event in events:
+        op = event["args"]["hlo_op"]
+        if op not in categories:
+            categories[op] = classify(instructions[op], computations, tokens=tokens,
+                                      optimizer_scope=train.OPTIMIZER_SCOPE)
+        seconds[categories[op]] += event["dur"] / 1e6
+        per_op[op] += event["dur"] / 1e6
+    busy = _union_seconds([(e["ts"], e["ts"] + e["dur"]) for e in events])
+    top = sorted(per_op, key=per_op.get, reverse=True)[:10]
+    return {"seconds": seconds, "busy_seconds": busy, "gaps_seconds": max(wall_seconds - busy, 0.0),
+            "wall_seconds": wall_seconds, "events": len(events),
+            "top_ops": [{"op": op, "category": categories[op], "seconds": per_op[op]} for op in top]}
+
+
+# ------------------------------------------------------------------ the sweep and its table
+
+def _cell(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One table line (``TABLE_HEADER``'s columns)."""
+    r = row["row"]
+    flags = " ".join(f.removeprefix("--xla_gpu_") for f in r["xla_flags"]) or "-"
+    settings = f"| {r['name']} | {r['batch']} | {r['attention']} | {r['remat']} | {'yes' if r['scan_blocks'] else 'no'} | {flags} "
+    if row["status"] != "ok":
+        return settings + f"| {row['status']}: {row.get('error', '')[:120]} | | | | | | |"
+    mem = row["peak_memory_bytes"]
+    return settings + (f"| ok | {1e3 * row['step_seconds_median']:.1f} | {row['images_per_sec']:.1f} | "
+                       f"{_cell(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}"
+                       f"{'%' if row.get('mfu') is not None else ''} | {_cell(None if mem is None else mem / 2**30, '.1f')} | "
+                       f"{row['startup']['compile_seconds']:.1f} | {row['since_launch_seconds']:.1f} |")
+
+
+TABLE_HEADER = ("| row | batch | attention | remat | scan | XLA flags | status | step ms | img/s | MFU | peak GiB | "
+                "compile s | launch to 1st step s |\n|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+
+
+def format_split(split: dict[str, Any], steps: int) -> str:
+    """The profile's split as lines: ms per step and share of the wall time for each category and the gaps."""
+    wall = split["wall_seconds"]
+    parts = [f"{name} {1e3 * value / steps:.1f} ms ({100 * value / wall:.0f}%)"
+             for name, value in [*split["seconds"].items(), ("gaps", split["gaps_seconds"])]]
+    top = ", ".join(f"{o['op']} ({o['category']}) {1e3 * o['seconds'] / steps:.2f} ms" for o in split["top_ops"][:5])
+    return (f"per step ({1e3 * wall / steps:.1f} ms wall, {split['events']} op events): " + ", ".join(parts)
+            + f"\ntop ops per step: {top}")
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["status"] == "ok"]
+    return max(ok, key=lambda r: r["images_per_sec"]) if ok else None
+
+
+def sweep(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmup: int, budget_s: float,
+          row_timeout_s: float, profile_steps: int, profile_reserve_s: float, out: str | None,
+          profile_dir: str, log=print) -> dict[str, Any]:
+    """Run ``rows`` (``resolve_rows``), then profile the fastest; print the table as it grows, write ``out``."""
+    rows = resolve_rows(rows)
+    deadline = time.monotonic() + budget_s
+    counting = _start_count(base, sorted({r["batch"] for r in rows}))
+    result: dict[str, Any] = {"base": base, "steps": steps, "warmup": warmup, "budget_s": budget_s, "rows": []}
+
+    def save() -> None:
+        if out:
+            with open(out + ".tmp", "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(out + ".tmp", out)
+
+    log(f"sweep of {len(rows)} rows: {base['model']} {base['image_size']}px {base['dtype']}, {steps} timed steps "
+        f"after {warmup} warm-up, budget {budget_s:.0f} s\n{TABLE_HEADER}")
+    for row in rows:
+        left = deadline - time.monotonic() - (profile_reserve_s if profile_steps else 0.0)
+        if left < min(row_timeout_s, 30.0):
+            measured = {"row": row, "status": "skipped", "error": "time budget spent"}
+        else:
+            measured = run_row(base, row, steps=steps, warmup=warmup, timeout_s=min(row_timeout_s, left))
+        result["rows"].append(measured)
+        log(format_row(measured))
+        save()
+    best = _best(result["rows"])
+    if profile_steps and best is not None:
+        left = deadline - time.monotonic()
+        profiled = run_row(base, best["row"], steps=1, warmup=warmup, timeout_s=max(left, 30.0),
+                           profile_dir=profile_dir, profile_steps=profile_steps)
+        result["profile"] = {"row": best["row"]["name"], "status": profiled["status"],
+                             **({"split": profiled["profile"]["split"], "dir": profile_dir}
+                                if profiled["status"] == "ok" else {"error": profiled.get("error")})}
+    counts, problem = _finish_count(counting, deadline - time.monotonic() + 60)
+    add_mfu(result["rows"], counts)
+    result["train_flops_per_image"], result["flops_count_problem"] = counts, problem
+    save()
+    log("\n" + TABLE_HEADER + "\n" + "\n".join(format_row(r) for r in result["rows"]))
+    if problem:
+        log(problem)
+    if "profile" in result:
+        p = result["profile"]
+        log(f"profile of {p['row']!r}: " + (format_split(p["split"], profile_steps) if p["status"] == "ok"
+                                            else f"{p['status']}: {p['error']}"))
+    return result
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
+    flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype of every row.")
+    flags.DEFINE_string("rows", None, "A JSON file with a list of rows instead of GPU_PLAN.")
+    flags.DEFINE_multi_string("set", [], "Config overrides a.b=value for every row (e.g. model.depth=2).")
+    flags.DEFINE_integer("steps", 8, "Timed steps per row.")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps per row first (the first compiles).")
+    flags.DEFINE_float("budget_s", 450, "Wall-clock budget of the whole sweep, profile included.")
+    flags.DEFINE_float("row_timeout_s", 150, "Time limit of one row.")
+    flags.DEFINE_integer("profile_steps", 3, "Steps of the best row's profile; 0 skips it.")
+    flags.DEFINE_float("profile_reserve_s", 90, "Budget kept for the profile when starting rows.")
+    flags.DEFINE_string("profile_dir", "sweep_profile", "Where the profile (TensorBoard/Perfetto) goes.")
+    flags.DEFINE_string("out", "sweep.json", "The table as JSON (rewritten after every row).")
+    flags.DEFINE_string("row", None, "Internal: measure one row given as JSON and print its result.")
+    flags.DEFINE_string("count", None, "Internal: count train FLOPs per image for the batches given as JSON.")
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    for mode, run in (("row", _run_row_here), ("count", _count_flops_here)):
+        if getattr(f, mode):
+            print(_RESULT_MARK + json.dumps(run(json.loads(getattr(f, mode)))), flush=True)
+            return
+    try:
+        base = {"model": f.model, "image_size": f.image_size, "dtype": f.dtype, "overrides": parse_overrides(f.set)}
+        if f.rows:
+            with open(f.rows) as fh:
+                rows = resolve_rows(json.load(fh))
+        else:
+            rows = resolve_rows(GPU_PLAN)
+        row_config(base, rows[0])  # a bad model, field or value fails here, before any row runs
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise app.UsageError(str(e)) from e
+    sweep(base, rows, steps=f.steps, warmup=f.warmup, budget_s=f.budget_s, row_timeout_s=f.row_timeout_s,
+          profile_steps=f.profile_steps, profile_reserve_s=f.profile_reserve_s, out=f.out,
+          profile_dir=os.path.abspath(f.profile_dir))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,483 @@
+"""Training: the paper's recipe as one jitted step, and ``train_and_evaluate`` around it.
+
+The hot step is a pure function of the split model state (``nnx.split``/``nnx.merge``):
+``train_step(state, batch) -> (state, metrics)`` with params, AdamW state, EMA params, step
+and RNG in one ``TrainState`` pytree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding
+from dit_jax.evaluators import common as evaluators
+from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes: a pytree, so it jits, shards and checkpoints as one."""
+
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    ema_params: nnx.State
+    rng: jax.Array
+
+
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DiT:
+    """The DiT that ``config.model`` describes (a paper model by name, or explicit sizes)."""
+    m = config.model
+    common = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
+                  mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+                  block_type=m.block_type, guidance=m.guidance, scan_blocks=m.scan_blocks,
+                  **compute_options(config.dtype, config.remat, config.attention))
+    if m.name:
+        return create_model(m.name, rngs=rngs, **common)
+    return DiT(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+               rngs=rngs, **common)
+
+
+def build_diffusion(config: ml_collections.ConfigDict, respacing: str = "") -> gd.Diffusion:
+    """The training chain (``respacing=""``) or a respaced sampling chain."""
+    return gd.create_diffusion(respacing, noise_schedule=config.diffusion.noise_schedule,
+                               learn_sigma=config.model.learn_sigma, diffusion_steps=config.diffusion.steps)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """``train.lr`` after ``train.warmup_steps`` of linear warmup: constant (the paper) or cosine-decayed to 0."""
+    t = config.train
+    if t.lr_schedule == "cosine":
+        schedule = optax.cosine_decay_schedule(t.lr, t.steps - t.warmup_steps)
+    else:
+        schedule = optax.constant_schedule(t.lr)
+    if not t.warmup_steps:
+        return schedule
+    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), schedule], [t.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (the paper's optimiser: lr 1e-4, constant, no warmup, no weight decay by default)."""
+    return optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=config.train.weight_decay)
+
+
+def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """EMA decay of each update: ``train.ema_decay`` (the paper), or with ``train.ema_debias`` bias-corrected.
+
+    The EMA starts as a copy of the initial weights, and after n updates still holds decay**n of them
+    (0.9999**8000: 45% of the average after 8,000 steps): harmless in a 400k-step run; in a short
+    one their zeroed output layers shrink the predicted noise (the demo at 0.9995: near-black
+    samples). Debiased, update n uses decay * (1 - decay**(n-1)) / (1 - decay**n), which makes the
+    EMA exactly the bias-corrected average sum_i decay**(n-i) (1 - decay) params_i / (1 - decay**n)
+    of the trained weights (Adam's correction of its moments), so a short run can use a long horizon.
+    """
+    decay = config.train.ema_decay
+    if not config.train.ema_debias:
+        return optax.constant_schedule(decay)
+
+    def debiased(step: jax.Array) -> jax.Array:
+        return decay * (1.0 - decay ** step) / (1.0 - decay ** (step + 1))
+    return debiased
+
+
+def _step_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The optimiser and EMA schedule ``train_step`` is bound to."""
+    return {"tx": make_optimizer(config), "ema_decay": ema_decay_schedule(config)}
+
+
+def _initializer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Callable[[], tuple[nnx.State, TrainState]],
+                                                             tuple[nnx.State, TrainState]]:
+    """(graphdef, ``init() -> (fixed state, train state)`` from ``config.seed``, their abstract shapes)."""
+    graphdefs = []
+
+    def init() -> tuple[nnx.State, TrainState]:
+        init_key, state_key = jax.random.split(jax.random.key(config.seed))
+        graphdef, params, fixed = nnx.split(build_model(config, rngs=nnx.Rngs(init_key)), nnx.Param, ...)
+        graphdefs.append(graphdef)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params),
+                           ema_params=jax.tree.map(jnp.copy, params), rng=state_key)
+        return fixed, state
+
+    abstract = jax.eval_shape(init)
+    return graphdefs[0], init, abstract
+
+
+def _place(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    """Abstract state leaves with their ``sharding.train_state_shardings`` on ``mesh``."""
+    shardings = sharding.train_state_shardings(abstract_state, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def _on_mesh(config: ml_collections.ConfigDict, mesh: Mesh
+             ) -> tuple[nnx.GraphDef, nnx.State, TrainState, Callable[[], TrainState]]:
+    """(graphdef, replicated fixed state, abstract sharded train state, a jitted initialiser of that state).
+
+    The train state is created directly in its sharded layout (``sharding.train_state_shardings``),
+    so a big model never sits whole on one device; computing only the fixed state lets XLA skip
+    the parameter initialisation when a checkpoint will be restored instead.
+    """
+    graphdef, init, (_, abstract_state) = _initializer(config)
+    abstract_state = _place(abstract_state, mesh)
+    fixed = jax.jit(lambda: init()[0], out_shardings=NamedSharding(mesh, PartitionSpec()))()
+    return graphdef, fixed, abstract_state, lambda: sharding.create_sharded_state(lambda: init()[1], mesh)[0]
+
+
+def create_train_state(config: ml_collections.ConfigDict,
+                       mesh: Mesh | None = None) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
+    """Initialise the model, optimiser and EMA (sharded over ``mesh`` if given); (graphdef, fixed state, train state)."""
+    if mesh is None:
+        graphdef, init, _ = _initializer(config)
+        fixed, state = init()
+        return graphdef, fixed, state
+    graphdef, fixed, _, init_state = _on_mesh(config, mesh)
+    return graphdef, fixed, init_state()
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """The train state's shapes, dtypes and shardings on ``mesh``, without computing it (a restore target)."""
+    return _place(_initializer(config)[2][1], mesh)
+
+
+# The name scope of the step's optimiser, EMA and gradient-norm ops (``sweep.time_split`` finds them by it).
+OPTIMIZER_SCOPE = "optimizer_ema"
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, fixed: nnx.State,
+               diffusion: gd.Diffusion, tx: optax.GradientTransformation,
+               ema_decay: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One step: uniform timesteps, hybrid loss (mse + vb), label dropout, AdamW, EMA."""
+    step_key = jax.random.fold_in(state.rng, state.step)
+    t_key, noise_key, drop_key = jax.random.split(step_key, 3)
+    x, y = batch["image"], batch["label"]
+    t = jax.random.randint(t_key, (x.shape[0],), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(noise_key, x.shape, x.dtype)
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, fixed)
+        model_fn = lambda x_t, tt: model(x_t, tt, y, dropout_key=drop_key)
+        terms = gd.training_losses(diffusion, model_fn, x, t, noise)
+        return terms["loss"].mean(), {k: v.mean() for k, v in terms.items()}
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    with jax.named_scope(OPTIMIZER_SCOPE):  # names these ops in the compiled program, for profiles
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay(state.step))
+        metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+    return new_state, metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
+                    diffusion: gd.Diffusion, mesh: Mesh | None = None,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``train_step`` bound to this run's model, chain and optimiser, jitted with the state donated.
+
+    With a ``mesh`` the state keeps ``sharding.train_state_shardings`` and the batch ``sharding.batch_sharding``.
+    """
+    step = functools.partial(train_step, graphdef=graphdef, fixed=fixed, diffusion=diffusion, **_step_options(config))
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_train_state(config, mesh))
+    return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    problems = []
+    t = config.train
+    if t.steps < 1 or t.batch_size < 1:
+        problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
+    float32_max = float(np.finfo(np.float32).max)  # the step computes in float32: 1e39 is inf there
+    if not 0 < t.lr <= float32_max:
+        problems.append(f"train.lr must be a finite number > 0, got {t.lr}")
+    if not 0 <= t.weight_decay <= float32_max:
+        problems.append(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
+    if not 0 <= t.warmup_steps < t.steps:
+        problems.append(f"train.warmup_steps must be in [0, train.steps), got {t.warmup_steps}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.log_every < 1 or t.checkpoint_every < 1 or t.max_to_keep < 1:
+        problems.append(f"train.log_every, train.checkpoint_every and train.max_to_keep must be >= 1 "
+                        f"(got {t.log_every}, {t.checkpoint_every}, {t.max_to_keep})")
+    if t.profile_steps < 0:
+        problems.append(f"train.profile_steps must be >= 0 (0 = off), got {t.profile_steps}")
+    if config.data.source == "synthetic" and config.data.image_size != config.model.input_size:
+        problems.append(f"data.image_size ({config.data.image_size}) must equal model.input_size "
+                        f"({config.model.input_size}) for pixel-space synthetic data")
+    problems += pretrained.init_from_problems(config.train.init_from)
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+    sharding.check_config(config, jax.device_count())
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (a preemption notice), so the loop can checkpoint and stop cleanly.
+
+    Multi-process runs leave SIGTERM to JAX's preemption service (``manager.reached_preemption``).
+    """
+    event = threading.Event()
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
+               diffusion: gd.Diffusion, state: TrainState) -> float:
+    """Flops of one ``train_step`` on the global batch of ``config`` (XLA's count; a multiply-add is two).
+
+    Counted on the unsharded step from shapes alone, lowered for the host CPU
+    (``flops.lowered_flops``): ``state`` may be abstract, and no mesh or device takes part (a step
+    jitted with a GPU mesh's shardings would lower for the GPU, whose backend reports no flops).
+    A model with cuDNN attention is counted with XLA's attention instead: the same matmuls,
+    and cuDNN's kernel lowers only for GPUs.
+    """
+    if config.attention != "xla":
+        xla_config = config.copy_and_resolve_references()
+        xla_config.attention = "xla"
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(xla_config, rngs=nnx.Rngs(0))))
+    m, n = config.model, config.train.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((n, m.input_size, m.input_size, m.in_channels), jnp.float32),
+             "label": jax.ShapeDtypeStruct((n,), jnp.int32)}
+    step = functools.partial(train_step, graphdef=graphdef, **_step_options(config))
+    count = lambda state, batch, fixed, diffusion: step(state, batch, fixed=fixed, diffusion=diffusion)
+    return flops.lowered_flops(count, state, batch, fixed, diffusion)
+
+
+def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:
+    """(step, loss) of the first step whose loss or gradient norm is not finite, or None."""
+    if not checks:
+        return None
+    steps, metrics = zip(*checks)
+    # One transfer for the whole window, not two per step.
+    losses, grad_norms = jax.device_get(([m["loss"] for m in metrics], [m["grad_norm"] for m in metrics]))
+    bad = ~(np.isfinite(losses) & np.isfinite(grad_norms))
+    return (steps[int(np.argmax(bad))], float(losses[int(np.argmax(bad))])) if bad.any() else None
+
+
+def _diverged(what: str, last_checkpoint: int | None, checkpoint_dir: str) -> str:
+    """The message of a run stopped by non-finite numbers: what, and where the last good checkpoint is."""
+    where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} (rerunning the same command "
+             "resumes from it)" if last_checkpoint is not None else "no checkpoint was written")
+    return f"{what}; stopping: {where}. Lower train.lr or check the data."
+
+
+def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pipeline.Source) -> evaluators.RunInfo:
+    """What the evaluators may know about this run (``evaluators.RunInfo``)."""
+    metadata = getattr(source, "metadata", None)
+    return evaluators.RunInfo(
+        workdir=workdir, seed=config.seed, last_step=config.train.steps, num_classes=config.model.num_classes,
+        data_source=config.data.source,
+        image_size=metadata["resolution"] if metadata else config.data.image_size, latents_metadata=metadata,
+        noise_schedule=config.diffusion.noise_schedule, diffusion_steps=config.diffusion.steps,
+        learn_sigma=config.model.learn_sigma)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), evaluating the EMA model.
+
+    Checkpoints go to ``workdir/checkpoints`` every ``train.checkpoint_every`` steps, before each
+    evaluation, at the end and on SIGTERM (then the run stops and returns
+    ``{"preempted_at_step": step}``). The ``config.evals`` entries (``dit_jax.evaluators``) run on the
+    EMA model every ``every`` steps and at the last step; an evaluation stopped by SIGTERM reruns on
+    resume. Process 0 writes TensorBoard events, ``metrics.jsonl`` and, at the end, ``summary.json``
+    (the training figures and the last step's evaluations).
+    """
+    _check_config(config)
+    # One run per workdir: a second one refuses here, before touching anything.
+    with locking.hold(workdir, purpose="training run"):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """``train_and_evaluate`` on a checked config, holding the workdir's lock."""
+    # CLU's writers import TensorFlow: imported here, so the step, the benchmark and sampling run without it.
+    from clu import metric_writers, periodic_actions
+
+    start = time.time()
+    is_main = sharding.is_main_process()
+    mesh = sharding.create_mesh(config.mesh)
+    source = input_pipeline.create_source(config)
+    run_info = _run_info(config, workdir, source)
+    evals = evaluators.create_evaluators(config.evals, run_info)  # each checks its settings before training
+    batches = input_pipeline.make_train_iterator(
+        source, batch_size=sharding.process_batch_size(config.train.batch_size, mesh), seed=config.seed,
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    # The model is built (abstractly) before any checkpoint is touched: a bad model config stops here.
+    graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
+    with contextlib.ExitStack() as stack:
+        manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
+                                               max_to_keep=config.train.max_to_keep)
+        stack.callback(checkpointing.close, manager)  # waits for the last async save
+        # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
+        state = checkpointing.restore_latest(manager, abstract_state, batches, config,
+                                             quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
+        resumed = state is not None
+        state = state if resumed else pretrained.create_initial_state(config, init_state, workdir=workdir)
+        start_step = int(state.step)
+        if start_step > config.train.steps:
+            raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="
+                             f"{config.train.steps}; raise train.steps to continue it, or use a new --workdir")
+        last_checkpoint = start_step if resumed else None
+        num_params = count_params(nnx.merge(graphdef, state.params, fixed))
+        logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
+                     num_params, dict(mesh.shape),
+                     f"resumed from step {start_step}" if resumed else "starting from scratch")
+        diffusion = build_diffusion(config)
+        step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh)
+        # MFU where the devices' peak is known (the count costs a lowering, skipped otherwise).
+        peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
+        peak_flops = peak * mesh.devices.size if peak else None
+        flops_per_step = step_flops(config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
+        lr_schedule = learning_rate_schedule(config)
+
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        history = run_log.read_history(metrics_path, up_to_step=start_step)
+        if is_main and resumed:
+            run_log.rewind_event_files(workdir, start_step)  # TensorBoard gets each step once
+        # Evaluations of the restored step that did not finish (a stop during them) rerun first; a finished
+        # run evaluates its last step again.
+        pending = [e for e in evals if e.due(start_step, config.train.steps) and (
+            start_step == config.train.steps or not any(h.get("eval") == e.name and h["step"] == start_step
+                                                        for h in history))]
+        history = [h for h in history if not (h["step"] == start_step and h.get("eval") in {e.name for e in pending})]
+        writer = metric_writers.create_default_writer(workdir if is_main else None, just_logging=not is_main)
+        stack.callback(writer.close)
+        hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps,
+                                                 every_steps=config.train.log_every)]
+        if is_main and config.train.profile_steps:
+            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
+                                                  profile_duration_ms=None, first_profile=start_step + 10,
+                                                  every_secs=None))
+        sigterm = stack.enter_context(_stop_on_sigterm())
+        log = stack.enter_context(run_log.rewrite(metrics_path, history)) if is_main else None
+        final: dict[str, dict[str, Any]] = {}
+        eval_seconds = 0.0
+
+        def evaluate(entries: list[evaluators.Entry], step: int) -> bool:
+            """Run ``entries`` on this step's EMA model and write their results; False if stopped during them."""
+            nonlocal eval_seconds, window_start
+            t0 = time.time()
+            logging.info("evaluating step %d: %s", step, ", ".join(e.name for e in entries))
+            ema = evaluators.EmaModel(nnx.merge(graphdef, state.ema_params, fixed), step, run_info,
+                                      stop_requested=lambda: sigterm.is_set() or manager.reached_preemption(step))
+            try:
+                results, stopped = evaluators.run_entries(entries, ema), False
+            except evaluators.Interrupted as err:
+                results, stopped = err.completed, True
+            history.extend(evaluators.log_entries(results, step, writer, log))
+            if step == config.train.steps:
+                final.update(results)
+            eval_seconds += time.time() - t0
+            window_start += time.time() - t0  # evaluation time is not training time
+            if stopped:
+                logging.warning("SIGTERM during the evaluations of step %d (checkpointed): stopping; %s rerun on "
+                                "resume", step, [e.name for e in entries if e.name not in results])
+            return not stopped
+
+        window_start, window, unchecked, pending_save = time.time(), [], [], False
+        if pending and not evaluate(pending, start_step):
+            return {"preempted_at_step": start_step}
+        for step in range(start_step + 1, config.train.steps + 1):
+            state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+            pending_save = checkpointing.check_saves(manager, pending_save)  # a failed save stops the run at once
+            window.append(metrics)
+            unchecked.append((step, metrics))
+            for hook in hooks:
+                hook(step)
+            stop = sigterm.is_set() or manager.reached_preemption(step)
+            due = [e for e in evals if e.due(step, config.train.steps)]
+            # A step is saved before it is evaluated: a stop during the evaluation loses nothing.
+            save = stop or bool(due) or step % config.train.checkpoint_every == 0 or step == config.train.steps
+            log_now = step % config.train.log_every == 0 or step == config.train.steps
+            if save or log_now:
+                # Never log or checkpoint past a non-finite step.
+                bad = _first_non_finite(unchecked)
+                if bad is not None:
+                    raise FloatingPointError(_diverged(f"non-finite loss {bad[1]} at step {bad[0]}", last_checkpoint,
+                                                       checkpoint_dir))
+                unchecked = []
+            if log_now:
+                elapsed = time.time() - window_start
+                record = {k: float(np.mean(v)) for k, v in
+                          jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
+                record.update(step=step, steps_per_sec=len(window) / elapsed,
+                              images_per_sec=len(window) * config.train.batch_size / elapsed,
+                              learning_rate=float(lr_schedule(step - 1)))  # the last step's (optax counts from 0)
+                if peak_flops:
+                    record["mfu"] = flops_per_step * record["steps_per_sec"] / peak_flops
+                writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+                if log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                history.append(record)
+                window_start, window = time.time(), []
+            if save:
+                # Never save (or name as good) a state that is not finite, though its loss was.
+                checksums, finite = checkpointing.fingerprint(state)
+                if not finite:
+                    raise FloatingPointError(_diverged(f"non-finite parameters after step {step}", last_checkpoint,
+                                                       checkpoint_dir))
+                pending_save = checkpointing.save(manager, step, state, batches, config, checksums=checksums,
+                                                  force=True)
+                last_checkpoint = step
+            if due and not stop and not evaluate(due, step):
+                stop = True
+            if stop:
+                logging.warning("SIGTERM: stopped at step %d after checkpointing it; rerun the same command "
+                                "to resume", step)
+                return {"preempted_at_step": step}
+    train_seconds = time.time() - start - eval_seconds
+
+    losses = [h for h in history if "eval" not in h]
+    summary: dict[str, Any] = {
+        "model": config.model.name or "custom",
+        "trainable_params": int(num_params),
+        "steps": config.train.steps,
+        "batch_size": config.train.batch_size,
+        "resumed_from_step": start_step,
+        # Means over the first and last log windows (unknown if metrics.jsonl of a finished run was lost).
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "train_seconds": train_seconds,  # this invocation's training steps only
+        "steps_per_sec": (config.train.steps - start_step) / train_seconds,
+    }
+    # The last step's evaluations, images left out (they are PNG files and TensorBoard images).
+    summary["evals"] = {name: {k: evaluators.jsonable(v) for k, v in result.items() if not evaluators.is_image(v)}
+                        for name, result in final.items()}
+    summary["eval_seconds"] = eval_seconds
+    summary["total_seconds"] = time.time() - start
+    if is_main:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    logging.info("summary: %s", json.dumps(summary))
+    return summary
