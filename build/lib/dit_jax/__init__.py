@@ -1,1 +1,0 @@
-"""dit_jax: DiT (Peebles & Xie, 2023) in JAX/Flax NNX."""

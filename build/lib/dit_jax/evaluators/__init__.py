@@ -1,1 +1,0 @@
-"""Evaluators: each module is one ``type`` of ``config.evals`` (big_vision style), run by the trainer or alone."""
