@@ -21,6 +21,10 @@ diffusers' ``DiTTransformer2DModel`` (see ``torch_train_benchmark`` for what eac
 ``--loader_dir DIR`` instead measures the training input: the latents/s that the grain
 pipeline over an ``extract_latents`` folder delivers on this host (shuffled reads, a fresh
 posterior sample and a random flip per latent, batched, prefetched).
+
+``--inception`` instead measures the evaluator's feature extractor (``dit_jax.evaluate``'s TF1
+resize to 299 and the FID InceptionV3 in float32 ``precision=HIGHEST``): images/s on random
+uint8 ``--image_size`` images (random weights unless ``--inception_weights``).
 """
 
 from __future__ import annotations
@@ -480,6 +484,41 @@ def loader_benchmark(latents_dir: str, *, batch_size: int, batches: int, warmup:
             "batches": batches, "seconds": wall, "latents_per_sec": n / wall, "latents_per_cpu_sec": n / cpu}
 
 
+def random_inception_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Tensors of the FID InceptionV3's names and shapes: He-normal kernels, unit BatchNorm statistics (the
+    network's speed does not depend on the values; this keeps activations finite)."""
+    from dit_jax.evaluators import inception
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in inception.expected_weights().items():
+        if name.endswith(("running_var", "weight")) and len(shape) == 1:  # BatchNorm variance and scale
+            tensors[name] = np.ones(shape, np.float32)
+        elif len(shape) > 1:  # conv [out, in, h, w] and fc [out, in] kernels
+            tensors[name] = (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
+        else:
+            tensors[name] = np.zeros(shape, np.float32)
+    return tensors
+
+
+def inception_benchmark(weights: str | None, *, image_size: int, batch_size: int, batches: int,
+                        warmup: int) -> dict[str, Any]:
+    """Images/s of the evaluator's feature extractor (TF1 resize to 299 + InceptionV3, float32 HIGHEST) on
+    random uint8 ``image_size`` images, ``batch_size`` per call over all devices; ``weights`` None: random."""
+    from dit_jax.evaluators import inception
+
+    if image_size < 8 or batch_size < 1 or batches < 1 or warmup < 0:
+        raise ValueError(f"image_size must be >= 8, batch_size and batches >= 1 and warmup >= 0, got {image_size}, "
+                         f"{batch_size}, {batches}, {warmup}")
+    model = inception.create_inception(random_inception_weights() if weights is None else weights)
+    features = inception.create_feature_fn(model, batch_size=batch_size)
+    images = np.random.default_rng(0).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
+    seconds = _timed(lambda: features(images), batches, warmup)
+    return {"weights": weights or "random", "image_size": image_size, "batch": batch_size,
+            "devices": jax.device_count(), "platform": jax.devices()[0].platform, "device_kind":
+            jax.devices()[0].device_kind, **_summary(seconds, batch_size)}
+
+
 def _percent(fraction: float | None) -> str:
     return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
 
@@ -568,6 +607,10 @@ def _define_flags() -> None:
     flags.DEFINE_bool("sample_torch", False, "Instead: guided sampling of one --batch (--sample_steps, --cfg_scale), "
                       "PyTorch (the official eager loop on diffusers' DiT) then ours, --sample_repeats timed runs each.")
     flags.DEFINE_integer("sample_repeats", 3, "Timed sampling runs per side with --sample_torch (the median counts).")
+    flags.DEFINE_bool("inception", False, "Instead: time the evaluator's feature extractor (dit_jax.evaluate's "
+                      "resize + InceptionV3) on --batch random --image_size images, --steps batches after --warmup.")
+    flags.DEFINE_string("inception_weights", None, "With --inception: the FID InceptionV3 weights (default: random "
+                        "tensors of its shapes; the speed does not depend on them).")
     flags.DEFINE_string("loader_dir", None, "Instead: time the training input over this extract_latents folder "
                         "(--batch latents a batch, --steps batches after --warmup).")
 
@@ -578,6 +621,14 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if f.sample_steps < 0:
         raise app.UsageError(f"--sample_steps must be >= 0, got {f.sample_steps}")
+    if f.inception:
+        result = inception_benchmark(f.inception_weights, image_size=f.image_size, batch_size=f.batch,
+                                     batches=f.steps, warmup=f.warmup)
+        print(json.dumps(result, indent=1) if f.json else
+              f"Inception features: {result['images_per_sec']:.2f} images/s ({f.image_size}x{f.image_size} uint8 -> "
+              f"resize to 299 + InceptionV3), batches of {f.batch} on {result['devices']} {result['platform']} "
+              f"device(s), {result['weights']} weights; median of {f.steps} batches")
+        return
     if f.loader_dir:
         result = loader_benchmark(f.loader_dir, batch_size=f.batch, batches=f.steps, warmup=f.warmup)
         print(json.dumps(result, indent=1) if f.json else

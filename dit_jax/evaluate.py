@@ -17,7 +17,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,6 +100,38 @@ def read_statistics(path: str) -> dict[str, np.ndarray]:
     return stats
 
 
+class Reference(NamedTuple):
+    """A reference batch: its precomputed statistics (those it has) and its images (None without ``arr_0``)."""
+
+    statistics: dict[str, np.ndarray]
+    images: NpzImages | None
+
+
+def open_reference(path: str) -> Reference:
+    """Check a reference batch up front (readable, statistics valid, images uint8 NHWC); one of them must be there."""
+    stats = read_statistics(path)
+    try:
+        images: NpzImages | None = NpzImages(path)
+    except BadBatch as err:
+        if "no 'arr_0'" not in str(err):
+            raise
+        images = None
+    if images is None and not stats:
+        raise BadBatch(f"{path} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)}); pass ADM's "
+                       "VIRTUAL_imagenet256_labeled.npz or a batch built by python -m dit_jax.reference_batch")
+    return Reference(stats, images)
+
+
+def reference_features(reference: Reference, features: inception.FeatureFn, *, chunk: int = 256,
+                       progress: bool = True) -> dict[str, Any]:
+    """What ``metrics.compute_metrics`` compares with: the statistics and the features of the images."""
+    out: dict[str, Any] = dict(reference.statistics)
+    if reference.images is not None:
+        feats = batch_features(reference.images, features, chunk=chunk, progress=progress, label="reference")
+        out.update(pool=feats["pool"], spatial=feats["spatial"])
+    return out
+
+
 def batch_features(images: NpzImages, features: inception.FeatureFn, *, chunk: int,
                    progress: bool = True, label: str = "") -> dict[str, np.ndarray]:
     """Features of every image of ``images``: each process reads its contiguous share; all get all, in file order."""
@@ -133,15 +165,8 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
 
     started = time.time()
     sample_images = NpzImages(samples)
-    ref_stats = read_statistics(reference)
-    try:
-        ref_images: NpzImages | None = NpzImages(reference)
-    except BadBatch as err:
-        if "no 'arr_0'" not in str(err):
-            raise
-        ref_images = None
-    if ref_images is None and not ref_stats:
-        raise BadBatch(f"{reference} has neither images (arr_0) nor statistics ({', '.join(STAT_KEYS)})")
+    ref = open_reference(reference)
+    ref_stats, ref_images = ref
     notes = []
     if ref_images is not None and ref_images.shape[1:3] != sample_images.shape[1:3]:
         notes.append(f"samples are {sample_images.shape[1]}x{sample_images.shape[2]}, the reference images "
@@ -153,10 +178,7 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
     sample_feats = batch_features(sample_images, features, chunk=chunk, progress=progress, label="samples")
     if not np.isfinite(sample_feats["pool"]).all():
         raise BadBatch("the Inception features of the samples are not finite (NaN/inf): check the weights file")
-    reference_feats: dict[str, Any] = dict(ref_stats)
-    if ref_images is not None:
-        ref_feats = batch_features(ref_images, features, chunk=chunk, progress=progress, label="reference")
-        reference_feats.update(pool=ref_feats["pool"], spatial=ref_feats["spatial"])
+    reference_feats = reference_features(ref, features, chunk=chunk, progress=progress)
     figures, metric_notes = metrics.compute_metrics(sample_feats, reference_feats, split_size=split_size,
                                                     pr_float16=pr_float16)
     return {

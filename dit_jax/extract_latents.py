@@ -162,18 +162,6 @@ def _batches(records: Iterator[images.Record], size: int) -> Iterator[list[image
         yield chunk
 
 
-def _prepare(record: images.Record, resolution: int) -> tuple[str, np.ndarray | str, int, str]:
-    """(key, crop or the reason it was skipped, label, original mode)."""
-    key, data, label = record
-    if isinstance(data, OSError):
-        return key, f"unreadable: {data}", label, ""
-    try:
-        pixels, mode = images.preprocess(data, resolution)
-    except images.BadImage as err:
-        return key, str(err), label, ""
-    return key, pixels, label, mode
-
-
 def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], encode: Encoder, out_dir: str, *,
                 batch_size: int, pool: concurrent.futures.Executor, progress: tqdm.tqdm) -> dict[str, Any]:
     """Encode shard ``index`` into its ArrayRecord file and write its report; returns the report."""
@@ -185,7 +173,7 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
     tmp = os.path.join(out_dir, name + ".tmp")
     writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
     chunks = _batches(source.records(start, stop), batch_size)
-    prepare = functools.partial(_prepare, resolution=plan["resolution"])
+    prepare = functools.partial(images.crop_record, size=plan["resolution"])
     pending = [pool.submit(prepare, r) for r in next(chunks, [])]
     while pending:
         done = [f.result() for f in pending]
@@ -351,12 +339,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
 
 def _define_flags() -> None:
     """The command line, defined only when run as a program (so any two command modules import together)."""
-    flags.DEFINE_string("images", None, "image folder: ImageFolder tree <dir>/<class>/* (e.g. ImageNet train/) or "
-                        "a flat folder of images (one class)")
-    flags.DEFINE_string("tfds_name", None, "instead of --images: a TensorFlow Datasets name, e.g. imagenet2012")
-    flags.DEFINE_string("tfds_split", "train", "the tfds split to encode")
-    flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir (where the prepared dataset lives or will be prepared)")
-    flags.DEFINE_string("tfds_manual_dir", None, "tfds manual download dir (ImageNet: ILSVRC2012_img_train.tar)")
+    images.define_source_flags()
     flags.DEFINE_string("out", None, "output folder for the shards and metadata.json (resumed if it exists)")
     flags.DEFINE_string("vae", vae_lib.HUB_VAES[0], "diffusers VAE folder (config.json + weights) or hub id "
                         f"({' or '.join(vae_lib.HUB_VAES)})")
@@ -376,14 +359,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    if (f.images is None) == (f.tfds_name is None) or not f.out:
-        raise app.UsageError("give --out and exactly one of --images and --tfds_name")
+    images.check_source_flags()
+    if not f.out:
+        raise app.UsageError("give --out (the output folder)")
     check_settings(resolution=f.resolution, images_per_shard=f.images_per_shard, batch_size=f.batch_size,
                    workers=f.workers)
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-    source = (images.FolderSource(f.images) if f.images else
-              images.TfdsSource(f.tfds_name, split=f.tfds_split, data_dir=f.tfds_data_dir,
-                                manual_dir=f.tfds_manual_dir))
+    source = images.source_from_flags()
     model = vae_lib.load_vae(f.vae)
     extract(source, model, f.out, vae=f.vae, resolution=f.resolution, dtype=f.dtype,
             images_per_shard=f.images_per_shard, batch_size=f.batch_size, workers=f.workers, verify=f.verify)

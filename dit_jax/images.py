@@ -97,6 +97,18 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, str]:
     return adm_center_crop(image, size), mode
 
 
+def crop_record(record: Record, size: int) -> tuple[str, np.ndarray | str, int, str]:
+    """A source record -> (key, ADM crop or the reason it is skipped, label, original mode ("" if skipped))."""
+    key, data, label = record
+    if isinstance(data, OSError):
+        return key, f"unreadable: {data}", label, ""
+    try:
+        pixels, mode = preprocess(data, size)
+    except BadImage as err:
+        return key, str(err), label, ""
+    return key, pixels, label, mode
+
+
 class ImageSource(Protocol):
     """What latent extraction reads: ordered records and the facts that go into the metadata."""
 
@@ -231,3 +243,34 @@ class TfdsSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": "tfds", "name": self.name, "split": self.split, "data_dir": self.builder.data_dir,
                 "num_images": len(self), "class_names": self.class_names}
+
+
+def define_source_flags() -> None:
+    """The absl flags naming an image source (``--images`` or ``--tfds_*``), for every command that reads one."""
+    from absl import flags
+
+    flags.DEFINE_string("images", None, "image folder: ImageFolder tree <dir>/<class>/* (e.g. ImageNet train/) or "
+                        "a flat folder of images (one class)")
+    flags.DEFINE_string("tfds_name", None, "instead of --images: a TensorFlow Datasets name, e.g. imagenet2012")
+    flags.DEFINE_string("tfds_split", "train", "the tfds split, e.g. train or validation")
+    flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir (where the prepared dataset lives or will be prepared)")
+    flags.DEFINE_string("tfds_manual_dir", None, "tfds manual download dir (ImageNet: ILSVRC2012_img_train.tar, "
+                        "_val.tar)")
+
+
+def check_source_flags() -> None:
+    """Exactly one of ``--images`` and ``--tfds_name`` (an ``app.UsageError`` otherwise)."""
+    from absl import app, flags
+
+    if (flags.FLAGS.images is None) == (flags.FLAGS.tfds_name is None):
+        raise app.UsageError("give exactly one of --images and --tfds_name")
+
+
+def source_from_flags() -> ImageSource:
+    """The source ``define_source_flags``' flags name (checked with ``check_source_flags`` first)."""
+    from absl import flags
+
+    f = flags.FLAGS
+    if f.images is not None:
+        return FolderSource(f.images)
+    return TfdsSource(f.tfds_name, split=f.tfds_split, data_dir=f.tfds_data_dir, manual_dir=f.tfds_manual_dir)

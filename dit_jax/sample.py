@@ -330,14 +330,14 @@ def weights_digest(*modules: nnx.Module | None) -> str:
     return digest.hexdigest()
 
 
-def _block_name(start: int, stop: int) -> str:
+def block_name(start: int, stop: int) -> str:
     return f"{start:08d}-{stop:08d}.npz"
 
 
 _BLOCK_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 
-def _finished_prefix(blocks_dir: str) -> tuple[int, list[tuple[int, int]]]:
+def finished_prefix(blocks_dir: str) -> tuple[int, list[tuple[int, int]]]:
     """How many samples the finished block files cover from index 0, and those blocks (start, stop)."""
     ranges = sorted((int(m[1]), int(m[2])) for m in map(_BLOCK_RE.match, os.listdir(blocks_dir)) if m)
     end, used = 0, []
@@ -348,10 +348,10 @@ def _finished_prefix(blocks_dir: str) -> tuple[int, list[tuple[int, int]]]:
     return end, used
 
 
-def _write_block(blocks_dir: str, block: Block) -> None:
+def write_block(blocks_dir: str, block: Block) -> None:
     """Write a block under a temporary name, fsync, rename: a killed run never leaves a partial block."""
     stop = block.start + len(block.labels)
-    path = os.path.join(blocks_dir, _block_name(block.start, stop))
+    path = os.path.join(blocks_dir, block_name(block.start, stop))
     with open(path + ".tmp", "wb") as f:
         np.savez(f, images=block.images, labels=block.labels)
         f.flush()
@@ -359,9 +359,10 @@ def _write_block(blocks_dir: str, block: Block) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _write_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tuple[int, ...],
-               labels: np.ndarray) -> None:
-    """ADM's format (``np.savez(path, arr_0=images, arr_1=labels)``), streamed block by block, written atomically."""
+def write_adm_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tuple[int, ...],
+                  labels: np.ndarray, arrays: dict[str, np.ndarray] | None = None) -> None:
+    """ADM's format (``np.savez(path, arr_0=images, arr_1=labels, **arrays)``), ``arr_0`` streamed from the
+    block files (``write_block``) in order, written atomically."""
     tmp = path + ".tmp"
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(labels), *image_shape)}
@@ -370,7 +371,7 @@ def _write_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_
             with archive.open("arr_0.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, header)
                 for start, stop in blocks:
-                    name = os.path.join(blocks_dir, _block_name(start, stop))
+                    name = os.path.join(blocks_dir, block_name(start, stop))
                     try:
                         with np.load(name) as block:
                             images = block["images"]
@@ -383,6 +384,9 @@ def _write_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_
                     f.write(np.ascontiguousarray(images).tobytes())
             with archive.open("arr_1.npy", "w") as f:
                 np.lib.format.write_array(f, np.asarray(labels, np.int64))
+            for key, value in (arrays or {}).items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, path)
@@ -414,7 +418,7 @@ def _prepare_out_dir(out_dir: str, record: dict[str, Any]) -> int:
     for name in os.listdir(blocks_dir):
         if name.endswith(".tmp"):  # a block a killed run was writing
             os.remove(os.path.join(blocks_dir, name))
-    return _finished_prefix(blocks_dir)[0]
+    return finished_prefix(blocks_dir)[0]
 
 
 def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray, *, seed: int,
@@ -460,17 +464,17 @@ def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray,
                    disable=not (main and progress), smoothing=0.1) as bar:
         for block in iterate_blocks(image_sampler, labels, seed=seed, start=start):
             if main:
-                _write_block(blocks_dir, block)
+                write_block(blocks_dir, block)
             bar.update(len(block.labels))
     if main:
-        end, blocks = _finished_prefix(blocks_dir)
+        end, blocks = finished_prefix(blocks_dir)
         if end != len(labels):
             raise RuntimeError(f"{blocks_dir} covers samples 0..{end - 1} of {len(labels)} after the run")
-        _write_npz(npz, blocks_dir, blocks, image_sampler.image_shape, labels)
+        write_adm_npz(npz, blocks_dir, blocks, image_sampler.image_shape, labels)
         record["run"] = {"seconds_this_run": time.time() - t0, "resumed_at": start}
         write_json_atomic(os.path.join(out_dir, SETTINGS_JSON), record)
         for first, stop in blocks:
-            os.remove(os.path.join(blocks_dir, _block_name(first, stop)))
+            os.remove(os.path.join(blocks_dir, block_name(first, stop)))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dit_jax.sample: samples.npz written")
     return npz

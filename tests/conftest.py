@@ -163,6 +163,24 @@ def image_tree(tmp_path_factory) -> Path:
     return make_image_tree(tmp_path_factory.mktemp("images") / "train")
 
 
+def fake_features(images: np.ndarray, *, adm_sizes: bool = False) -> dict[str, np.ndarray]:
+    """A cheap stand-in for the Inception features (the wiring is tested with it; the network in test_inception).
+
+    16 pool, 12 spatial and 6 logit values from pixel statistics; ``adm_sizes``: the same values
+    spread over the network's 2048 / 2023 / 1008 (what ``evaluate.read_statistics`` checks).
+    """
+    x = images.astype(np.float64) / 255.0
+    pool = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, ::4, ::4].reshape(len(x), -1)[:, :10]], 1)
+    feats = {"pool": pool, "spatial": x[:, ::2, ::2, 0].reshape(len(x), -1)[:, :12], "logits": pool[:, :6] * 5}
+    if adm_sizes:
+        from dit_jax.evaluators import inception
+
+        sizes = {"pool": inception.POOL_DIM, "spatial": inception.SPATIAL_DIM, "logits": inception.NUM_LOGITS}
+        feats = {k: (np.resize(v.T, (sizes[k], len(v))).T * np.linspace(1, 2, sizes[k])).astype(np.float32)
+                 for k, v in feats.items()}
+    return feats
+
+
 # ---------------------------------------------------------------- downloads (issue 12)
 
 class FileServer(NamedTuple):

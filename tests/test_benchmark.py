@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -200,6 +201,21 @@ def test_loader_benchmark_reads_a_latents_folder(tmp_path):
         benchmark.loader_benchmark(folder, batch_size=16, batches=0, warmup=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         benchmark.loader_benchmark(str(tmp_path / "missing"), batch_size=16, batches=1, warmup=0)
+
+
+def test_inception_benchmark_checks_its_arguments():
+    for bad in ({"batches": 0}, {"image_size": 4}, {"warmup": -1}):
+        with pytest.raises(ValueError, match="image_size must be >= 8"):
+            benchmark.inception_benchmark(None, **{"image_size": 32, "batch_size": 8, "batches": 1, "warmup": 0, **bad})
+
+
+@pytest.mark.slow  # compiles the whole InceptionV3 (minutes on a loaded CPU)
+def test_inception_benchmark_times_the_feature_extractor():
+    tensors = benchmark.random_inception_weights()
+    assert all(np.isfinite(v).all() for v in tensors.values())  # (create_inception checks every name and shape)
+    result = benchmark.inception_benchmark(None, image_size=32, batch_size=8, batches=2, warmup=1)
+    assert result["batch"] == 8 and result["weights"] == "random"
+    assert result["images_per_sec"] == pytest.approx(8 / result["step_seconds_median"])
 
 
 def test_benchmark_and_sampling_import_without_tensorflow():

@@ -17,7 +17,7 @@ from PIL import Image
 from dit_jax import latents, sample, synthetic, train, vae
 from dit_jax.evaluators import class_consistency, common, fid, grid
 from dit_jax.models import DiT
-from tests.conftest import latent_config, read_log
+from tests.conftest import fake_features, latent_config, read_log
 from tests.test_train import tiny_config
 
 
@@ -209,13 +209,6 @@ def test_sigterm_during_the_evaluations_checkpoints_and_reruns_them_on_resume(tm
     assert [h["step"] for h in read_log(tmp_path)] == [5, 8]
     assert sorted(summary["evals"]) == ["samples", "second"]
     assert json.loads((tmp_path / "summary.json").read_text())["evals"]["second"]["png"] == "second.png"
-
-
-def fake_features(images: np.ndarray) -> dict[str, np.ndarray]:
-    """A cheap stand-in for the Inception features (the wiring is tested here; the network in test_inception)."""
-    x = images.astype(np.float64) / 255.0
-    pool = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, ::4, ::4].reshape(len(x), -1)[:, :10]], 1)
-    return {"pool": pool, "spatial": x[:, ::2, ::2, 0].reshape(len(x), -1)[:, :12], "logits": pool[:, :6] * 5}
 
 
 @pytest.fixture

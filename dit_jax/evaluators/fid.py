@@ -5,9 +5,9 @@
 (``dit_jax.sample``), decoded through the latents' VAE on a latent run. Block by block they go
 through the FID InceptionV3 (``dit_jax.evaluators.inception``), keeping only features, and are
 compared with ``reference`` (ADM's ``VIRTUAL_imagenet256_labeled.npz``, or a batch built by
-``python -m dit_jax.evaluate``) by ``dit_jax.evaluators.metrics``. The metric names carry the
-settings: ``fid10k_cfg1.5``, ``sfid10k_cfg1.5``, ``is10k_cfg1.5``, ``precision10k_cfg1.5``,
-``recall10k_cfg1.5`` (with e.g. ``_ddim50`` when the chain is not the paper's DDPM-250).
+``python -m dit_jax.reference_batch``; read by ``dit_jax.evaluate``) by ``dit_jax.evaluators.metrics``.
+The metric names carry the settings: ``fid10k_cfg1.5``, ``sfid10k_cfg1.5``, ``is10k_cfg1.5``,
+``precision10k_cfg1.5``, ``recall10k_cfg1.5`` (with e.g. ``_ddim50`` when the chain is not the paper's DDPM-250).
 
 Off while ``reference`` is "" (the paper configs name no file: pass
 ``--config.evals.fid.reference=PATH``).
@@ -20,7 +20,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dit_jax import sample
+from dit_jax import evaluate, sample
 from dit_jax.evaluators import common, inception, metrics
 
 DEFAULTS = dict(
@@ -49,32 +49,6 @@ def metric_suffix(settings: ml_collections.ConfigDict) -> str:
     return text
 
 
-_STATS = ("mu", "sigma", "mu_s", "sigma_s")
-
-
-def reference_keys(path: str) -> list[str]:
-    """The arrays of a reference batch (checked up front: a file that cannot be used is named now)."""
-    try:
-        with np.load(path) as f:
-            keys = list(f.files)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"reference {path!r} cannot be read as an .npz ({type(err).__name__}: {err}); pass ADM's "
-                         "VIRTUAL_imagenet256_labeled.npz or a batch written by `python -m dit_jax.evaluate`") from err
-    if "arr_0" not in keys and not {"mu", "sigma"} <= set(keys):
-        raise ValueError(f"reference {path!r} holds neither images (arr_0) nor statistics (mu, sigma): {keys}")
-    return keys
-
-
-def load_reference(path: str, features: inception.FeatureFn) -> dict[str, Any]:
-    """What ``metrics.compute_metrics`` compares with: the stored statistics and the features of ``arr_0``."""
-    with np.load(path) as f:
-        reference = {k: f[k] for k in _STATS if k in f.files}
-        if "arr_0" in f.files:
-            feats = features(f["arr_0"])
-            reference.update(pool=feats["pool"], spatial=feats["spatial"])
-    return reference
-
-
 class Evaluator:
     def __init__(self, settings: ml_collections.ConfigDict, run: common.RunInfo, *, name: str):
         problems = common.sampling_problems(settings, run)
@@ -84,20 +58,23 @@ class Evaluator:
         common.check(problems)
         self.settings, self.run_info = settings, run
         self.off = None if settings.reference else ("no reference batch: set reference to a .npz (ADM's "
-                                                    "VIRTUAL_imagenet256_labeled.npz or `python -m dit_jax.evaluate` "
-                                                    "output) to score FID during training")
+                                                    "VIRTUAL_imagenet256_labeled.npz or the output of `python -m "
+                                                    "dit_jax.reference_batch`) to score FID during training")
         if self.off:
             return
         name = common.vae_name(run, settings.vae)
         self.vae = common.load_vae(name) if name else None
-        self._reference_keys = reference_keys(settings.reference)
+        try:
+            self._reference = evaluate.open_reference(settings.reference)  # checked now: a bad file is named now
+        except evaluate.BadBatch as err:
+            raise ValueError(f"reference: {err}") from err
         self.features = inception.create_feature_fn(inception.create_inception(settings.inception_weights or None))
-        self._reference: dict[str, Any] | None = None
+        self._reference_features: dict[str, Any] | None = None
 
     def run(self, ema: common.EmaModel) -> dict[str, Any]:
         s = self.settings
-        if self._reference is None:  # the reference images' features, computed once
-            self._reference = load_reference(s.reference, self.features)
+        if self._reference_features is None:  # the reference images' features, computed once
+            self._reference_features = evaluate.reference_features(self._reference, self.features, progress=False)
         labels = sample.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
         engine = sample.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
                                              sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)
@@ -106,7 +83,8 @@ class Evaluator:
             for key, value in self.features(block.images).items():
                 feats.setdefault(key, []).append(value)
             ema.raise_if_stopped()
-        figures, notes = metrics.compute_metrics({k: np.concatenate(v) for k, v in feats.items()}, self._reference)
+        figures, notes = metrics.compute_metrics({k: np.concatenate(v) for k, v in feats.items()},
+                                                 self._reference_features)
         suffix = metric_suffix(s)
         return {**{f"{_SHORT[k]}{suffix}": v for k, v in figures.items()}, "notes": notes,
                 "reference": s.reference}

@@ -1,0 +1,160 @@
+"""``python -m dit_jax.reference_batch``: an ADM reference batch from an image folder, streamed and resumable."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dit_jax import evaluate, images, reference_batch
+from dit_jax.evaluators import metrics
+from tests.conftest import ODD_FILES, fake_features, natural_image
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+features = functools.partial(fake_features, adm_sizes=True)
+
+
+def crops_of(tree: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Every readable image of the tree (source order), ADM-cropped in one pass: keys, crops, labels."""
+    source = images.FolderSource(str(tree))
+    rows = [images.crop_record(r, SIZE) for r in source.records(0, len(source))]
+    good = [r for r in rows if not isinstance(r[1], str)]
+    return [r[0] for r in good], np.stack([r[1] for r in good]), np.array([r[2] for r in good])
+
+
+def build(tree: Path, out: Path, **kwargs):
+    kwargs = {"image_size": SIZE, "keep_images": 8, "batch_size": 5, "save_every": 2, "progress": False, **kwargs}
+    return reference_batch.build(images.FolderSource(str(tree)), str(out), kwargs.pop("features", features), **kwargs)
+
+
+def read(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_streamed_statistics_equal_one_pass_and_evaluate_reads_the_file(image_tree, tmp_path):
+    summary = build(image_tree, tmp_path / "ref.npz")
+    keys, crops, labels = crops_of(image_tree)
+    ref = read(tmp_path / "ref.npz")
+    # The running float64 sums give what evaluate computes from all the images at once.
+    for feats, mu, sigma in (("pool", "mu", "sigma"), ("spatial", "mu_s", "sigma_s")):
+        one_pass_mu, one_pass_sigma = metrics.statistics(features(crops)[feats])
+        np.testing.assert_allclose(ref[mu], one_pass_mu, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(ref[sigma], one_pass_sigma, rtol=1e-9, atol=1e-14)
+    assert ref["sigma"].shape == (2048, 2048) and ref["sigma_s"].shape == (2023, 2023)
+    # arr_0: the seeded subset of 8 of the 29 files (27 readable crops), in source order, with their labels.
+    n = len(images.FolderSource(str(image_tree)))
+    kept = reference_batch.kept_indices(n, 8, 0)
+    all_keys = [r[0] for r in images.FolderSource(str(image_tree)).records(0, n)]
+    picked = [keys.index(all_keys[i]) for i in kept if all_keys[i] in keys]
+    np.testing.assert_array_equal(ref["arr_0"], crops[picked])
+    np.testing.assert_array_equal(ref["arr_1"], labels[picked])
+    assert len(set(ref["arr_1"].tolist())) > 1  # a random subset, not the first folder's first 8 images
+    # The corrupt and truncated files are named, never fatal.
+    metadata = json.loads(str(ref["metadata"]))
+    assert sorted(s["key"] for s in metadata["skipped"]) == sorted(k for k, v in ODD_FILES.items() if v == "skip")
+    assert summary["num_images"] == len(crops) == metadata["num_images"] and summary["num_skipped"] == 2
+    # What evaluate reads: the statistics (checked shapes, no NaN) and arr_0 streamed.
+    stats = evaluate.read_statistics(str(tmp_path / "ref.npz"))
+    np.testing.assert_array_equal(stats["sigma_s"], ref["sigma_s"])
+    reader = evaluate.NpzImages(str(tmp_path / "ref.npz"))
+    np.testing.assert_array_equal(np.concatenate(list(reader.chunks(0, len(reader), 3))), ref["arr_0"])
+    assert not (tmp_path / "ref.npz.partial").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_an_interrupted_build_resumes_to_the_same_file(image_tree, tmp_path, monkeypatch):
+    build(image_tree, tmp_path / "whole.npz")
+    calls = {"n": 0}
+
+    def dies_at_the_fourth_batch(batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        return features(batch)
+
+    with pytest.raises(Killed):  # saved after the second batch of 5 images
+        build(image_tree, tmp_path / "ref.npz", features=dies_at_the_fourth_batch)
+    partial = tmp_path / "ref.npz.partial"
+    with np.load(partial / reference_batch.STATE) as state:
+        assert json.loads(str(state["meta"]))["next"] == 10 and not (tmp_path / "ref.npz").exists()
+    assert sorted(os.listdir(partial / "blocks")) == ["00000000-00000005.npz"]  # kept images 0, 1, 2, 6, 8
+    # Killed again between writing the kept images' block and the state that counts them.
+    real_save = reference_batch._Progress.save
+
+    def dies_saving(self, partial):
+        raise Killed
+
+    monkeypatch.setattr(reference_batch._Progress, "save", dies_saving)
+    with pytest.raises(Killed):
+        build(image_tree, tmp_path / "ref.npz")
+    assert sorted(os.listdir(partial / "blocks")) == ["00000000-00000005.npz", "00000005-00000008.npz"]
+    monkeypatch.setattr(reference_batch._Progress, "save", real_save)
+    # Other settings are refused, naming the old and new values.
+    with pytest.raises(FileExistsError, match="keep_images: was 8, now 9"):
+        build(image_tree, tmp_path / "ref.npz", keep_images=9)
+    build(image_tree, tmp_path / "ref.npz")
+    whole, resumed = read(tmp_path / "whole.npz"), read(tmp_path / "ref.npz")
+    assert sorted(whole) == sorted(resumed)
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
+    assert not (tmp_path / "ref.npz.partial").exists()
+    # A finished file is left alone; another setting on it is refused, never overwritten.
+    assert build(image_tree, tmp_path / "ref.npz")["complete_already"]
+    with pytest.raises(FileExistsError, match="image_size: was 32, now 16"):
+        build(image_tree, tmp_path / "ref.npz", image_size=16)
+
+
+def test_too_few_images_and_an_empty_folder_get_clear_errors(tmp_path):
+    (tmp_path / "one").mkdir()
+    Image.fromarray(natural_image(np.random.default_rng(0), 40, 40)).save(tmp_path / "one" / "a.png")
+    (tmp_path / "one" / "b.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"only 1 of the 2 images could be read.*b.png"):
+        build(tmp_path / "one", tmp_path / "ref.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        build(tmp_path / "empty", tmp_path / "ref2.npz")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        build(tmp_path / "one", tmp_path / "ref3.npz", batch_size=0)
+    (tmp_path / "theirs.npz").write_bytes(b"someone else's file")
+    with pytest.raises(FileExistsError, match="theirs.npz exists and cannot be read"):
+        build(tmp_path / "one", tmp_path / "theirs.npz")
+    assert (tmp_path / "theirs.npz").read_bytes() == b"someone else's file"
+
+
+def test_the_command_names_a_missing_folder_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.reference_batch", "--images", str(tmp_path / "nowhere"),
+                           "--out", str(tmp_path / "ref.npz")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "nowhere' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # the real (random-weight) network twice and two 2048x2048 square roots: minutes
+def test_evaluate_against_the_same_images_gives_fid_zero(image_tree, tmp_path, inception_state):
+    import torch
+
+    torch.save(inception_state, tmp_path / "inception.pth")
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.reference_batch", "--images", str(image_tree),
+                           "--out", str(tmp_path / "ref.npz"), "--image_size", str(SIZE), "--batch_size", "16",
+                           "--inception_weights", str(tmp_path / "inception.pth")], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    _, crops, _ = crops_of(image_tree)
+    assert f"statistics of {len(crops)} images" in proc.stdout
+    np.savez(tmp_path / "samples.npz", arr_0=crops)
+    result = evaluate.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
+                               inception_weights=str(tmp_path / "inception.pth"), progress=False)
+    assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3, result
+    assert result["settings"]["reference_statistics"] == "precomputed mu/sigma/mu_s/sigma_s"
