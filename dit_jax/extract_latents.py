@@ -347,7 +347,6 @@ def _define_flags() -> None:
     flags.DEFINE_enum("dtype", "float16", sorted(latents.STORAGE_DTYPES), "storage dtype of mean and std")
     flags.DEFINE_integer("images_per_shard", 10_000, "images per ArrayRecord shard (the unit of resumption)")
     flags.DEFINE_integer("batch_size", 64, "images per encoder call on this host (x2 with the flips)")
-    flags.DEFINE_integer("workers", None, "decode/crop threads (default: CPU count)")
     flags.DEFINE_bool("verify", False, "check every finished shard's SHA-256 (not only its size) and encode "
                       "damaged shards again")
     # Multi-process (as for dit_jax.main): Slurm, Open MPI and Cloud TPU pods are detected; elsewhere run the

@@ -246,7 +246,8 @@ class TfdsSource:
 
 
 def define_source_flags() -> None:
-    """The absl flags naming an image source (``--images`` or ``--tfds_*``), for every command that reads one."""
+    """The absl flags naming an image source (``--images`` or ``--tfds_*``) and its decoding threads
+    (``--workers``), for every command that reads one."""
     from absl import flags
 
     flags.DEFINE_string("images", None, "image folder: ImageFolder tree <dir>/<class>/* (e.g. ImageNet train/) or "
@@ -256,6 +257,7 @@ def define_source_flags() -> None:
     flags.DEFINE_string("tfds_data_dir", None, "tfds data_dir (where the prepared dataset lives or will be prepared)")
     flags.DEFINE_string("tfds_manual_dir", None, "tfds manual download dir (ImageNet: ILSVRC2012_img_train.tar, "
                         "_val.tar)")
+    flags.DEFINE_integer("workers", None, "decode/crop threads (default: CPU count)")
 
 
 def check_source_flags() -> None:

@@ -84,10 +84,12 @@ def kept_indices(num_images: int, keep: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(num_images, size=keep, replace=False))
 
 
-def check_settings(*, image_size: int, keep_images: int, batch_size: int, save_every: int) -> None:
+def check_settings(*, image_size: int, keep_images: int, batch_size: int, save_every: int,
+                   workers: int | None = None) -> None:
+    """One ValueError naming every out-of-range setting."""
     problems = [f"{name} must be >= {low}, got {value}" for name, value, low in
                 (("image_size", image_size, 8), ("keep_images", keep_images, 0), ("batch_size", batch_size, 1),
-                 ("save_every", save_every, 1)) if value < low]
+                 ("save_every", save_every, 1), ("workers", 1 if workers is None else workers, 1)) if value < low]
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -127,7 +129,8 @@ def build(source: images.ImageSource, out: str, features: inception.FeatureFn, *
     """
     import jax
 
-    check_settings(image_size=image_size, keep_images=keep_images, batch_size=batch_size, save_every=save_every)
+    check_settings(image_size=image_size, keep_images=keep_images, batch_size=batch_size, save_every=save_every,
+                   workers=workers)
     record = {"source": source.describe(), "image_size": image_size, "crop": "ADM centre crop (dit_jax.images)",
               "keep_images": keep_images, "seed": seed, "batch_size": batch_size, "processes": jax.process_count(),
               **(settings or {})}
@@ -324,7 +327,6 @@ def _define_flags() -> None:
                         f".pth, a .safetensors conversion, or a registry name (default {inception.DEFAULT_WEIGHTS})")
     flags.DEFINE_integer("batch_size", 256, "images read, cropped and sent through the network together")
     flags.DEFINE_integer("save_every", 20, "save the progress every this many batches")
-    flags.DEFINE_integer("workers", None, "decode/crop threads (default: CPU count)")
     sharding.define_distributed_flags()
 
 
@@ -340,7 +342,7 @@ def main(argv: list[str]) -> None:
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
         check_settings(image_size=f.image_size, keep_images=f.keep_images, batch_size=f.batch_size,
-                       save_every=f.save_every)
+                       save_every=f.save_every, workers=f.workers)
         source = images.source_from_flags()
         tensors, weights = inception.read_inception_weights(f.inception_weights)
         inception.check_weights(tensors, weights)  # a wrong file is named before any image is read

@@ -125,8 +125,8 @@ def test_too_few_images_and_an_empty_folder_get_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         build(tmp_path / "empty", tmp_path / "ref2.npz")
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        build(tmp_path / "one", tmp_path / "ref3.npz", batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0; workers must be >= 1, got 0"):
+        build(tmp_path / "one", tmp_path / "ref3.npz", batch_size=0, workers=0)
     (tmp_path / "theirs.npz").write_bytes(b"someone else's file")
     with pytest.raises(FileExistsError, match="theirs.npz exists and cannot be read"):
         build(tmp_path / "one", tmp_path / "theirs.npz")
