@@ -3,9 +3,17 @@
 One step directory holds three items: ``state`` (the ``TrainState`` pytree: params, optimiser
 state, EMA params, step, RNG), ``data`` (each process's grain iterator position) and ``config``
 (the run's config as JSON, to refuse resuming another model). A run may resume on another
-mesh or another number of processes. Orbax writes a step to a
-temporary directory and renames it when complete, and deletes old steps (``max_to_keep``) only
-after a newer one is committed, so a killed run always leaves its last committed step behind.
+mesh or another number of processes. Orbax deletes old steps (``max_to_keep``) only after a
+newer one is committed, so a killed run always leaves its last committed step behind.
+
+How a step is committed is ``train.checkpoint_atomicity`` (``ATOMICITY``): ``rename`` writes
+it to a temporary directory and renames that when complete (a POSIX rename is atomic);
+``commit_file`` writes it in place and adds ``commit_success.txt`` last, and a step without that
+file is not committed. ``auto`` (the default) is Orbax's choice: ``commit_file`` on ``gs://``
+(GCS has no directory rename), ``rename`` elsewhere. On a gcsfuse mount choose ``commit_file``:
+gcsfuse refuses to rename directories by default (and otherwise renames one by copying and
+deleting every object, neither atomic nor quick). Either way an unfinished write found at
+start-up is reported and moved to the quarantine folder, never used or deleted.
 
 A fourth item, ``checksums``, records two 32-bit sums of every array's bits, computed on the
 devices in one fused reduction (``fingerprint``; integer sums do not depend on the sharding,
@@ -20,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,11 +41,14 @@ from absl import logging
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
-from dit_jax import input_pipeline, sharding
+from dit_jax import input_pipeline, sharding, storage
 
 ITEMS = ("state", "data", "config", "checksums")
-# Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it when complete.
+# Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<time>`` and renames it when complete (``rename``).
 TMP_MARKER = ".orbax-checkpoint-tmp"
+# ``train.checkpoint_atomicity``: how Orbax commits a step (see the module docstring).
+ATOMICITY = {"auto": ocp.options.AtomicityMode.AUTO, "rename": ocp.options.AtomicityMode.ATOMIC_RENAME,
+             "commit_file": ocp.options.AtomicityMode.COMMIT_FILE}
 # Config sections that define the parameters and what they compute: a checkpoint whose values
 # differ in any of them belongs to another model.
 MODEL_SECTIONS = ("model", "diffusion")
@@ -101,12 +111,26 @@ def fingerprint(tree: Any) -> tuple[dict[str, list[int]], bool]:
     return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}, bool(finite)
 
 
-def create_manager(directory: str, *, every_steps: int, max_to_keep: int) -> ocp.CheckpointManager:
-    """An async ``CheckpointManager`` saving every ``every_steps`` steps, keeping the newest ``max_to_keep``."""
+def atomicity_problems(atomicity: str) -> list[str]:
+    """What is wrong with a ``train.checkpoint_atomicity`` value (nothing: ``[]``)."""
+    if atomicity not in ATOMICITY:
+        return [f"train.checkpoint_atomicity {atomicity!r} is not one of {sorted(ATOMICITY)} (commit_file on a "
+                "gcsfuse mount; auto: Orbax's choice, commit_file on gs:// and rename elsewhere)"]
+    return []
+
+
+def create_manager(directory: str, *, every_steps: int, max_to_keep: int,
+                   atomicity: str = "auto") -> ocp.CheckpointManager:
+    """An async ``CheckpointManager`` saving every ``every_steps`` steps, keeping the newest ``max_to_keep``,
+    committing each step as ``atomicity`` says (``ATOMICITY``). ``directory`` may be ``gs://...``."""
+    problems = atomicity_problems(atomicity)
+    if problems:
+        raise ValueError(problems[0])
     # Unfinished writes are not deleted on start-up: ``restore_latest`` reports them and keeps them aside.
     options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=max_to_keep,
-                                           cleanup_tmp_directories=False, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+                                           cleanup_tmp_directories=False, enable_async_checkpointing=True,
+                                           atomicity_options=ocp.options.AtomicityOptions(mode=ATOMICITY[atomicity]))
+    return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: grain.DatasetIterator,
@@ -120,10 +144,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: grain.
         return manager.save(step, args=args, force=force)
 
 
-def committed_steps(directory: str) -> list[int]:
-    """The step directories Orbax has committed in ``directory`` (renamed from their temporary name)."""
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(name) for name in names if name.isdigit())
+def _step_directories(manager: ocp.CheckpointManager) -> tuple[list[int], list[str]]:
+    """(the committed steps, the names of the writes that never committed) in the manager's directory.
+
+    Unfinished are temporary directories (``rename``) and step directories that Orbax does not count
+    as committed (``commit_file``: no ``commit_success.txt``).
+    """
+    directory = storage.path(str(manager.directory))
+    names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    options = manager._options.atomicity_options  # pylint: disable=protected-access  (no public accessor)
+    unfinished = [n for n in names if TMP_MARKER in n or (
+        n.isdigit() and not ocp.step.is_path_finalized(directory / n, atomicity_options=options))]
+    return sorted(int(n) for n in names if n.isdigit() and n not in unfinished), unfinished
 
 
 @contextlib.contextmanager
@@ -134,10 +166,9 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager) -> Iterator[None]:
         yield
     except Exception as e:
         directory = str(manager.directory)
-        unfinished = sorted(n for n in os.listdir(directory) if TMP_MARKER in n) if os.path.isdir(directory) else []
-        failed = (f"step {unfinished[-1].split('.')[0]} ({os.path.join(directory, unfinished[-1])})" if unfinished
+        committed, unfinished = _step_directories(manager)
+        failed = (f"step {unfinished[-1].split('.')[0]} ({storage.path(directory) / unfinished[-1]})" if unfinished
                   else f"a step in {directory}")
-        committed = committed_steps(directory)
         last = (f"the last committed checkpoint is step {committed[-1]}" if committed
                 else "no checkpoint has been committed")
         text = str(e).strip()
@@ -181,14 +212,15 @@ def _quarantine(manager: ocp.CheckpointManager, names: list[str], quarantine_dir
     ``quarantine_dir`` gets a suffix (``30.1``, ``30.2``, ...), so no earlier copy is lost. Their new paths."""
     moved = []
     if sharding.is_main_process():
-        os.makedirs(quarantine_dir, exist_ok=True)
+        storage.path(quarantine_dir).mkdir(parents=True, exist_ok=True)
         for name in names:
-            target, copy = os.path.join(quarantine_dir, name), 0
-            while os.path.exists(target):
+            target, copy = storage.path(quarantine_dir) / name, 0
+            while target.exists():
                 copy += 1
-                target = os.path.join(quarantine_dir, f"{name}.{copy}")
-            shutil.move(os.path.join(str(manager.directory), name), target)
-            moved.append(target)
+                target = storage.path(quarantine_dir) / f"{name}.{copy}"
+            # A rename (on GCS: each object copied, then deleted; a kill part-way leaves parts in both places).
+            (storage.path(str(manager.directory)) / name).rename(target)
+            moved.append(os.fspath(target))
     multihost_utils.sync_global_devices("dit_jax_checkpoint_quarantine")
     manager.reload()
     return moved
@@ -198,13 +230,12 @@ def _set_aside_unfinished_writes(manager: ocp.CheckpointManager, quarantine_dir:
     """Report the temporary directories of writes that never finished (a killed or failed save) and keep them
     in ``quarantine_dir`` (Orbax would delete them)."""
     directory = str(manager.directory)
-    unfinished = (sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
-                  if sharding.is_main_process() and os.path.isdir(directory) else [])
+    unfinished = _step_directories(manager)[1] if sharding.is_main_process() else []
     if not int(multihost_utils.broadcast_one_to_all(np.int32(len(unfinished)))):  # every process must agree
         return
     for name, target in zip(unfinished, _quarantine(manager, unfinished, quarantine_dir)):
         logging.warning("%s is the unfinished write of checkpoint step %s (the run was killed or failed while "
-                        "saving it); moved to %s, not used", os.path.join(directory, name), name.split(".")[0],
+                        "saving it); moved to %s, not used", storage.path(directory) / name, name.split(".")[0],
                         target)
 
 
@@ -212,7 +243,7 @@ def _verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Raise ``CorruptCheckpointError`` if the restored ``state`` of ``step`` is not finite or does not
     reproduce the checksums recorded when it was saved (steps written before checksums are only warned of)."""
     sums, finite = fingerprint(state)
-    if os.path.isdir(os.path.join(str(manager.directory), str(step), "checksums")):
+    if (storage.path(str(manager.directory)) / str(step) / "checksums").is_dir():
         # First: changed bits explain anything else (damaged bytes often decode to NaN).
         recorded = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore())).checksums
         changed = [name for name in sums if recorded["arrays"].get(name) != sums[name]]
@@ -233,7 +264,7 @@ def _plain_reason(step_dir: str, error: Exception) -> str:
     """Why a step could not be restored, in words."""
     if isinstance(error, CorruptCheckpointError):
         return str(error)
-    if os.path.isdir(step_dir) and not os.listdir(step_dir):
+    if storage.path(step_dir).is_dir() and not any(storage.path(step_dir).iterdir()):
         return "its directory is empty (the write was killed before anything was saved)"
     first_line = (str(error).strip().splitlines() or [""])[0][:300]
     if isinstance(error, FileNotFoundError) or "does not exist" in first_line or "No such file" in first_line:
@@ -245,9 +276,9 @@ def _restore_position(manager: ocp.CheckpointManager, step: int, iterator: grain
                       batches: int) -> None:
     """Set ``iterator`` to this process's saved position, or from the step count if the checkpoint
     was written by a different number of processes (grain keeps one file per process)."""
-    data_dir = os.path.join(str(manager.directory), str(step), "data")
+    data_dir = storage.path(str(manager.directory)) / str(step) / "data"
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")) if os.path.isdir(data_dir) else []
+    saved = sorted(f.name for f in data_dir.iterdir() if f.name.startswith("process_")) if data_dir.is_dir() else []
     if own in saved or not saved:  # no files at all: let grain report the missing data
         manager.restore(step, args=ocp.args.Composite(data=grain_checkpoint.CheckpointRestore(iterator)))
         return
@@ -272,7 +303,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, iterator
     failures: list[tuple[int, str]] = []
 
     def unreadable(step: int, error: Exception) -> None:
-        reason = _plain_reason(os.path.join(str(manager.directory), str(step)), error)
+        reason = _plain_reason(os.fspath(storage.path(str(manager.directory)) / str(step)), error)
         logging.warning("checkpoint step %d in %s is corrupt or incomplete: %s; trying the previous one",
                         step, manager.directory, reason)
         failures.append((step, reason))

@@ -11,8 +11,8 @@ whole); on several processes each takes a contiguous share and only features are
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import sys
 import time
 import zipfile
@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from dit_jax import storage
 from dit_jax.evaluators import inception, metrics
 
 FIGURES = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
@@ -37,9 +38,12 @@ class NpzImages:
 
     def __init__(self, path: str, key: str = "arr_0"):
         self.path, self.key = path, key
+        # A local file or a gs:// object (epath opens the latter as a context only), open while this lives.
+        self._file = contextlib.ExitStack()
         try:
-            self._zip = zipfile.ZipFile(path)
+            self._zip = zipfile.ZipFile(self._file.enter_context(storage.path(path).open("rb")))
         except (zipfile.BadZipFile, OSError) as err:
+            self._file.close()
             raise BadBatch(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from err
         names = set(self._zip.namelist())
         if f"{key}.npy" not in names:
@@ -84,7 +88,7 @@ def _npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, int]:
 def read_statistics(path: str) -> dict[str, np.ndarray]:
     """The precomputed ``mu, sigma, mu_s, sigma_s`` of a reference (those it has), checked for shape and NaN."""
     try:
-        with np.load(path) as data:
+        with storage.path(path).open("rb") as f, np.load(f) as data:
             stats = {k: np.asarray(data[k], np.float64) for k in STAT_KEYS if k in data.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         raise BadBatch(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from err
@@ -187,7 +191,7 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
         "num_reference_images": 0 if ref_images is None else len(ref_images),
         "notes": notes + metric_notes,
         "settings": {
-            "samples": os.path.abspath(samples), "reference": os.path.abspath(reference),
+            "samples": storage.absolute(samples), "reference": storage.absolute(reference),
             "sample_shape": list(sample_images.shape),
             "reference_statistics": "precomputed mu/sigma/mu_s/sigma_s" if ref_stats else "from arr_0",
             "inception_weights": inception_weights or inception.DEFAULT_WEIGHTS,
@@ -240,8 +244,7 @@ def main(argv: list[str]) -> None:
     for key, name in FIGURES:
         print(f"{name}: {result[key]:.6g}" if key in result else f"{name}: not computed")
     if f.json:
-        with open(f.json, "w") as out:
-            json.dump(result, out, indent=2)
+        storage.write_atomic(f.json, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

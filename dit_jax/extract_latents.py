@@ -3,7 +3,8 @@
 Every image is ADM-centre-cropped, then it and its horizontal flip are encoded; the
 posterior mean and std (not one fixed sample) are stored in float16/bfloat16 ArrayRecord
 shards (format: ``dit_jax.latents``). The work is split by shard over hosts and each batch
-over the host's local devices. A shard is written under a temporary name, renamed, then
+over the host's local devices. A shard is written under a temporary name, renamed (for a
+``gs://`` --out: written locally, then uploaded as one object), then
 its ``.json`` report (with its size and SHA-256) is written: a killed run resumes at the
 first shard without a report, and a finished folder is left as it is, except that any
 shard found damaged (size; with ``--verify`` SHA-256) is set aside and encoded again. The
@@ -24,6 +25,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -38,7 +40,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import images, latents, locking, sharding
+from dit_jax import images, latents, locking, sharding, storage
 from dit_jax import vae as vae_lib
 
 # One record per group: training reads single records in random order.
@@ -138,10 +140,10 @@ def plan_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 def _check_same_plan(out_dir: str, plan: dict[str, Any], *, write: bool) -> None:
     """Start a new folder (``write``: this process writes the plan), or resume one made by the same
     command; never mix two extractions."""
-    path = os.path.join(out_dir, latents.PLAN)
+    path = storage.path(out_dir) / latents.PLAN
     plan = json.loads(json.dumps(plan))  # tuples -> lists, as stored
-    if not os.path.exists(path):
-        if any(f.startswith("shard-") for f in os.listdir(out_dir)):
+    if not path.exists():
+        if any(f.name.startswith("shard-") for f in storage.path(out_dir).iterdir()):
             raise FileExistsError(f"{out_dir} holds shards but no {latents.PLAN}: choose an empty --out folder")
         if write:
             latents.write_json_atomic(path, plan)
@@ -170,7 +172,9 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
     stop = min(start + plan["images_per_shard"], plan["num_source_images"])
     report: dict[str, Any] = {"file": name, "first_image": start, "num_records": 0, "process": jax.process_index(),
                               "counts_per_class": [0] * source.num_classes, "skipped": [], "converted": {}}
-    tmp = os.path.join(out_dir, name + ".tmp")
+    # array_record writes local files only: a shard for a bucket is written in a local temporary folder.
+    scratch = tempfile.mkdtemp(prefix="dit_jax_shard_") if storage.is_bucket(out_dir) else None
+    tmp = os.path.join(scratch or out_dir, name + ".tmp")
     writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
     chunks = _batches(source.records(start, stop), batch_size)
     prepare = functools.partial(images.crop_record, size=plan["resolution"])
@@ -194,17 +198,16 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
         report["num_records"] += len(good)
         progress.update(len(done))
     writer.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())  # on disk before it gets its final name
-    path = os.path.join(out_dir, name)
-    os.replace(tmp, path)
-    report.update(bytes=os.path.getsize(path), sha256=latents.sha256_file(path))  # checked when the shard is read
+    report.update(bytes=os.path.getsize(tmp), sha256=latents.sha256_file(tmp))  # checked when the shard is read
+    storage.publish(tmp, storage.path(out_dir) / name)  # on disk (or uploaded whole) before its report exists
+    if scratch:
+        os.rmdir(scratch)
     latents.write_json_atomic(_report_path(out_dir, index, plan["num_shards"]), report)
     return report
 
 
 def _report_path(out_dir: str, index: int, count: int) -> str:
-    return os.path.join(out_dir, latents.shard_name(index, count)[:-len(".array_record")] + ".json")
+    return storage.path(out_dir) / (latents.shard_name(index, count)[:-len(".array_record")] + ".json")
 
 
 def set_aside_damaged_shards(out_dir: str, plan: dict[str, Any], *, verify: bool) -> dict[str, str]:
@@ -213,7 +216,7 @@ def set_aside_damaged_shards(out_dir: str, plan: dict[str, Any], *, verify: bool
     damaged = {}
     for index in range(plan["num_shards"]):
         report_path = _report_path(out_dir, index, plan["num_shards"])
-        if not os.path.exists(report_path):
+        if not report_path.exists():
             continue
         try:
             report = latents.read_json(report_path)
@@ -223,18 +226,18 @@ def set_aside_damaged_shards(out_dir: str, plan: dict[str, Any], *, verify: bool
         if problem is None:
             continue
         damaged[report["file"]] = problem
-        shard = os.path.join(out_dir, report["file"])
-        if os.path.exists(shard):
-            aside, n = shard + ".damaged", 1
-            while os.path.exists(aside):
+        shard = storage.path(out_dir) / report["file"]
+        if shard.exists():
+            aside, n = shard.with_name(shard.name + ".damaged"), 1
+            while aside.exists():
                 n += 1
-                aside = f"{shard}.damaged-{n}"
-            os.replace(shard, aside)
-        os.remove(report_path)
+                aside = shard.with_name(f"{shard.name}.damaged-{n}")
+            shard.rename(aside)  # in a bucket: a copy, then the original's deletion
+        report_path.unlink()
         logging.warning("%s is damaged (%s): it is encoded again (the old file, if any, is kept as .damaged)",
                         report["file"], problem)
-    if damaged and os.path.exists(os.path.join(out_dir, latents.METADATA)):
-        os.remove(os.path.join(out_dir, latents.METADATA))  # no longer finished: rewritten at the end
+    if damaged and (storage.path(out_dir) / latents.METADATA).exists():
+        (storage.path(out_dir) / latents.METADATA).unlink()  # no longer finished: rewritten at the end
     return damaged
 
 
@@ -262,7 +265,7 @@ def finish(out_dir: str, plan: dict[str, Any], reports: list[dict[str, Any]],
         num_ignored=len(ignored),
         ignored=ignored,
     )
-    latents.write_json_atomic(os.path.join(out_dir, latents.METADATA), metadata)
+    latents.write_json_atomic(storage.path(out_dir) / latents.METADATA, metadata)
     return metadata
 
 
@@ -303,13 +306,14 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
     _sync("plan")
     if jax.process_index() != 0:
         _check_same_plan(out_dir, plan, write=False)  # this host's devices must encode as process 0's do
-    if os.path.exists(os.path.join(out_dir, latents.METADATA)):
+    metadata_path = storage.path(out_dir) / latents.METADATA
+    if metadata_path.exists():
         logging.info("%s is complete (every shard %s); nothing to do", out_dir,
                      "verified against its SHA-256" if verify else "of the size written")
-        return latents.read_json(os.path.join(out_dir, latents.METADATA))
+        return latents.read_json(metadata_path)
 
     mine = [i for i in range(jax.process_index(), plan["num_shards"], jax.process_count())
-            if not os.path.exists(_report_path(out_dir, i, plan["num_shards"]))]
+            if not _report_path(out_dir, i, plan["num_shards"]).exists()]
     per_shard = plan["images_per_shard"]
     todo = sum(min(per_shard, len(source) - i * per_shard) for i in mine)
     logging.info("encoding %d images in %d shards (of %d) on %d device(s)", todo, len(mine), plan["num_shards"],
@@ -332,9 +336,9 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
     if jax.process_index() == 0:
         metadata = finish(out_dir, plan, reports, source.ignored)
         logging.info("%d images encoded, %d skipped, %d files ignored (listed in %s)", metadata["num_images"],
-                     metadata["num_skipped"], metadata["num_ignored"], os.path.join(out_dir, latents.METADATA))
+                     metadata["num_skipped"], metadata["num_ignored"], metadata_path)
     _sync("done")
-    return latents.read_json(os.path.join(out_dir, latents.METADATA))
+    return latents.read_json(metadata_path)
 
 
 def _define_flags() -> None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from dit_jax import storage
 
 
 def to_uint8(x: jax.Array) -> jax.Array:
@@ -30,11 +35,15 @@ def make_grid(rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> np.ndarray:
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def save_image(path: str, image: np.ndarray) -> None:
-    """Write a uint8 [H, W, C] image (C = 1 or 3) as a PNG."""
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+def save_image(path: storage.PathLike, image: np.ndarray) -> None:
+    """Write a uint8 [H, W, C] image (C = 1 or 3) in the format of ``path``'s extension (a PNG), locally or in
+    a bucket; a kill leaves the old file or the new one (``storage.write_atomic``)."""
+    encoded = io.BytesIO()
+    image_format = Image.registered_extensions().get(os.path.splitext(os.fspath(path))[1].lower(), "PNG")
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(encoded, format=image_format)
+    storage.write_atomic(path, encoded.getvalue())
 
 
-def save_grid(path: str, rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> None:
+def save_grid(path: storage.PathLike, rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> None:
     """Write uint8 images [rows, cols, H, W, C] as one PNG grid (``make_grid``)."""
     save_image(path, make_grid(rows, pad=pad, scale=scale))

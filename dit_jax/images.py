@@ -26,6 +26,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from dit_jax import storage
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Record = tuple[str, "bytes | OSError", int]
@@ -138,6 +140,10 @@ class FolderSource:
     """Images under a folder: one class per sub-folder (ImageFolder), or a single class if there are none."""
 
     def __init__(self, root: str):
+        if storage.is_bucket(root):
+            raise ValueError(f"image folder {root!r} is in a bucket, and folders of images are read from a local disk "
+                             "only: copy it first (`gcloud storage rsync -r`), or use a TFDS dataset (--tfds_name; "
+                             "tfds reads a --tfds_data_dir=gs://... itself)")
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist")
         self.root = root

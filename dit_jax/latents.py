@@ -25,6 +25,8 @@ import grain
 import ml_dtypes
 import numpy as np
 
+from dit_jax import storage
+
 STORAGE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 METADATA = "metadata.json"
 PLAN = "plan.json"
@@ -57,25 +59,19 @@ def decode_records(data: list[bytes], shape: tuple[int, int, int], dtype: str) -
     return np.frombuffer(b"".join(data), layout)
 
 
-def read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: storage.PathLike) -> dict[str, Any]:
+    return json.loads(storage.path(path).read_text())
 
 
-def write_json_atomic(path: str, value: dict[str, Any]) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path: storage.PathLike, value: dict[str, Any]) -> None:
+    """Readers see the old file or the whole new one (``storage.write_atomic``)."""
+    storage.write_atomic(path, json.dumps(value, indent=1))
 
 
-def sha256_file(path: str) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB pieces."""
+def sha256_file(path: storage.PathLike) -> str:
+    """The hex SHA-256 of a file (local or in a bucket), read in 1 MiB pieces."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         while piece := f.read(1 << 20):
             digest.update(piece)
     return digest.hexdigest()
@@ -86,11 +82,11 @@ def shard_problems(latents_dir: str, shards: list[dict[str, Any]], *, verify: bo
     missing, of another size, or (``verify``) of other contents than when they were written."""
     problems = {}
     for shard in shards:
-        path = os.path.join(latents_dir, shard["file"])
-        if not os.path.exists(path):
+        path = storage.path(latents_dir) / shard["file"]
+        if not path.exists():
             problems[shard["file"]] = "missing"
-        elif "bytes" in shard and os.path.getsize(path) != shard["bytes"]:
-            problems[shard["file"]] = f"{os.path.getsize(path)} bytes, but {shard['bytes']} were written"
+        elif "bytes" in shard and path.stat().length != shard["bytes"]:
+            problems[shard["file"]] = f"{path.stat().length} bytes, but {shard['bytes']} were written"
         elif verify and "sha256" not in shard:
             problems[shard["file"]] = "no checksum recorded (written by an older dit_jax): extract again"
         elif verify and sha256_file(path) != shard["sha256"]:
@@ -119,18 +115,18 @@ def read_metadata(latents_dir: str) -> dict[str, Any]:
         raise ValueError("data.latents_dir is empty: pre-encode the images with `python -m dit_jax.extract_latents "
                          "--images=DIR --vae=VAE --resolution=256 --out=LATENTS_DIR`, then pass "
                          "--config.data.latents_dir=LATENTS_DIR")
-    if not os.path.isdir(latents_dir):
+    if not storage.path(latents_dir).is_dir():
         raise FileNotFoundError(f"latents folder {latents_dir} does not exist: make it with "
                                 "`python -m dit_jax.extract_latents --images=DIR --out=LATENTS_DIR`")
-    path = os.path.join(latents_dir, METADATA)
-    plan_path = os.path.join(latents_dir, PLAN)
-    if not os.path.exists(path):
-        if not os.path.exists(plan_path):
+    path = storage.path(latents_dir) / METADATA
+    plan_path = storage.path(latents_dir) / PLAN
+    if not path.exists():
+        if not plan_path.exists():
             raise FileNotFoundError(f"{path} does not exist: not a latents folder written by "
                                     "`python -m dit_jax.extract_latents`")
         plan = read_json(plan_path)
-        done = sum(os.path.exists(os.path.join(latents_dir, shard_name(i, plan["num_shards"])[:-len(".array_record")]
-                                              + ".json")) for i in range(plan["num_shards"]))
+        done = sum((storage.path(latents_dir) / (shard_name(i, plan["num_shards"])[:-len(".array_record")] + ".json"))
+                   .exists() for i in range(plan["num_shards"]))
         raise FileNotFoundError(f"{path} does not exist: the extraction into {latents_dir} has not finished "
                                 f"({done} of {plan['num_shards']} shards done); run "
                                 f"`{extraction_command(plan, latents_dir)}` to complete it")
@@ -168,7 +164,7 @@ class LatentSource:
         self._files = [s["file"] for s in shards]
         self._ends = np.cumsum([s["num_records"] for s in shards])  # record index -> shard
         try:
-            self._records = grain.sources.ArrayRecordDataSource([os.path.join(latents_dir, f) for f in self._files])
+            self._records = grain.sources.ArrayRecordDataSource([self._shard_path(f) for f in self._files])
         except Exception as err:  # a damaged index (the file's last block) fails at open
             failing = self._unopenable()
             if not failing:
@@ -187,6 +183,10 @@ class LatentSource:
         return CorruptShardError(
             f"{self.latents_dir}: {len(problems)} damaged shard(s): {listed}. Repair: run {command}: "
             "it checks every shard and re-encodes only the damaged ones")
+
+    def _shard_path(self, name: str) -> str:
+        """A shard's path for array_record, which reads local files and ``gs://`` objects itself."""
+        return os.fspath(storage.path(self.latents_dir) / name)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -207,7 +207,7 @@ class LatentSource:
         failing = {}
         for name in self._files:
             try:
-                grain.sources.ArrayRecordDataSource([os.path.join(self.latents_dir, name)])
+                grain.sources.ArrayRecordDataSource([self._shard_path(name)])
             except Exception as err:
                 failing[name] = f"opening it failed ({type(err).__name__}: {str(err)[:200]})"
         return failing

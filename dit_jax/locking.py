@@ -17,6 +17,13 @@ leaves it behind:
 
 In a multi-process run (a pod) only process 0 takes the lock, once per run; the other
 processes learn whether it succeeded and fail with it.
+
+A folder in a bucket (``gs://bucket/run``) is locked the same way: the lock object is created
+with GCS's does-not-exist precondition (``ifGenerationMatch=0``, through google-cloud-storage,
+which Orbax needs for ``gs://`` anyway), so of two commands starting at once exactly one gets
+it. There is no folder flock on GCS: the check for a stale holder and its take-over are not
+serialised between two commands that start in the same instant (each still creates the lock
+with the precondition, so at most one of them proceeds).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+
+from dit_jax import storage
 
 LOCK_FILE = "dit_jax.lock"
 TAKE_OVER_ENV = "DIT_JAX_TAKE_OVER_LOCK"
@@ -73,8 +82,7 @@ def _holder_alive(holder: dict[str, Any]) -> bool | None:
 def _read(path: str) -> dict[str, Any] | None:
     """The holder recorded in ``path``; None if it is gone or unreadable (a write killed half-way)."""
     try:
-        with open(path) as f:
-            holder = json.load(f)
+        holder = json.loads(storage.path(path).read_text())
         return holder if isinstance(holder, dict) else None
     except (OSError, ValueError):
         return None
@@ -89,7 +97,11 @@ def describe(holder: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def _directory_guard(directory: str) -> Iterator[None]:
-    """Serialise check-and-take-over between commands of this host (flock on the folder itself)."""
+    """Serialise check-and-take-over between commands of this host (flock on the folder itself; a bucket
+    has no flock: there the create's precondition alone decides)."""
+    if storage.is_bucket(directory):
+        yield
+        return
     fd = os.open(directory, os.O_RDONLY)
     try:
         with contextlib.suppress(OSError):  # a filesystem without flock: the O_EXCL create still decides
@@ -108,42 +120,63 @@ def acquire(directory: str, *, purpose: str, take_over: bool | None = None) -> d
     """
     if take_over is None:
         take_over = os.environ.get(TAKE_OVER_ENV, "") not in ("", "0")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, LOCK_FILE)
+    storage.path(directory).mkdir(parents=True, exist_ok=True)
+    path = os.fspath(storage.path(directory) / LOCK_FILE)
     mine = {"purpose": purpose, "host": socket.gethostname(), "pid": os.getpid(),
             "start_ticks": _process_start_ticks(os.getpid()),
             "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "command": sys.argv, "token": uuid.uuid4().hex}
     with _directory_guard(directory):
-        if os.path.exists(path):
+        if storage.path(path).exists():
             holder = _read(path)
             alive = None if holder is None else _holder_alive(holder)
             what = describe(holder) if holder else "an unreadable lock (its writer was killed)"
             if take_over or holder is None or alive is False:
                 logging.warning("taking over the lock %s of %s: %s", path, what,
                                 f"{TAKE_OVER_ENV} is set" if take_over else "that process is no longer running")
-                os.remove(path)
+                storage.path(path).unlink()
             else:
                 how = ("if it is no longer running (a run killed on another host leaves its lock behind), rerun "
                        f"with {TAKE_OVER_ENV}=1 to take the lock over" if alive is None else
                        "that process is still running")
                 raise LockHeldError(f"{directory} is in use by {what}. Wait for it to finish or stop it, or use "
                                     f"another folder; {how}. (Lock file: {path})")
+        _create(path, json.dumps(mine), directory)
+    return mine
+
+
+def _create(path: str, text: str, directory: str) -> None:
+    """Create the lock file ``path`` holding ``text``; ``LockHeldError`` if it appeared meanwhile."""
+    if not storage.is_bucket(path):
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    return mine
+        return
+    if not path.startswith("gs://"):
+        raise ValueError(f"{directory}: of the buckets, only gs:// folders can be locked")
+    from google.api_core import exceptions
+    from google.cloud import storage as gcs
+
+    bucket, _, name = path.removeprefix("gs://").partition("/")
+    try:
+        gcs.Client().bucket(bucket).blob(name).upload_from_string(text, content_type="application/json",
+                                                                   if_generation_match=0)
+    except exceptions.PreconditionFailed:
+        holder = _read(path)
+        raise LockHeldError(f"{directory} was locked at the same moment by "
+                            f"{describe(holder) if holder else 'another command'}; wait for it to finish or use "
+                            f"another folder. (Lock file: {path})") from None
 
 
 def release(directory: str, lock: dict[str, Any]) -> None:
     """Remove the lock file if it is still ``lock`` (not taken over meanwhile)."""
-    path = os.path.join(directory, LOCK_FILE)
+    path = os.fspath(storage.path(directory) / LOCK_FILE)
     holder = _read(path)
     if holder is not None and holder.get("token") == lock["token"]:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+            storage.path(path).unlink()
     elif holder is not None:
         logging.warning("the lock %s was taken over by %s while this command held it", path, describe(holder))
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from dit_jax import storage
+
 if TYPE_CHECKING:
     from dit_jax.models import DiT
 
@@ -435,17 +437,24 @@ def _resolve_dit(ckpt: str, *, cache, offline) -> tuple[str, Path]:
             raise ValueError(f"{ckpt} is {entry.what}, not a DiT")
         path = fetch(ckpt, cache=cache, offline=offline)
         return ("diffusers", path) if isinstance(entry, HubFolder) else ("official", path)
-    path = Path(ckpt).expanduser()
-    if path.is_file():
+    # A run's workdir may be in a bucket (Orbax reads it there); weight files and diffusers folders are read locally.
+    bucket = storage.is_bucket(ckpt)
+    path = storage.path(ckpt) if bucket else Path(ckpt).expanduser()
+    if path.is_file() and not bucket:
         return "official", path
     if path.is_dir():
         if (path / "checkpoints").is_dir() or any(p.name.isdigit() for p in path.iterdir()):
             return "workdir", path / "checkpoints" if (path / "checkpoints").is_dir() else path
         for folder in (path / "transformer", path):
-            if (folder / "config.json").is_file():
+            if (folder / "config.json").is_file() and not bucket:
                 return "diffusers", folder
         raise FileNotFoundError(f"{path} is a folder but neither a dit_jax workdir (checkpoints/<step>/) nor a "
-                                "diffusers DiT folder (transformer/config.json + diffusion_pytorch_model.safetensors)")
+                                "diffusers DiT folder (transformer/config.json + diffusion_pytorch_model.safetensors)"
+                                + (" on a local disk (copy one from the bucket with `gcloud storage cp -r`)" if bucket
+                                   else ""))
+    if bucket:
+        raise FileNotFoundError(f"{ckpt} is not a folder in the bucket: of a bucket only a dit_jax workdir is read "
+                                "directly; copy weight files to a local disk (`gcloud storage cp`)")
     if is_hub_id(ckpt):
         entry = HubFolder(ckpt, "a diffusers DiT", **DIFFUSERS_DIT_FILES)
         return "diffusers", fetch_hub(entry, cache=cache, offline=offline) / "transformer"
@@ -731,9 +740,7 @@ def _load_workdir(checkpoints: Path, options: dict[str, Any], *, checks: dict[st
 def _saved_config(step_dir: Path) -> dict[str, Any]:
     import json
 
-    path = step_dir / "config" / "metadata"  # where Orbax's JsonSave puts the run's config
-    with open(path) as f:
-        return json.load(f)
+    return json.loads((step_dir / "config" / "metadata").read_text())  # where Orbax's JsonSave puts the config
 
 
 def config_architecture(config: Any) -> dict[str, Any]:
@@ -872,6 +879,6 @@ def create_initial_state(config: Any, init_state: Any, *, workdir: str | None = 
     if report["not_loaded"]:
         logging.warning("not loaded from %s (freshly initialised): %s", init_from, ", ".join(report["not_loaded"]))
     if workdir is not None and jax.process_index() == 0:
-        with open(os.path.join(workdir, "init_from.json"), "w") as f:
-            json.dump({"init_from": init_from, **report}, f, indent=1)
+        storage.write_atomic(storage.path(workdir) / "init_from.json", json.dumps({"init_from": init_from, **report},
+                                                                                  indent=1))
     return state

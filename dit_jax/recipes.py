@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100           # metrics (TensorBoard, metrics.jsonl, console) every this many steps
     c.train.checkpoint_every = 5_000  # async Orbax checkpoint every this many steps (also at the end and on SIGTERM)
     c.train.max_to_keep = 3           # newest checkpoints kept in WORKDIR/checkpoints
+    c.train.checkpoint_atomicity = "auto"  # how a step is committed: auto | rename | commit_file (gcsfuse mounts)
     c.train.profile_steps = 0         # profile this many steps (from 10 steps after the start) to WORKDIR; 0 = off
     c.train.init_from = ""            # fine-tune: start from these weights (pretrained.load_dit forms), fresh optimiser
 

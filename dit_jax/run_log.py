@@ -4,26 +4,32 @@ A resumed run retrains the steps after its checkpoint, so it drops what an earli
 for them: the JSON lines (``read_history``, then ``rewrite``) and the TensorBoard events
 (``rewind_event_files``), so each step appears once. Damage (a line half-written by a kill)
 is dropped with a warning; it is never a reason to stop a run whose checkpoints are intact.
+
+The files may be in a bucket (``dit_jax.storage``): there a rewrite is one object upload, and
+``metrics.jsonl``, opened for appending, is uploaded again whole at each flush (TensorFlow's
+GCS files have no append), so a kill keeps the lines flushed before it.
 """
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import os
+from contextlib import AbstractContextManager
 from typing import IO, Any
 
 from absl import logging
 
+from dit_jax import storage
+
 EVENT_FILES = "events.out.tfevents.*"
 
 
-def read_history(path: str, *, up_to_step: int) -> list[dict[str, Any]]:
+def read_history(path: storage.PathLike, *, up_to_step: int) -> list[dict[str, Any]]:
     """The records of ``metrics.jsonl`` up to ``up_to_step``; a missing file is empty, damaged lines are dropped."""
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         return []
-    with open(path) as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    lines = [line for line in storage.path(path).read_text().splitlines() if line.strip()]
     history = []
     for number, line in enumerate(lines, 1):
         try:
@@ -39,29 +45,28 @@ def read_history(path: str, *, up_to_step: int) -> list[dict[str, Any]]:
     return history
 
 
-def rewrite(path: str, history: list[dict[str, Any]]) -> IO[str]:
-    """Replace ``path`` with ``history`` atomically (a kill leaves the old or the new file), open for appending."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
+def rewrite(path: storage.PathLike, history: list[dict[str, Any]]) -> AbstractContextManager[IO[str]]:
+    """Replace ``path`` with ``history`` atomically (a kill leaves the old or the new file); the file open for
+    appending, as a context (``with rewrite(...) as log``)."""
+    storage.write_atomic(path, "".join(json.dumps(h) + "\n" for h in history))
+    return storage.path(path).open("a")
 
 
-def rewind_event_files(workdir: str, step: int) -> None:
+def rewind_event_files(workdir: storage.PathLike, step: int) -> None:
     """Drop the TensorBoard events after ``step`` from the event files in ``workdir`` (each rewritten atomically)."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    for path in sorted(glob.glob(os.path.join(workdir, EVENT_FILES))):
-        records = list(RawEventFileLoader(path).Load())
+    for path in sorted(storage.path(workdir).glob(EVENT_FILES)):
+        records = list(RawEventFileLoader(os.fspath(path)).Load())
         keep = [r for r in records if event_pb2.Event.FromString(r).step <= step]
         if len(keep) == len(records):
             continue
-        with open(path + ".tmp", "wb") as f:
-            writer = RecordWriter(f)
-            for record in keep:
-                writer.write(record)
-        os.replace(path + ".tmp", path)
+        buffer = io.BytesIO()
+        writer = RecordWriter(buffer)
+        for record in keep:
+            writer.write(record)
+        storage.write_atomic(path, buffer.getvalue())
         logging.info("%s: dropped %d TensorBoard events after step %d (the resumed run logs those steps again)",
                      path, len(records) - len(keep), step)

@@ -24,10 +24,12 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import re
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -41,7 +43,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import diffusion as gd, sharding
+from dit_jax import diffusion as gd, sharding, storage
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
 from dit_jax.models import GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
@@ -339,7 +341,8 @@ _BLOCK_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 def finished_prefix(blocks_dir: str) -> tuple[int, list[tuple[int, int]]]:
     """How many samples the finished block files cover from index 0, and those blocks (start, stop)."""
-    ranges = sorted((int(m[1]), int(m[2])) for m in map(_BLOCK_RE.match, os.listdir(blocks_dir)) if m)
+    names = [p.name for p in storage.path(blocks_dir).iterdir()]
+    ranges = sorted((int(m[1]), int(m[2])) for m in map(_BLOCK_RE.match, names) if m)
     end, used = 0, []
     for start, stop in ranges:
         if start == end:
@@ -349,21 +352,19 @@ def finished_prefix(blocks_dir: str) -> tuple[int, list[tuple[int, int]]]:
 
 
 def write_block(blocks_dir: str, block: Block) -> None:
-    """Write a block under a temporary name, fsync, rename: a killed run never leaves a partial block."""
+    """Write a block atomically (``storage.write_atomic``): a killed run never leaves a partial block."""
     stop = block.start + len(block.labels)
-    path = os.path.join(blocks_dir, block_name(block.start, stop))
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, images=block.images, labels=block.labels)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    encoded = io.BytesIO()
+    np.savez(encoded, images=block.images, labels=block.labels)
+    storage.write_atomic(storage.path(blocks_dir) / block_name(block.start, stop), encoded.getvalue())
 
 
 def write_adm_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tuple[int, ...],
                   labels: np.ndarray, arrays: dict[str, np.ndarray] | None = None) -> None:
     """ADM's format (``np.savez(path, arr_0=images, arr_1=labels, **arrays)``), ``arr_0`` streamed from the
-    block files (``write_block``) in order, written atomically."""
-    tmp = path + ".tmp"
+    block files (``write_block``) in order, written atomically (for a bucket: streamed into a local temporary
+    file, then uploaded as one object)."""
+    tmp = tempfile.mkstemp(suffix=".npz", prefix="dit_jax_samples_")[1] if storage.is_bucket(path) else path + ".tmp"
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(labels), *image_shape)}
     with open(tmp, "wb") as raw:
@@ -371,9 +372,9 @@ def write_adm_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], ima
             with archive.open("arr_0.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, header)
                 for start, stop in blocks:
-                    name = os.path.join(blocks_dir, block_name(start, stop))
+                    name = storage.path(blocks_dir) / block_name(start, stop)
                     try:
-                        with np.load(name) as block:
+                        with np.load(io.BytesIO(name.read_bytes())) as block:
                             images = block["images"]
                     except Exception as err:
                         raise OSError(f"block file {name} cannot be read ({type(err).__name__}: {err}); delete it "
@@ -387,9 +388,7 @@ def write_adm_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], ima
             for key, value in (arrays or {}).items():
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+    storage.publish(tmp, path)
 
 
 def _settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -399,26 +398,25 @@ def _settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 
 def _prepare_out_dir(out_dir: str, record: dict[str, Any]) -> int:
     """Process 0: check (or write) ``settings.json`` and return where to resume (-1: already complete)."""
-    os.makedirs(os.path.join(out_dir, BLOCKS_DIR), exist_ok=True)
-    path = os.path.join(out_dir, SETTINGS_JSON)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    out = storage.path(out_dir)
+    (out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
+    path = out / SETTINGS_JSON
+    if path.exists():
+        old = json.loads(path.read_text())
         changed = _settings_differences(old.get("settings", {}), record["settings"])
         if changed:
             raise ValueError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); rerun with "
                              "the old settings to resume, or choose another --out folder")
-    elif os.listdir(os.path.join(out_dir, BLOCKS_DIR)) or os.path.exists(os.path.join(out_dir, SAMPLES_NPZ)):
+    elif any((out / BLOCKS_DIR).iterdir()) or (out / SAMPLES_NPZ).exists():
         raise FileExistsError(f"{out_dir} holds samples but no {SETTINGS_JSON}: choose an empty --out folder")
     else:
         write_json_atomic(path, record)
-    if os.path.exists(os.path.join(out_dir, SAMPLES_NPZ)):
+    if (out / SAMPLES_NPZ).exists():
         return -1
-    blocks_dir = os.path.join(out_dir, BLOCKS_DIR)
-    for name in os.listdir(blocks_dir):
-        if name.endswith(".tmp"):  # a block a killed run was writing
-            os.remove(os.path.join(blocks_dir, name))
-    return finished_prefix(blocks_dir)[0]
+    for block in (out / BLOCKS_DIR).iterdir():
+        if block.name.endswith(".tmp"):  # a block a killed run was writing
+            block.unlink()
+    return finished_prefix(os.fspath(out / BLOCKS_DIR))[0]
 
 
 def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray, *, seed: int,
@@ -452,13 +450,13 @@ def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray,
         start = int(multihost_utils.broadcast_one_to_all(np.int64(start)))
     if start == -2:
         raise error if error is not None else ValueError(f"process 0 refused {out_dir}: see its log")
-    npz = os.path.join(out_dir, SAMPLES_NPZ)
+    npz = os.fspath(storage.path(out_dir) / SAMPLES_NPZ)
     if start == -1:
         logging.info("%s is complete; nothing to do", npz)
         return npz
     if start:
         logging.info("resuming %s at sample %d of %d", out_dir, start, len(labels))
-    blocks_dir = os.path.join(out_dir, BLOCKS_DIR)
+    blocks_dir = os.fspath(storage.path(out_dir) / BLOCKS_DIR)
     t0 = time.time()
     with tqdm.tqdm(total=len(labels), initial=start, unit="img", desc="sampling", file=sys.stderr,
                    disable=not (main and progress), smoothing=0.1) as bar:
@@ -472,9 +470,9 @@ def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray,
             raise RuntimeError(f"{blocks_dir} covers samples 0..{end - 1} of {len(labels)} after the run")
         write_adm_npz(npz, blocks_dir, blocks, image_sampler.image_shape, labels)
         record["run"] = {"seconds_this_run": time.time() - t0, "resumed_at": start}
-        write_json_atomic(os.path.join(out_dir, SETTINGS_JSON), record)
+        write_json_atomic(storage.path(out_dir) / SETTINGS_JSON, record)
         for first, stop in blocks:
-            os.remove(os.path.join(blocks_dir, block_name(first, stop)))
+            (storage.path(blocks_dir) / block_name(first, stop)).unlink()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("dit_jax.sample: samples.npz written")
     return npz

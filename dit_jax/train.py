@@ -26,7 +26,8 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding
+from dit_jax import (checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding,
+                     storage)
 from dit_jax.evaluators import common as evaluators
 from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
 
@@ -227,6 +228,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if config.data.source == "synthetic" and config.data.image_size != config.model.input_size:
         problems.append(f"data.image_size ({config.data.image_size}) must equal model.input_size "
                         f"({config.model.input_size}) for pixel-space synthetic data")
+    problems += checkpointing.atomicity_problems(t.checkpoint_atomicity)
     problems += pretrained.init_from_problems(config.train.init_from)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
@@ -331,16 +333,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     batches = input_pipeline.make_train_iterator(
         source, batch_size=sharding.process_batch_size(config.train.batch_size, mesh), seed=config.seed,
         shard_index=jax.process_index(), shard_count=jax.process_count())
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_dir = os.fspath(storage.path(workdir) / "checkpoints")
     # The model is built (abstractly) before any checkpoint is touched: a bad model config stops here.
     graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
     with contextlib.ExitStack() as stack:
         manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
-                                               max_to_keep=config.train.max_to_keep)
+                                               max_to_keep=config.train.max_to_keep,
+                                               atomicity=config.train.checkpoint_atomicity)
         stack.callback(checkpointing.close, manager)  # waits for the last async save
         # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
         state = checkpointing.restore_latest(manager, abstract_state, batches, config,
-                                             quarantine_dir=os.path.join(workdir, "checkpoints_corrupt"))
+                                             quarantine_dir=os.fspath(storage.path(workdir) / "checkpoints_corrupt"))
         resumed = state is not None
         state = state if resumed else pretrained.create_initial_state(config, init_state, workdir=workdir)
         start_step = int(state.step)
@@ -360,7 +363,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         flops_per_step = step_flops(config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
         lr_schedule = learning_rate_schedule(config)
 
-        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        metrics_path = storage.path(workdir) / "metrics.jsonl"
         history = run_log.read_history(metrics_path, up_to_step=start_step)
         if is_main and resumed:
             run_log.rewind_event_files(workdir, start_step)  # TensorBoard gets each step once
@@ -477,7 +480,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     summary["eval_seconds"] = eval_seconds
     summary["total_seconds"] = time.time() - start
     if is_main:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        storage.write_atomic(storage.path(workdir) / "summary.json", json.dumps(summary, indent=2))
     logging.info("summary: %s", json.dumps(summary))
     return summary

@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dit_jax import sharding
+from dit_jax import sharding, storage
 from dit_jax.evaluators import common
 from dit_jax.image_grid import make_grid, save_image
 
@@ -49,7 +49,7 @@ class Evaluator:
             paths.append(f"{self.name}.png")
         if sharding.is_main_process():
             for path in paths:
-                os.makedirs(os.path.dirname(os.path.join(self.run_info.workdir, path)), exist_ok=True)
-                save_image(os.path.join(self.run_info.workdir, path), grid)
+                (storage.path(self.run_info.workdir) / path).parent.mkdir(parents=True, exist_ok=True)
+                save_image(storage.path(self.run_info.workdir) / path, grid)
         return {"grid": grid, "png": paths[-1], "sampler": f"{s.sampler} {s.respacing} steps, guidance {s.cfg_scale}",
                 "decoder": self.decoder.name}

@@ -1,0 +1,72 @@
+"""Where a run's files live: a local folder or a bucket (``gs://bucket/...``), through ``etils.epath``.
+
+Every command reads and writes its outputs (the training workdir, latent shards, sample blocks,
+evaluation results) as ``epath.Path``; with TensorFlow installed, epath reaches ``gs://`` through
+``tf.io.gfile`` (TensorFlow's GCS client), as TensorBoard's event writer does. Orbax writes the
+arrays of a checkpoint with TensorStore's own GCS driver, and grain reads ArrayRecord shards with
+array_record's own GCS reader.
+
+A write that a kill must not leave half-done (``write_atomic``, ``publish``) is a temporary file
+renamed over the final name on a local disk. On GCS a rename is a copy and a delete, but an
+object only appears once its upload has completed, whole: there the final object is written
+directly, which is the atomic choice (a reader sees the old object or the new one).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_bucket(path: PathLike) -> bool:
+    """Whether ``path`` is an object-store URI (``gs://...``, ``s3://...``), not a local path."""
+    return re.match(r"^[a-z][a-z0-9+.-]*://", os.fspath(path)) is not None
+
+
+def path(p: PathLike) -> epath.Path:
+    """``p`` (a local path or a ``gs://`` URI) as an ``epath.Path``."""
+    return epath.Path(p)
+
+
+def absolute(p: PathLike) -> str:
+    """``p`` as recorded in a run's settings: a local path made absolute, a URI as it is."""
+    return os.fspath(p) if is_bucket(p) else os.path.abspath(p)
+
+
+def write_atomic(dest: PathLike, data: str | bytes) -> None:
+    """Write ``data`` to ``dest`` so that a reader (or a kill) sees the old contents or all of the new.
+
+    Locally: a temporary file, flushed to the disk, renamed over ``dest``. In a bucket: one object
+    upload, which is atomic (no temporary object: a rename there would be a copy and a delete).
+    """
+    if is_bucket(dest):
+        epath.Path(dest).write_bytes(data.encode() if isinstance(data, str) else data)
+        return
+    tmp = f"{os.fspath(dest)}.tmp"
+    with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
+def publish(local_file: PathLike, dest: PathLike) -> None:
+    """Give a finished local file its final name ``dest`` (a kill leaves no half file under it).
+
+    Locally the file is flushed to the disk and renamed. For a bucket it is uploaded as one object
+    (complete or absent), then the local file is removed: array_record and the image writers
+    write only local files.
+    """
+    if is_bucket(dest):
+        with open(local_file, "rb") as src, epath.Path(dest).open("wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)  # streamed; the object appears when the upload completes
+        os.remove(local_file)
+        return
+    with open(local_file, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(local_file, dest)
