@@ -227,8 +227,8 @@ def _quarantine(manager: ocp.CheckpointManager, names: list[str], quarantine_dir
 
 
 def _set_aside_unfinished_writes(manager: ocp.CheckpointManager, quarantine_dir: str) -> None:
-    """Report the temporary directories of writes that never finished (a killed or failed save) and keep them
-    in ``quarantine_dir`` (Orbax would delete them)."""
+    """Report the writes that never finished (a killed or failed save: ``_step_directories``) and keep them in
+    ``quarantine_dir`` (Orbax would delete them)."""
     directory = str(manager.directory)
     unfinished = _step_directories(manager)[1] if sharding.is_main_process() else []
     if not int(multihost_utils.broadcast_one_to_all(np.int32(len(unfinished)))):  # every process must agree

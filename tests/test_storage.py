@@ -19,7 +19,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from PIL import Image
 
-from dit_jax import checkpointing, evaluate, image_grid, latents, locking, run_log, storage, train
+from dit_jax import checkpointing, evaluate, image_grid, latents, locking, run_log, sample, storage, train
 from tests.conftest import TINY_RUN, flat_fields, read_log, tiny_run_config, write_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,11 +100,14 @@ def test_run_logs_latents_and_evaluation_inputs_on_gs(gcs, tmp_path):
     with pytest.raises(latents.CorruptShardError, match="7 bytes"):
         latents.LatentSource(os.fspath(folder))
 
-    # Evaluation inputs and a picture in the bucket.
-    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
-    npz = io.BytesIO()
-    np.savez(npz, arr_0=images, mu=np.zeros(2048), sigma=np.eye(2048))
-    (run / "samples.npz").write_bytes(npz.getvalue())
+    # Sample blocks and the ADM .npz streamed from them (``sample --out gs://...``), read back by evaluate.
+    images, labels = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), np.array([1, 0, 1], np.int32)
+    blocks = os.fspath(run / "blocks")
+    for start, stop in ((0, 2), (2, 3)):
+        sample.write_block(blocks, sample.Block(start, images[start:stop], labels[start:stop]))
+    assert sample.finished_prefix(blocks) == (3, [(0, 2), (2, 3)])
+    sample.write_adm_npz(os.fspath(run / "samples.npz"), blocks, [(0, 2), (2, 3)], (8, 8, 3), labels,
+                         {"mu": np.zeros(2048), "sigma": np.eye(2048)})
     batch = evaluate.NpzImages(os.fspath(run / "samples.npz"))
     np.testing.assert_array_equal(np.concatenate(list(batch.chunks(0, 3, 2))), images)
     assert sorted(evaluate.read_statistics(os.fspath(run / "samples.npz"))) == ["mu", "sigma"]
