@@ -22,11 +22,16 @@ $(VENV)/.installed: requirements.txt requirements-test.txt requirements-nodeps.t
 demo: $(VENV)/.installed
 	$(PY) -m dit_jax.main --config configs/default.py --workdir $(WORKDIR)
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time (its
+# module fixtures are built once); TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+TEST_FLAGS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --durations=15
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(TEST_FLAGS) tests
 
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q -m "" tests
+	$(PY) -m pytest -q $(TEST_FLAGS) -m "" tests
 
 parity: $(VENV)/.installed
 	$(PY) -m dit_jax.parity ../shared/reference/dit_official_tiny.npz

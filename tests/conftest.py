@@ -870,3 +870,111 @@ def gcs(fake_gcs, monkeypatch) -> FakeGcs:
     for key, value in fake_gcs.env.items():
         monkeypatch.setenv(key, value)
     return fake_gcs
+# ---------------------------------------------------------------- runs shared by several test files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
+              "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
+              "--config.data.num_train=128", "--config.train.log_every=2", "--config.evals.samples.respacing=3",
+              "--config.evals.class_consistency.every=-1"]
+
+
+def tiny_train_config():
+    """The default recipe shrunk to seconds: 16x16 images, a 1-block DiT, 80 steps."""
+    from configs import default
+
+    c = default.get_config()
+    c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=4, input_size=16, num_classes=4)
+    c.data.update(num_train=256, image_size=16)
+    c.train.update(steps=80, batch_size=16, lr=1e-3, log_every=5)
+    c.evals.samples.update(per_class=2, respacing="5")
+    c.evals.class_consistency.every = -1  # off
+    return c
+
+
+BENCHMARK_BATCH = 8
+BENCHMARK_MESH = {"data": 4, "fsdp": 2, "tensor": 1}  # the 8 CPU devices simulated above
+
+
+def tiny_benchmark_config():
+    """The benchmark's base recipe with a 1-block DiT on 8x8x4 inputs over the 8 simulated devices."""
+    from dit_jax.recipes import base_config
+
+    c = base_config()
+    c.model.name = ""
+    c.model.update(patch_size=2, hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=10)
+    c.train.batch_size = BENCHMARK_BATCH
+    c.mesh.update(BENCHMARK_MESH)
+    return c
+
+
+def main_command(workdir, *flags: str) -> list[str]:
+    """``python -m dit_jax.main`` on configs/default.py writing to ``workdir``, with ``flags`` added."""
+    return [sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir), *flags]
+
+
+def tensorboard_steps(workdir) -> dict[str, list[int]]:
+    """Each tag in the run's TensorBoard event files, with the steps it was written at."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    tags: dict[str, list[int]] = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        accumulator = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["tensors"]:
+            tags.setdefault(tag, []).extend(event.step for event in accumulator.Tensors(tag))
+    return tags
+
+
+def run_processes(commands: list[list[str]], *, timeout: float) -> list[str]:
+    """Each command as a process on 4 simulated CPU devices (a host of a multi-host run), all at
+    once; their standard outputs once all exit 0. None outlives the call (the partner of a failed
+    process would wait for it)."""
+    import subprocess
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for command in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+def free_port() -> str:
+    """A localhost TCP port nothing listens on now: the coordinator of a multi-process test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
+LATENT_SCALE = 0.5  # the scale factor ``write_latents`` records
+
+
+def write_latents(folder, n: int, *, std: float, per_shard: int = 40, shape=(2, 2, 4)) -> str:
+    """A latents folder whose record i has mean +(i+1) (view 0) / -(i+1) (flipped view) and the given std."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from dit_jax import extract_latents, latents
+
+    shards = []
+    count = -(-n // per_shard)
+    for s in range(count):
+        name = latents.shard_name(s, count)
+        writer = ArrayRecordWriter(str(folder / name), extract_latents.WRITER_OPTIONS)
+        for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+            mean = np.stack([np.full(shape, i + 1.0), np.full(shape, -(i + 1.0))])
+            writer.write(latents.encode_record(i % 4, mean, np.full_like(mean, std), "float16"))
+        writer.close()
+        shards.append({"file": name, "num_records": min(n, (s + 1) * per_shard) - s * per_shard})
+    metadata = {"latent_shape": list(shape), "dtype": "float16", "scale_factor": LATENT_SCALE, "resolution": 16,
+                "num_images": n, "counts_per_class": [n // 4] * 4, "shards": shards}
+    (folder / latents.METADATA).write_text(json.dumps(metadata))
+    return str(folder)

@@ -17,22 +17,11 @@ from flax import nnx
 from dit_jax import benchmark, train
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
-from dit_jax.recipes import base_config
-from tests.test_input_pipeline import write_latents
+from tests.conftest import (BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config,
+                            write_latents)
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BATCH = 8
-MESH = {"data": 4, "fsdp": 2, "tensor": 1}  # the 8 CPU devices that conftest.py simulates
-
-
-def tiny_config():
-    c = base_config()
-    c.model.name = ""
-    c.model.update(patch_size=2, hidden_size=32, depth=1, num_heads=2, input_size=8, num_classes=10)
-    c.train.batch_size = BATCH
-    c.mesh.update(MESH)
-    return c
 
 
 def lowered_train_flops_per_image(config) -> float:
@@ -129,7 +118,7 @@ def test_torch_compile_with_inductor_runs_on_the_cpu():
 
 def test_the_pytorch_side_never_starts_a_jax_backend():
     """Started, JAX would take 75% of a GPU's memory before PyTorch runs (it runs first for that reason)."""
-    code = ("from jax._src import xla_bridge; from dit_jax import benchmark; from tests.test_benchmark import tiny_config; "
+    code = ("from jax._src import xla_bridge; from dit_jax import benchmark; from tests.conftest import tiny_benchmark_config as tiny_config; "
             "p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1); "
             "print(p['step_seconds_median'] > 0, xla_bridge.backends_are_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

@@ -23,7 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from configs import default
 from dit_jax import checkpointing, input_pipeline, locking, sharding, train
 from tests.conftest import flat_fields, read_log, set_field
-from tests.test_train import main_command as main_with_flags, tensorboard_steps
+from tests.conftest import main_command as main_with_flags, tensorboard_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds. MLP ratio 4: its

@@ -18,7 +18,7 @@ from dit_jax import latents, sample, synthetic, train, vae
 from dit_jax.evaluators import class_consistency, common, fid, grid
 from dit_jax.models import DiT
 from tests.conftest import fake_features, latent_config, read_log
-from tests.test_train import tiny_config
+from tests.conftest import tiny_train_config as tiny_config
 
 
 def run_info(tmp_path, **fields) -> common.RunInfo:

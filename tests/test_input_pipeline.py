@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
-from dit_jax import extract_latents, input_pipeline, latents, synthetic
+from dit_jax import input_pipeline, latents, synthetic
+from tests.conftest import LATENT_SCALE, write_latents
 
 
 @pytest.fixture(scope="module")
@@ -120,27 +120,6 @@ def test_bad_inputs_are_named(source):
 
 # ---------------------------------------------------------------- pre-encoded latents
 
-SCALE = 0.5
-
-
-def write_latents(folder, n: int, *, std: float, per_shard: int = 40, shape=(2, 2, 4)) -> str:
-    """A latents folder whose record i has mean +(i+1) (view 0) / -(i+1) (flipped view) and the given std."""
-    shards = []
-    count = -(-n // per_shard)
-    for s in range(count):
-        name = latents.shard_name(s, count)
-        writer = ArrayRecordWriter(str(folder / name), extract_latents.WRITER_OPTIONS)
-        for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
-            mean = np.stack([np.full(shape, i + 1.0), np.full(shape, -(i + 1.0))])
-            writer.write(latents.encode_record(i % 4, mean, np.full_like(mean, std), "float16"))
-        writer.close()
-        shards.append({"file": name, "num_records": min(n, (s + 1) * per_shard) - s * per_shard})
-    metadata = {"latent_shape": list(shape), "dtype": "float16", "scale_factor": SCALE, "resolution": 16,
-                "num_images": n, "counts_per_class": [n // 4] * 4, "shards": shards}
-    (folder / latents.METADATA).write_text(json.dumps(metadata))
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def exact_latents(tmp_path_factory):
     """std = 0: every sample identifies its record and view exactly."""
@@ -148,7 +127,7 @@ def exact_latents(tmp_path_factory):
 
 
 def record_and_view(batch) -> tuple[np.ndarray, np.ndarray]:
-    values = batch["image"][:, 0, 0, 0] / SCALE
+    values = batch["image"][:, 0, 0, 0] / LATENT_SCALE
     assert np.all(batch["image"] == batch["image"][:, :1, :1, :1])  # one record's constant latent
     return np.rint(np.abs(values)).astype(int) - 1, values < 0
 
@@ -193,7 +172,7 @@ def test_latents_are_fresh_posterior_samples_and_resume_exactly(tmp_path):
     first, second = take(it, 2)
     for batch in (first, second):
         mean = np.arange(1, 65)[:, None, None, None]  # record i sits at +-(i+1); recover it from the sample
-        z = batch["image"] / SCALE
+        z = batch["image"] / LATENT_SCALE
         index = np.rint(np.abs(z).mean(axis=(1, 2, 3))).astype(int) - 1
         noise = (np.abs(z) - mean[index]) / 0.5
         assert abs(noise.mean()) < 0.05 and 0.95 < noise.std() < 1.05

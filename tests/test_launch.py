@@ -11,14 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import (LAUNCH_DIR, FakeGcloud, FakeMetadataServer, fake_tpu_chips, fake_worker_tools,
                             tpu_vm_metadata)
-from tests.test_train import TINY_FLAGS
+from tests.conftest import TINY_FLAGS
 
 ROOT = LAUNCH_DIR.parent
 SCRIPTS = sorted(LAUNCH_DIR.glob("*.sh"))

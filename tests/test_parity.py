@@ -40,6 +40,7 @@ def test_every_reference_array_matches_the_official_code():
     assert max(r.error for r in results) < 1e-5
 
 
+@pytest.mark.slow  # the command in a subprocess; test_every_reference_array_matches_the_official_code checks the same arrays in-process
 def test_cli_passes_on_the_shared_reference():
     proc = _run_cli(str(SHARED_FILE))
     assert proc.returncode == 0, proc.stdout + proc.stderr

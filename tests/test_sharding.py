@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import default
 from dit_jax import sharding, train
-from tests.conftest import FakeMetadataServer, fake_tpu_chips, tpu_vm_metadata
+from tests.conftest import FakeMetadataServer, fake_tpu_chips, free_port, run_processes, tpu_vm_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -373,30 +372,6 @@ def test_single_process_initialisation_is_a_no_op():
     sharding.initialize_distributed()
     assert not jax.distributed.is_initialized()
     assert sharding.is_main_process()
-
-
-def run_processes(commands: list[list[str]], *, timeout: float) -> list[str]:
-    """Each command as a process on 4 simulated CPU devices (a host of a multi-host run), all at
-    once; their standard outputs once all exit 0. None outlives the call (the partner of a failed
-    process would wait for it)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for command in commands]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outputs]
-
-
-def free_port() -> str:
-    """A localhost TCP port nothing listens on now: the coordinator of a multi-process test."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return str(s.getsockname()[1])
 
 
 def run_process(process_id: int, port: str) -> None:

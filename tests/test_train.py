@@ -12,36 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tensorboard.backend.event_processing import event_accumulator
 
-from configs import default
 from dit_jax import flops, train
-from tests.conftest import read_log, set_field
-from tests.test_sharding import free_port, run_processes
+from tests.conftest import (TINY_FLAGS, free_port, main_command, read_log, run_processes, set_field,
+                            tensorboard_steps, tiny_train_config as tiny_config)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config():
-    """The default recipe shrunk to seconds: 16x16 images, a 1-block DiT."""
-    c = default.get_config()
-    c.model.update(hidden_size=32, depth=1, num_heads=2, patch_size=4, input_size=16, num_classes=4)
-    c.data.update(num_train=256, image_size=16)
-    c.train.update(steps=80, batch_size=16, lr=1e-3, log_every=5)
-    c.evals.samples.update(per_class=2, respacing="5")
-    c.evals.class_consistency.every = -1  # off
-    return c
-
-
-def tensorboard_steps(workdir) -> dict[str, list[int]]:
-    """Each tag in the run's TensorBoard event files, with the steps it was written at."""
-    tags: dict[str, list[int]] = {}
-    for path in sorted(workdir.glob("events.out.tfevents.*")):
-        accumulator = event_accumulator.EventAccumulator(str(path), size_guidance={event_accumulator.TENSORS: 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["tensors"]:
-            tags.setdefault(tag, []).extend(event.step for event in accumulator.Tensors(tag))
-    return tags
 
 
 def test_short_run_loss_falls_and_writes_outputs(tmp_path):
@@ -202,17 +178,6 @@ def test_bad_config_values_are_named(tmp_path, field, value, message):
 
 
 # The demo config shrunk to seconds for runs of ``dit_jax.main``: a 1-block DiT on 16x16 images.
-TINY_FLAGS = ["--config.model.hidden_size=32", "--config.model.depth=1", "--config.model.num_heads=2",
-              "--config.model.input_size=16", "--config.model.num_classes=3", "--config.data.image_size=16",
-              "--config.data.num_train=128", "--config.train.log_every=2", "--config.evals.samples.respacing=3",
-              "--config.evals.class_consistency.every=-1"]
-
-
-def main_command(workdir, *flags: str) -> list[str]:
-    """``python -m dit_jax.main`` on configs/default.py writing to ``workdir``, with ``flags`` added."""
-    return [sys.executable, "-m", "dit_jax.main", "--config", "configs/default.py", "--workdir", str(workdir), *flags]
-
-
 def run_two_processes(workdir, steps: int) -> None:
     """``dit_jax.main`` on the tiny config as 2 processes of 4 CPU devices each (a 2-host run)."""
     cmd = main_command(workdir, *TINY_FLAGS, f"--config.train.steps={steps}", "--config.train.batch_size=16",
@@ -221,6 +186,7 @@ def run_two_processes(workdir, steps: int) -> None:
     run_processes([[*cmd, f"--process_id={i}"] for i in range(2)], timeout=600)
 
 
+@pytest.mark.slow  # three 2-process runs; test_sharding's 2-process test and the 1-process resume tests stay fast
 def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
     """Two hosts (simulated): each feeds its half of the batch, both write their shards of each
     checkpoint, and rerunning the command resumes: the losses are those of an uninterrupted run."""
