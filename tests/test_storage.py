@@ -174,7 +174,7 @@ STEPS = 8
 
 @pytest.mark.slow  # three tiny runs, one in a bucket killed and resumed; test_*_on_gs above are the fast ones
 def test_a_run_in_a_bucket_killed_and_resumed_ends_with_the_losses_of_an_uninterrupted_run(gcs, tmp_path):
-    from tests.test_train import main_command
+    from tests.conftest import main_command
 
     sections = {"train": {"steps": STEPS, "checkpoint_every": 2}}
     flags = [f"--config.{k}={v}" for k, v in {**flat_fields(TINY_RUN), **flat_fields(sections)}.items()]
