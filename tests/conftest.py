@@ -693,7 +693,6 @@ class FakeGcs(NamedTuple):
 
     bucket: str
     env: dict[str, str]
-    requests: list[tuple[str, str, int]]  # (method, path, status) of every request through the proxy
 
     def url(self, *parts: str) -> str:
         return "/".join([f"gs://{self.bucket}", *parts])
@@ -739,8 +738,10 @@ def _patch_emulator() -> None:
     server._dit_jax_patched = True
 
 
-@pytest.fixture(scope="session")
-def fake_gcs(tmp_path_factory) -> Iterator[FakeGcs]:
+def serve_fake_gcs(root: str) -> None:
+    """Run the emulator and the proxy (``FakeGcs``), print the environment that reaches them as one JSON line,
+    and serve until stdin closes. A process of its own: TensorFlow's GCS calls hold the GIL while they wait
+    for an answer, so a proxy in the process making them could never answer."""
     import http.client
     import http.server
     import logging
@@ -755,13 +756,12 @@ def fake_gcs(tmp_path_factory) -> Iterator[FakeGcs]:
 
     _patch_emulator()
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
-    root = tmp_path_factory.mktemp("fake_gcs")
+    root = Path(root)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     emulator = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
     emulator.start()
-    requests: list[tuple[str, str, int]] = []
 
     def forward(handler: http.server.BaseHTTPRequestHandler, host: str) -> None:
         """Send the request to the emulator and its answer back (Location headers kept on ``host``)."""
@@ -784,7 +784,6 @@ def fake_gcs(tmp_path_factory) -> Iterator[FakeGcs]:
             data = response.read()
         finally:
             connection.close()
-        requests.append((handler.command, handler.path, response.status))
         handler.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -854,12 +853,33 @@ def fake_gcs(tmp_path_factory) -> Iterator[FakeGcs]:
            "NO_GCE_CHECK": "true", "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake", "CLOUDSDK_CONFIG": str(root / "gcloud"),
            "GCE_METADATA_ROOT": "127.0.0.1:9", "GCE_METADATA_HOST": "127.0.0.1:9",
            "STORAGE_EMULATOR_HOST": emulator_url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": emulator_url}
+    print(json.dumps(env), flush=True)
     try:
-        yield FakeGcs("bucket", env, requests)
+        sys.stdin.read()  # until the test session closes it
     finally:
         proxy.shutdown()
         proxy.server_close()
         emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory) -> Iterator[FakeGcs]:
+    import subprocess
+
+    root = tmp_path_factory.mktemp("fake_gcs")
+    server = subprocess.Popen([sys.executable, "-c", f"from tests.conftest import serve_fake_gcs; "
+                               f"serve_fake_gcs({str(root)!r})"], cwd=Path(__file__).resolve().parents[1],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line, f"the fake GCS server did not start (exit status {server.wait()})"
+        yield FakeGcs("bucket", json.loads(line))
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 @pytest.fixture
