@@ -11,8 +11,8 @@ and every skipped file).
 Images get ADM's centre crop (``dit_jax.images``) and go through the FID InceptionV3
 (``dit_jax.evaluators.inception``). ``python -m dit_jax.evaluate --reference OUT`` reads it.
 
-It streams: only the float64 running sums (about 64 MB) and one batch of crops are in memory;
-the kept images go to block files on disk. Every ``--save_every`` batches the sums and the
+It streams: only the float64 running sums (about 64 MB) and two batches of crops (one being
+decoded) are in memory; the kept images go to block files on disk. Every ``--save_every`` batches the sums and the
 position are written atomically to ``OUT.partial/``, so a killed run resumes where it was by
 rerunning the same command; a rerun with other settings is refused, naming them. Bad images
 are skipped and named (never fatal); fewer than 2 readable images is an error.
