@@ -699,9 +699,10 @@ class FakeGcs(NamedTuple):
 
 
 def _patch_emulator() -> None:
-    """Two behaviours of real GCS that gcp-storage-emulator 2026.7.19 lacks, which the clients rely on:
-    an empty upload is an empty object (it reads the missing body as None and fails), and an upload with
-    ``ifGenerationMatch=0`` fails with 412 if the object exists (it ignores the precondition)."""
+    """Three behaviours of real GCS that gcp-storage-emulator 2026.7.19 lacks, which the clients rely on:
+    an empty upload is an empty object (it reads the missing body as None and fails), an upload with
+    ``ifGenerationMatch=0`` fails with 412 if the object exists (it ignores the precondition), and a
+    download names the object's generation in ``x-goog-generation`` (TensorStore reads it after a 412)."""
     from http import HTTPStatus
 
     from gcp_storage_emulator import server
@@ -729,11 +730,24 @@ def _patch_emulator() -> None:
                 except NotFound:
                     pass
             return handler(request, response, storage, *args, **kwargs)
+        checked.__wrapped__ = handler
         return checked
 
+    download = objects.download
+
+    def _download(request, response, storage, *args, **kwargs):
+        result = download(request, response, storage, *args, **kwargs)
+        if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        return result
+
     server._read_data = _read_data
+    objects.download = _download  # objects.get calls it for ?alt=media
     insert = _precondition(objects.insert)
-    server.HANDLERS = tuple((regex, {m: insert if h is objects.insert else h for m, h in handlers.items()})
+    patched = {download: _download, insert.__wrapped__: insert}
+    server.HANDLERS = tuple((regex, {m: patched.get(h, h) for m, h in handlers.items()})
                            for regex, handlers in server.HANDLERS)
     server._dit_jax_patched = True
 
