@@ -206,6 +206,7 @@ def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
     assert sorted(p.name for p in (step / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
 
 
+@pytest.mark.slow  # a full run in a subprocess; test_checkpointing's SIGKILL/SIGTERM test runs main with flags too
 def test_main_runs_with_flag_overrides(tmp_path):
     cmd = main_command(tmp_path, *TINY_FLAGS, "--config.train.steps=4", "--config.train.batch_size=8",
                        "--config.evals.samples.per_class=1", "--config.evals.samples.sampler=ddim")
