@@ -97,7 +97,7 @@ def describe_vae(name_or_path: str) -> tuple[str, dict[str, Any]]:
         with open(hub_record) as f:
             revision = f.readline().strip() or None
     return name, {"file": os.path.basename(weights), "bytes": os.path.getsize(weights),
-                  "sha256": latents.sha256_file(weights), "hub_revision": revision}
+                  "sha256": storage.sha256_file(weights), "hub_revision": revision}
 
 
 def make_plan(source: images.ImageSource, *, vae: str, vae_weights: dict[str, Any], vae_config: vae_lib.VAEConfig,
@@ -198,7 +198,7 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
         report["num_records"] += len(good)
         progress.update(len(done))
     writer.close()
-    report.update(bytes=os.path.getsize(tmp), sha256=latents.sha256_file(tmp))  # checked when the shard is read
+    report.update(bytes=os.path.getsize(tmp), sha256=storage.sha256_file(tmp))  # checked when the shard is read
     storage.publish(tmp, storage.path(out_dir) / name)  # on disk (or uploaded whole) before its report exists
     if scratch:
         os.rmdir(scratch)

@@ -15,7 +15,6 @@ every time it reads the record, as the paper's on-the-fly encoding did.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -68,15 +67,6 @@ def write_json_atomic(path: storage.PathLike, value: dict[str, Any]) -> None:
     storage.write_atomic(path, json.dumps(value, indent=1))
 
 
-def sha256_file(path: storage.PathLike) -> str:
-    """The hex SHA-256 of a file (local or in a bucket), read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with storage.path(path).open("rb") as f:
-        while piece := f.read(1 << 20):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
 def shard_problems(latents_dir: str, shards: list[dict[str, Any]], *, verify: bool) -> dict[str, str]:
     """``{file: what is wrong}`` for shards (entries with ``file``, ``bytes``, ``sha256``) that are
     missing, of another size, or (``verify``) of other contents than when they were written."""
@@ -89,7 +79,7 @@ def shard_problems(latents_dir: str, shards: list[dict[str, Any]], *, verify: bo
             problems[shard["file"]] = f"{path.stat().length} bytes, but {shard['bytes']} were written"
         elif verify and "sha256" not in shard:
             problems[shard["file"]] = "no checksum recorded (written by an older dit_jax): extract again"
-        elif verify and sha256_file(path) != shard["sha256"]:
+        elif verify and storage.sha256_file(path) != shard["sha256"]:
             problems[shard["file"]] = "its SHA-256 differs from the one recorded when it was written"
     return problems
 

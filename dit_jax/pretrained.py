@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import http.client
 import os
 import time
@@ -218,12 +217,9 @@ def _verify(path: Path, *, size: int | None, sha256: str | None, label: str, url
     if size is not None and _size(path) != size:
         problems.append(f"{_size(path)} bytes instead of {size}")
     if sha256 is not None and not problems:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-        if digest.hexdigest() != sha256.lower():
-            problems.append(f"SHA-256 {digest.hexdigest()} instead of {sha256.lower()}")
+        actual = storage.sha256_file(path)
+        if actual != sha256.lower():
+            problems.append(f"SHA-256 {actual} instead of {sha256.lower()}")
     if problems:
         path.unlink()
         raise DownloadError(f"the download of {label} from {url} is not the expected file ({'; '.join(problems)}); "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import io
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from dit_jax import images, latents, locking, sample, sharding
+from dit_jax import images, latents, locking, sample, sharding, storage
 from dit_jax.evaluators import inception
 from dit_jax.extract_latents import plan_differences
 
@@ -158,12 +159,9 @@ class _Progress:
 
     def save(self, partial: str) -> None:
         arrays = {k: v for name, m in self.moments.items() for k, v in m.state(name).items()}
-        tmp = os.path.join(partial, STATE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(self.meta)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(partial, STATE))
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(self.meta)), **arrays)
+        storage.write_atomic(os.path.join(partial, STATE), buffer.getvalue())
 
     def restore(self, partial: str) -> None:
         path = os.path.join(partial, STATE)
@@ -350,7 +348,7 @@ def main(argv: list[str]) -> None:
         summary = build(source, f.out, features, image_size=f.image_size, keep_images=f.keep_images, seed=f.seed,
                         batch_size=f.batch_size, save_every=f.save_every, workers=f.workers,
                         settings={"inception_weights": os.path.basename(weights),
-                                  "inception_sha256": latents.sha256_file(weights),
+                                  "inception_sha256": storage.sha256_file(weights),
                                   "devices": jax.device_count()})  # the network's batch and its last bits
     except (ValueError, OSError, FloatingPointError, locking.LockHeldError) as err:
         sys.exit(f"error: {err}")

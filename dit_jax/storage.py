@@ -14,6 +14,7 @@ directly, which is the atomic choice (a reader sees the old object or the new on
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -70,3 +71,12 @@ def publish(local_file: PathLike, dest: PathLike) -> None:
     with open(local_file, "rb") as f:
         os.fsync(f.fileno())
     os.replace(local_file, dest)
+
+
+def sha256_file(path: PathLike) -> str:
+    """The hex SHA-256 of a file (local or in a bucket), read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return digest.hexdigest()

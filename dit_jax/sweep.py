@@ -36,6 +36,7 @@ from typing import Any
 
 import ml_collections
 
+from dit_jax import storage
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, REMAT_MODES
 
 # One row of the sweep: what differs from the base settings (batch, attention, remat,
@@ -400,9 +401,7 @@ def sweep(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmu
 
     def save() -> None:
         if out:
-            with open(out + ".tmp", "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(out + ".tmp", out)
+            storage.write_atomic(out, json.dumps(result, indent=1))
 
     log(f"sweep of {len(rows)} rows: {base['model']} {base['image_size']}px {base['dtype']}, {steps} timed steps "
         f"after {warmup} warm-up, budget {budget_s:.0f} s\n{TABLE_HEADER}")

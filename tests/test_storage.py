@@ -88,7 +88,7 @@ def test_run_logs_latents_and_evaluation_inputs_on_gs(gcs, tmp_path):
         records.write(latents.encode_record(i % 2, mean[i], std[i], "float16"))
     records.close()
     entry = {"file": latents.shard_name(0, 1), "num_records": 6, "bytes": shard.stat().st_size,
-             "sha256": latents.sha256_file(shard)}
+             "sha256": storage.sha256_file(shard)}
     storage.publish(shard, folder / entry["file"])
     latents.write_json_atomic(folder / latents.METADATA, {"num_images": 6, "latent_shape": [2, 2, 4],
                                                           "dtype": "float16", "scale_factor": 0.5,
