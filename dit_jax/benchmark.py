@@ -16,7 +16,7 @@ peak for ``--dtype`` is the MFU, "unknown" where the device is not in
 ``flops.peak_flops_per_device``'s table.
 
 ``--torch`` also times the same model and batch in PyTorch on the CPU or CUDA device:
-diffusers' ``DiTTransformer2DModel`` (see ``torch_train_benchmark`` for what each side computes).
+diffusers' ``DiTTransformer2DModel`` (see ``torch_reference.torch_train_benchmark`` for what each side computes).
 
 ``--loader_dir DIR`` instead measures the training input: the latents/s that the grain
 pipeline over an ``extract_latents`` folder delivers on this host (shuffled reads, a fresh
@@ -36,7 +36,6 @@ _MODULE_START = time.perf_counter()  # before jax's import: start-up figures cou
 import json
 import os
 import statistics
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -46,27 +45,10 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import diffusion as gd, flops, input_pipeline, latents, sample, sharding, train
+from dit_jax import flops, input_pipeline, latents, sample, sharding, torch_reference, train
+from dit_jax.timing import summary, timed
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, count_params
 from dit_jax.recipes import paper_config
-
-def _timed(call: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-    """Seconds of each of ``steps`` calls after ``warmup`` untimed ones; each waits for its result."""
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
-def _summary(seconds: list[float], batch: int) -> dict[str, float]:
-    median = statistics.median(seconds)
-    return {"step_seconds_median": median, "step_seconds_min": min(seconds),
-            "step_seconds_mean": statistics.fmean(seconds), "images_per_sec": batch / median}
-
 
 def random_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
     """A batch of standard-normal latents and uniform labels, shaped as ``config`` says."""
@@ -135,11 +117,11 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     jax.block_until_ready(call())
     phase("first_step")
     startup["since_start_seconds"] = clock - _MODULE_START
-    seconds = _timed(call, steps, warmup - 1)
+    seconds = timed(call, steps, warmup - 1)
     result = {"num_params": count_params(nnx.merge(graphdef, state.params, fixed)), "num_devices": num_devices,
               "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
               "remat": config.remat, "attention": config.attention, "scan_blocks": bool(config.model.scan_blocks),
-              "batch": config.train.batch_size, "steps": steps, **_summary(seconds, config.train.batch_size),
+              "batch": config.train.batch_size, "steps": steps, **summary(seconds, config.train.batch_size),
               "peak_memory_bytes": peak_memory_bytes(), "startup": startup,
               "train_flops_per_image": None if flops_per_step is None else flops_per_step / config.train.batch_size}
     if flops_per_step is not None:
@@ -149,7 +131,7 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
         with open(os.path.join(profile_dir, PROFILE_HLO), "w") as f:
             f.write(compiled.as_text())
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            profiled = _timed(call, profile_steps, 0)
+            profiled = timed(call, profile_steps, 0)
         result["profile"] = {"dir": profile_dir, "steps": profile_steps, "step_seconds": profiled}
     return result
 
@@ -191,198 +173,10 @@ def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_s
     x = jax.ShapeDtypeStruct((2 * n, m.input_size, m.input_size, m.in_channels), np.float32)
     t = y = jax.ShapeDtypeStruct((2 * n,), np.int32)
     flops_per_image = num_steps * flops.lowered_flops(guided_eval, state, x, t, y) / n
-    (seconds,) = _timed(call, 1, 1)
+    (seconds,) = timed(call, 1, 1)
     return {"images": n, "sample_steps": num_steps, "cfg_scale": cfg_scale, "seconds": seconds,
             "images_per_sec": n / seconds, "sample_flops_per_image": flops_per_image,
             **_utilisation(flops_per_image * n / seconds, config.dtype)}
-
-
-def _architecture(config: ml_collections.ConfigDict) -> dict[str, int]:
-    """Patch size, width, depth and heads of ``config.model`` (a paper model or explicit sizes)."""
-    m = config.model
-    if m.name:
-        return {k: MODELS[m.name][k] for k in ("patch_size", "hidden_size", "depth", "num_heads")}
-    return dict(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads)
-
-
-def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
-                          torch_compile: bool | str = False) -> dict[str, Any]:
-    """The same training step in PyTorch: diffusers' ``DiTTransformer2DModel``, AdamW and EMA.
-
-    Both sides draw timesteps, noise and label dropout per step, run the DiT on the noised
-    batch and backpropagate mse(eps) + vb, then take an AdamW step and update the EMA.
-    ``train.train_step`` computes the official vb (KL of the true posterior to the
-    predicted one, the decoder NLL where t = 0) and the gradient norm; this side computes
-    the KL for every t (the elementwise work of both is negligible next to the transformer).
-    diffusers' DiT gives every block its own timestep/label embedder, so it has more
-    parameters (``num_params``) than the official DiT; its attention is PyTorch's
-    ``scaled_dot_product_attention``. ``config.dtype`` bfloat16 runs the model under
-    ``torch.autocast`` (float32 weights and optimiser, bfloat16 matmuls: PyTorch's form of our
-    mixed precision). Runs on CUDA if available, else on the CPU with one thread per core; on
-    CUDA it frees its cached memory when done, so JAX can take the device after it.
-
-    What a PyTorch user would do for speed: ``torch_compile`` wraps the model in ``torch.compile``
-    (``True``: the default inductor backend; a string names another backend) and the warm-up
-    steps compile it; on CUDA, AdamW is the fused kernel, and SDPA dispatches bfloat16 attention
-    to its flash kernel.
-    """
-    import torch  # only this benchmark needs PyTorch
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    m = config.model
-    if steps < 1 or warmup < 1:
-        raise ValueError(f"steps and warmup must be >= 1, got {steps}, {warmup}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(config.seed)
-    channels, n = m.in_channels, config.train.batch_size
-    model = _diffusers_dit(config, device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config.train.weight_decay, fused=device.type == "cuda")
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.train.ema_decay))
-    backend = ("inductor" if torch_compile is True else torch_compile) or None
-    forward = torch.compile(model, backend=backend) if backend else model
-    # The chain's tables from NumPy: a JAX array here would start JAX's backend, which takes
-    # 75% of a GPU's memory before PyTorch has run.
-    num_timesteps = config.diffusion.steps
-    host_tables = gd.chain_tables(gd.get_beta_schedule(config.diffusion.noise_schedule, num_timesteps))
-    tables = {name: torch.tensor(host_tables[name], dtype=torch.float32, device=device) for name in (
-        "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-        "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
-        "posterior_log_variance_clipped", "log_betas")}
-    x = torch.randn(n, channels, m.input_size, m.input_size, device=device)  # NCHW, as diffusers wants
-    y = torch.randint(0, m.num_classes, (n,), device=device)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
-    compute_dtypes = set()
-
-    def loss_fn() -> torch.Tensor:
-        t = torch.randint(0, num_timesteps, (n,), device=device)
-        at = {name: table[t].view(n, 1, 1, 1) for name, table in tables.items()}
-        noise = torch.randn_like(x)
-        x_t = at["sqrt_alphas_cumprod"] * x + at["sqrt_one_minus_alphas_cumprod"] * noise
-        with torch.autocast(**autocast):
-            out = forward(x_t, timestep=t, class_labels=y).sample
-        compute_dtypes.add(str(out.dtype).removeprefix("torch."))
-        out = out.float()
-        if not m.learn_sigma:
-            return ((noise - out) ** 2).mean()
-        eps, var_values = out.split(channels, dim=1)
-        mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
-        true_mean = at["posterior_mean_coef1"] * x + at["posterior_mean_coef2"] * x_t
-        true_log_var = at["posterior_log_variance_clipped"]
-        frac = (var_values + 1) / 2
-        log_var = frac * at["log_betas"] + (1 - frac) * true_log_var
-        pred_x0 = at["sqrt_recip_alphas_cumprod"] * x_t - at["sqrt_recipm1_alphas_cumprod"] * eps.detach()
-        mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x_t
-        kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var)
-                    + (true_mean - mean) ** 2 * torch.exp(-log_var))
-        return (mse + kl.mean(dim=(1, 2, 3)) / np.log(2.0)).mean()
-
-    def call() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn().backward()
-        optimizer.step()
-        ema.update_parameters(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    seconds = _timed(call, steps, warmup)
-    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-              "compute_dtype": "/".join(sorted(compute_dtypes)), "threads": torch.get_num_threads(), "batch": n,
-              "compile": f"torch.compile({backend})" if backend else "eager", "steps": steps, **_summary(seconds, n)}
-    del model, forward, optimizer, ema, tables, x, y
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
-
-
-def _diffusers_dit(config: ml_collections.ConfigDict, device: Any) -> Any:
-    """diffusers' ``DiTTransformer2DModel`` with ``config.model``'s patch, width, depth, heads, sigma and classes."""
-    from diffusers import DiTTransformer2DModel
-
-    m, arch = config.model, _architecture(config)
-    if m.block_type != "adaln_zero" or m.mlp_ratio != 4.0 or m.class_dropout_prob != 0.1:
-        raise ValueError("diffusers' DiT is adaLN-Zero with mlp_ratio 4 and label dropout 0.1; got block_type="
-                         f"{m.block_type}, mlp_ratio={m.mlp_ratio}, class_dropout_prob={m.class_dropout_prob}")
-    return DiTTransformer2DModel(
-        num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
-        in_channels=m.in_channels, out_channels=2 * m.in_channels if m.learn_sigma else m.in_channels,
-        num_layers=arch["depth"], sample_size=m.input_size, patch_size=arch["patch_size"],
-        num_embeds_ada_norm=m.num_classes, norm_eps=1e-6).to(device)
-
-
-def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
-                           repeats: int) -> dict[str, Any]:
-    """Guided DDPM sampling of ``train.batch_size`` latents in PyTorch, as the official ``sample.py`` runs it.
-
-    Eager, under ``torch.no_grad``: the batch doubled (conditional half, null label 1000 half, the
-    same latents), diffusers' DiT on the doubled batch, guidance on the first 3 eps channels
-    (``forward_with_cfg``), then the learned-range ``p_sample`` step with fresh noise, for each
-    of the ``num_steps`` respaced steps. Untimed: one warm-up model call; then ``repeats``
-    timed chains. bfloat16 runs the model under ``torch.autocast``.
-    """
-    import torch  # only this benchmark needs PyTorch
-
-    m, n = config.model, config.train.batch_size
-    if not m.learn_sigma:
-        raise ValueError("the sampling side by side runs the official learned-sigma chain: model.learn_sigma=True")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(config.seed)
-    model = _diffusers_dit(config, device).eval()
-    betas, kept = gd.respaced_betas(str(num_steps), noise_schedule=config.diffusion.noise_schedule,
-                                    diffusion_steps=config.diffusion.steps)
-    host_tables = gd.chain_tables(betas)  # NumPy: JAX must not start before PyTorch is done (GPU memory)
-    tables = {name: torch.tensor(host_tables[name], dtype=torch.float32, device=device) for name in (
-        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
-        "posterior_log_variance_clipped", "log_betas")}
-    timesteps = torch.tensor(kept, device=device)
-    c = m.in_channels
-    y = torch.cat([torch.arange(n, device=device) % m.num_classes, torch.full((n,), m.num_classes, device=device)])
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
-
-    def forward_with_cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        half = x[: len(x) // 2]
-        with torch.autocast(**autocast):
-            out = model(torch.cat([half, half]), timestep=timesteps[t], class_labels=y).sample
-        out = out.float()
-        eps, rest = out[:, :3], out[:, 3:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
-
-    def chain(steps: int) -> torch.Tensor:
-        z = torch.randn(n, c, m.input_size, m.input_size, device=device)
-        x = torch.cat([z, z])
-        for i in reversed(range(num_steps - steps, num_steps)):
-            t = torch.full((2 * n,), i, device=device, dtype=torch.long)
-            at = {name: table[t].view(-1, 1, 1, 1) for name, table in tables.items()}
-            eps, var_values = forward_with_cfg(x, t).split(c, dim=1)
-            frac = (var_values + 1) / 2
-            log_var = frac * at["log_betas"] + (1 - frac) * at["posterior_log_variance_clipped"]
-            pred_x0 = at["sqrt_recip_alphas_cumprod"] * x - at["sqrt_recipm1_alphas_cumprod"] * eps
-            mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x
-            x = mean + (i != 0) * torch.exp(0.5 * log_var) * torch.randn_like(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return x[:n]
-
-    with torch.no_grad():
-        chain(1)
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            chain(num_steps)
-            seconds.append(time.perf_counter() - start)
-    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
-              "threads": torch.get_num_threads(), "images": n, "seconds": seconds,
-              "seconds_median": statistics.median(seconds), "images_per_sec": n / statistics.median(seconds)}
-    del model, tables
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
 
 
 def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
@@ -400,7 +194,7 @@ def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, c
     engine = sample.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,
                                          mesh=sharding.create_mesh({"data": -1}))
     labels = np.arange(n, dtype=np.int32) % config.model.num_classes
-    seconds = _timed(lambda: engine.dispatch(config.seed, 0, labels), repeats, 1)
+    seconds = timed(lambda: engine.dispatch(config.seed, 0, labels), repeats, 1)
     return {"num_params": count_params(model), "device_kind": jax.devices()[0].device_kind, "num_devices": devices,
             "images": n, "seconds": seconds, "seconds_median": statistics.median(seconds),
             "images_per_sec": n / statistics.median(seconds)}
@@ -415,7 +209,7 @@ def sample_side_by_side(config: ml_collections.ConfigDict, *, num_steps: int, cf
     result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size,
                               "dtype": config.dtype, "sample_steps": num_steps, "cfg_scale": cfg_scale,
                               "repeats": repeats, "load_average": os.getloadavg()}
-    result["torch_sample"] = torch_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
+    result["torch_sample"] = torch_reference.torch_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
     result["jax_sample"] = jax_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
     result["torch_over_jax_sample_time"] = (result["torch_sample"]["seconds_median"]
                                             / result["jax_sample"]["seconds_median"])
@@ -452,7 +246,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_st
     """
     result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size}
     if with_torch:
-        result["torch_train"] = torch_train_benchmark(config, steps=steps, warmup=warmup, torch_compile=torch_compile)
+        result["torch_train"] = torch_reference.torch_train_benchmark(config, steps=steps, warmup=warmup, torch_compile=torch_compile)
     result["train"] = train_benchmark(config, steps=steps, warmup=warmup, profile_dir=profile_dir)
     if with_torch:
         result["torch_over_jax_step_time"] = {
@@ -513,10 +307,10 @@ def inception_benchmark(weights: str | None, *, image_size: int, batch_size: int
     model = inception.create_inception(random_inception_weights() if weights is None else weights)
     features = inception.create_feature_fn(model, batch_size=batch_size)
     images = np.random.default_rng(0).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
-    seconds = _timed(lambda: features(images), batches, warmup)
+    seconds = timed(lambda: features(images), batches, warmup)
     return {"weights": weights or "random", "image_size": image_size, "batch": batch_size,
             "devices": jax.device_count(), "platform": jax.devices()[0].platform, "device_kind":
-            jax.devices()[0].device_kind, **_summary(seconds, batch_size)}
+            jax.devices()[0].device_kind, **summary(seconds, batch_size)}
 
 
 def _percent(fraction: float | None) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import benchmark, train
+from dit_jax import benchmark, torch_reference, train
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
 from tests.conftest import (BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config,
@@ -89,7 +89,7 @@ def test_sample_figures(result):
 def test_torch_bfloat16_runs_the_model_under_autocast():
     config = tiny_config()
     config.dtype = "bfloat16"
-    p = benchmark.torch_train_benchmark(config, steps=1, warmup=1)
+    p = torch_reference.torch_train_benchmark(config, steps=1, warmup=1)
     assert p["compute_dtype"] == "bfloat16" and p["step_seconds_median"] > 0
 
 
@@ -104,22 +104,22 @@ def test_torch_compile_option_compiles_the_model_it_runs(monkeypatch):
         return real_compile(model, **kwargs)
 
     monkeypatch.setattr(torch, "compile", recording)
-    p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1, torch_compile="eager")
+    p = torch_reference.torch_train_benchmark(tiny_config(), steps=1, warmup=1, torch_compile="eager")
     assert calls == [("DiTTransformer2DModel", {"backend": "eager"})]
     assert p["compile"] == "torch.compile(eager)" and p["step_seconds_median"] > 0
-    assert benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1)["compile"] == "eager"
+    assert torch_reference.torch_train_benchmark(tiny_config(), steps=1, warmup=1)["compile"] == "eager"
 
 
 @pytest.mark.slow
 def test_torch_compile_with_inductor_runs_on_the_cpu():
-    p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1, torch_compile=True)
+    p = torch_reference.torch_train_benchmark(tiny_config(), steps=1, warmup=1, torch_compile=True)
     assert p["compile"] == "torch.compile(inductor)" and p["step_seconds_median"] > 0
 
 
 def test_the_pytorch_side_never_starts_a_jax_backend():
     """Started, JAX would take 75% of a GPU's memory before PyTorch runs (it runs first for that reason)."""
-    code = ("from jax._src import xla_bridge; from dit_jax import benchmark; from tests.conftest import tiny_benchmark_config as tiny_config; "
-            "p = benchmark.torch_train_benchmark(tiny_config(), steps=1, warmup=1); "
+    code = ("from jax._src import xla_bridge; from dit_jax import torch_reference; from tests.conftest import tiny_benchmark_config as tiny_config; "
+            "p = torch_reference.torch_train_benchmark(tiny_config(), steps=1, warmup=1); "
             "print(p['step_seconds_median'] > 0, xla_bridge.backends_are_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -130,7 +130,7 @@ def test_pytorch_runs_before_jax_takes_the_device(monkeypatch):
     """JAX keeps the device memory it takes, so the PyTorch side must run (and free its memory) first."""
     order = []
     timing = {"step_seconds_median": 1.0, "step_seconds_min": 1.0}
-    monkeypatch.setattr(benchmark, "torch_train_benchmark", lambda *a, **k: order.append("torch") or dict(timing))
+    monkeypatch.setattr(torch_reference, "torch_train_benchmark", lambda *a, **k: order.append("torch") or dict(timing))
     monkeypatch.setattr(benchmark, "train_benchmark", lambda *a, **k: order.append("jax") or dict(timing))
     result = benchmark.run(tiny_config(), steps=1, warmup=1, sample_steps=0, cfg_scale=1.0, with_torch=True)
     assert order == ["torch", "jax"] and result["torch_over_jax_step_time"] == {"median": 1.0, "min": 1.0}
@@ -149,7 +149,7 @@ def test_bad_arguments_are_reported():
     config = tiny_config()
     config.model.block_type = "in_context"
     with pytest.raises(ValueError, match="adaLN-Zero"):
-        benchmark.torch_train_benchmark(config, steps=1, warmup=1)
+        torch_reference.torch_train_benchmark(config, steps=1, warmup=1)
 
 
 def test_cli_rejects_bad_flags():
@@ -225,4 +225,4 @@ def test_sampling_side_by_side_times_both_chains():
     assert "PyTorch / JAX sampling time (medians of 2)" in benchmark.format_sample_report(result)
     assert json.loads(json.dumps(result)) == json.loads(json.dumps(result, default=str))
     with pytest.raises(ValueError, match="repeats"):
-        benchmark.torch_sample_benchmark(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=0)
+        torch_reference.torch_sample_benchmark(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=0)
