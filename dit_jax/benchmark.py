@@ -358,7 +358,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str],
-                attention: str = "xla", remat: str = "none", scan_blocks: bool = False) -> ml_collections.ConfigDict:
+                attention: str = "auto", remat: str = "none", scan_blocks: bool = False) -> ml_collections.ConfigDict:
     """The paper config of ``model`` with the benchmark's batch, dtype, attention, remat, block
     scanning and ``axis=size`` mesh entries."""
     if model not in MODELS:
@@ -383,8 +383,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
     flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
-    flags.DEFINE_enum("attention", "xla", list(ATTENTION_IMPLEMENTATIONS),
-                      "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16).")
+    flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS),
+                      "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16; auto: cudnn where it works).")
     flags.DEFINE_enum("remat", "none", list(REMAT_MODES), "Recompute block activations in the backward pass.")
     flags.DEFINE_bool("scan_blocks", False, "Stack the blocks' parameters and run them as one lax.scan.")
     flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "

@@ -7,8 +7,11 @@ checkpoints map onto this model name by name (see ``convert.py``). Arrays are NH
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
+
+from absl import logging
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +34,58 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # the rest: attention, norms, modulation, GELU.
 REMAT_MODES = ("none", "block", "dots")
 _REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-# jax.nn.dot_product_attention implementations: "xla" (any backend) or "cudnn" (fused flash
-# attention on NVIDIA GPUs; 16-bit inputs, head_dim a multiple of 8 and at most 128).
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# jax.nn.dot_product_attention implementations: "xla" (any backend), "cudnn" (fused flash
+# attention on NVIDIA GPUs; 16-bit inputs, head_dim a multiple of 8 and at most 128), or "auto"
+# (cuDNN where it works, XLA elsewhere: ``resolve_attention``).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+
+def _cudnn_head_dim_ok(head_dim: int) -> bool:
+    return head_dim % 8 == 0 and head_dim <= 128
+
+
+@functools.cache
+def _cudnn_probe_error(head_dim: int) -> str | None:
+    """None if cuDNN's fused attention compiles here (forward and backward, a small bfloat16 shape),
+    else the first line of its error (an old cuDNN or CUDA, a missing plugin, ...)."""
+    shape = jax.ShapeDtypeStruct((1, 64, 2, head_dim), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(jnp.float32).sum()
+
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+    except Exception as e:  # any refusal means: use XLA's attention
+        return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return None
+
+
+def resolve_attention(dtype: Any, head_dim: int) -> tuple[str, str]:
+    """``attention="auto"``: (the implementation to use, why): cuDNN's fused attention on an NVIDIA
+    GPU when the compute dtype is bfloat16, the head size suits it and a tiny compile probe passes;
+    XLA's attention otherwise."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return "xla", f"JAX runs on {backend!r}"
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return "xla", f"the compute dtype is {jnp.dtype(dtype).name} (cuDNN's fused attention needs bfloat16)"
+    if not _cudnn_head_dim_ok(head_dim):
+        return "xla", f"the head size {head_dim} is not a multiple of 8 at most 128 (cuDNN's fused attention)"
+    error = _cudnn_probe_error(head_dim)
+    if error is not None:
+        return "xla", f"cuDNN's fused attention failed to compile here: {error}"
+    return "cudnn", "NVIDIA GPU, bfloat16, head size " + str(head_dim)
+
+
+@functools.cache
+def _auto_attention(dtype_name: str, head_dim: int) -> str:
+    """``resolve_attention`` once per process and setting, with one log line where a GPU falls back to XLA."""
+    implementation, reason = resolve_attention(dtype_name, head_dim)
+    if implementation == "xla" and jax.default_backend() == "gpu":
+        logging.warning("attention 'auto' uses XLA's attention, not cuDNN's: %s", reason)
+    return implementation
+
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -281,7 +333,8 @@ class DiT(nnx.Module):
 
     ``dtype`` is the compute type (parameters stay float32, the output is float32);
     ``remat`` (``REMAT_MODES``) recomputes block activations in the backward pass to save memory;
-    ``attention`` picks ``jax.nn.dot_product_attention``'s kernel (``ATTENTION_IMPLEMENTATIONS``).
+    ``attention`` picks ``jax.nn.dot_product_attention``'s kernel (``ATTENTION_IMPLEMENTATIONS``;
+    "auto" is resolved here, where the head size is known: ``self.attention`` is the kernel used).
     ``scan_blocks`` stores the blocks' parameters stacked on a leading layer axis (``blocks`` is
     then one ``DiTBlock`` whose every variable is ``[depth, ...]``) and runs them as one
     ``lax.scan``: the program holds one block instead of ``depth``, so it traces and compiles
@@ -305,7 +358,7 @@ class DiT(nnx.Module):
         guidance: str = "official",
         dtype: Any = jnp.float32,
         remat: str = "none",
-        attention: str = "xla",
+        attention: str = "auto",
         scan_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -322,6 +375,9 @@ class DiT(nnx.Module):
         self.remat = remat
         self.depth = depth
         self.scan_blocks = scan_blocks
+        if attention == "auto":
+            attention = _auto_attention(jnp.dtype(dtype).name, hidden_size // num_heads)
+        self.attention = attention
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype, rngs=rngs)
         self.t_embedder = TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
@@ -422,7 +478,7 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
     if attention not in ATTENTION_IMPLEMENTATIONS:
         problems.append(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
     head_dim = hidden_size // max(num_heads, 1)
-    if attention == "cudnn" and (head_dim % 8 or head_dim > 128):
+    if attention == "cudnn" and not _cudnn_head_dim_ok(head_dim):
         problems.append(f"attention 'cudnn' needs a head size (hidden_size / num_heads) that is a multiple of 8 "
                         f"and at most 128, got {head_dim}; use attention 'xla'")
     if problems:
@@ -443,7 +499,8 @@ def compute_options(dtype: str, remat: str, attention: str) -> dict[str, Any]:
     """``DiT`` keyword arguments from the config's ``dtype``, ``remat`` and ``attention`` names.
 
     ``attention="cudnn"`` is refused unless this process runs on a GPU in bfloat16: cuDNN's
-    fused kernels exist only there (and only for 16-bit inputs).
+    fused kernels exist only there (and only for 16-bit inputs). ``"auto"`` passes through: the
+    ``DiT`` resolves it (``resolve_attention``), knowing its head size.
     """
     problems = []
     if dtype not in DTYPES:

@@ -381,7 +381,7 @@ ARCH_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth"
 def load_dit(ckpt: str, *, model: str | None = None, image_size: int | None = None,
              num_classes: int | None = None, learn_sigma: bool | None = None, num_heads: int | None = None,
              dtype: str = "float32",
-             attention: str = "xla", cache: str | os.PathLike | None = None,
+             attention: str = "auto", cache: str | os.PathLike | None = None,
              offline: bool | None = None) -> LoadedDiT:
     """The DiT in ``ckpt`` with its weights, its architecture read from the checkpoint.
 

@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params, optimiser state, losses stay float32)
     c.remat = "none"                  # none | block | dots (recompute each block's activations / all but its matmul outputs in the backward pass)
-    c.attention = "xla"               # xla | cudnn (fused flash attention: NVIDIA GPUs, bfloat16 only)
+    c.attention = "auto"              # auto (cudnn on NVIDIA GPUs in bfloat16 where it compiles, else xla) | xla | cudnn (fused flash attention)
 
     # Device mesh (see dit_jax/sharding.py): sizes of its axes, one of them may be -1 = the rest.
     c.mesh = ml_collections.ConfigDict()

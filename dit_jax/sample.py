@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dit_jax import diffusion as gd, sharding, storage
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
-from dit_jax.models import GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
+from dit_jax.models import ATTENTION_IMPLEMENTATIONS, GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
 
 SAMPLERS = ("ddpm", "ddim")
 # The official sample.py's classes: 207 golden retriever, 360 otter, 387 red panda, 974 geyser,
@@ -550,7 +550,8 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
         vae: str = "ema", cfg_scale: float | None = None, num_sampling_steps: int = 250, sampler: str = "ddpm",
         eta: float = 0.0, guidance: str = "official", labels: str | None = None, seed: int = 0,
         png: str = "sample.png", num_samples: int | None = None, out: str | None = None,
-        balanced_labels: bool = False, per_device_batch: int = 32, dtype: str = "float32") -> str:
+        balanced_labels: bool = False, per_device_batch: int = 32, dtype: str = "float32",
+        attention: str = "auto") -> str:
     """The command: picture mode (``png``) or, with ``num_samples`` and ``out``, FID mode; returns the file written.
 
     Bad settings, checkpoints, labels and sizes raise ValueError (or FileNotFoundError) naming the problem.
@@ -573,7 +574,8 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
         raise ValueError(f"--guidance {guidance!r} is not one of {GUIDANCE_MODES}")
     cfg_scale = cfg_scale if cfg_scale is not None else (1.5 if fid_mode else 4.0)
 
-    loaded = pretrained.load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype)
+    loaded = pretrained.load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype,
+                                attention=attention)
     net = loaded.model
     net.guidance = guidance
     decoder = load_decoder(vae)
@@ -632,12 +634,15 @@ def _define_flags() -> None:
     flags.DEFINE_integer("per_device_batch", 32, "Samples per device per program call (the bytes are identical on "
                          "any device count for one per-device batch).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "DiT compute dtype (the VAE decodes in float32).")
+    flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS), "DiT attention kernel: auto (cuDNN's "
+                      "fused attention on NVIDIA GPUs in bfloat16, else XLA's), xla or cudnn.")
     sharding.define_distributed_flags()
     flags.mark_flag_as_required("ckpt")
 
 
 _RUN_FLAGS = ("ckpt", "model", "image_size", "num_heads", "vae", "cfg_scale", "num_sampling_steps", "sampler", "eta",
-              "guidance", "labels", "seed", "png", "num_samples", "out", "balanced_labels", "per_device_batch", "dtype")
+              "guidance", "labels", "seed", "png", "num_samples", "out", "balanced_labels", "per_device_batch", "dtype",
+              "attention")
 
 
 def main(argv: list[str]) -> None:

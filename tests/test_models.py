@@ -15,7 +15,8 @@ from flax import nnx
 
 from dit_jax.convert import load_official_state_dict, to_official_state_dict
 from dit_jax import diffusion as gd
-from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model
+from dit_jax import models
+from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model, resolve_attention
 from tests.conftest import official_state
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -279,7 +280,7 @@ def test_scanned_model_rejects_a_checkpoint_of_another_depth_and_keeps_its_weigh
 @pytest.mark.parametrize("dtype, remat, attention, match", [
     ("float16", "none", "xla", r"dtype 'float16' is not one of \('float32', 'bfloat16'\)"),
     ("float32", "full", "xla", r"remat 'full' is not one of \('none', 'block', 'dots'\)"),
-    ("float32", "none", "flash", r"attention 'flash' is not one of \('xla', 'cudnn'\)"),
+    ("float32", "none", "flash", r"attention 'flash' is not one of \('auto', 'xla', 'cudnn'\)"),
     ("bfloat16", "none", "cudnn", r"attention 'cudnn' needs an NVIDIA GPU, but JAX runs on 'cpu'"),
 ])
 def test_unknown_compute_options_are_rejected(dtype, remat, attention, match):
@@ -293,6 +294,72 @@ def test_cudnn_attention_needs_bfloat16_on_a_gpu(monkeypatch):
     assert compute_options("bfloat16", "none", "cudnn") == dict(dtype=jnp.bfloat16, remat="none", attention="cudnn")
     with pytest.raises(ValueError, match="attention 'cudnn' needs dtype 'bfloat16'.*got 'float32'"):
         compute_options("float32", "none", "cudnn")
+
+
+@pytest.fixture
+def fresh_attention_choice():
+    """``attention="auto"`` decided anew (its per-process caches cleared before and after)."""
+    models._auto_attention.cache_clear()
+    models._cudnn_probe_error.cache_clear()
+    yield
+    models._auto_attention.cache_clear()
+    models._cudnn_probe_error.cache_clear()
+
+
+def test_auto_attention_is_xla_off_gpus(fresh_attention_choice, caplog):
+    assert compute_options("bfloat16", "none", "auto")["attention"] == "auto"  # the DiT resolves it
+    assert resolve_attention(jnp.bfloat16, 64) == ("xla", "JAX runs on 'cpu'")
+    model = tiny(dtype=jnp.bfloat16)
+    assert model.attention == "xla" and {b.attn.implementation for b in model.blocks} == {"xla"}
+    assert tiny().attention == "xla"  # the default
+    assert not [r for r in caplog.records if "attention" in r.getMessage()]  # silently
+
+
+@pytest.mark.parametrize("dtype, head_dim, probe_error, expected, reason", [
+    (jnp.bfloat16, 72, None, "cudnn", "NVIDIA GPU, bfloat16, head size 72"),
+    ("bfloat16", 128, None, "cudnn", "head size 128"),
+    (jnp.float32, 72, None, "xla", "the compute dtype is float32"),
+    (jnp.bfloat16, 12, None, "xla", "the head size 12 is not a multiple of 8"),
+    (jnp.bfloat16, 136, None, "xla", "the head size 136 is not a multiple of 8 at most 128"),
+    (jnp.bfloat16, 64, "CUDNN_STATUS_NOT_SUPPORTED: cuDNN 8.9 is too old", "xla",
+     "failed to compile here: CUDNN_STATUS_NOT_SUPPORTED: cuDNN 8.9 is too old"),
+])
+def test_auto_attention_on_a_gpu(monkeypatch, dtype, head_dim, probe_error, expected, reason):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    probed = []
+    monkeypatch.setattr(models, "_cudnn_probe_error", lambda h: probed.append(h) or probe_error)
+    implementation, why = resolve_attention(dtype, head_dim)
+    assert implementation == expected and reason in why
+    assert probed == ([head_dim] if jnp.dtype(dtype) == jnp.bfloat16 and head_dim in (64, 72, 128) else [])
+
+
+def test_cudnn_probe_reports_the_first_line_of_its_error():
+    error = models._cudnn_probe_error.__wrapped__(64)  # this CPU cannot compile cuDNN's kernel
+    assert error and "\n" not in error
+
+
+def test_auto_attention_falls_back_on_a_gpu_with_one_log_line(fresh_attention_choice, monkeypatch, caplog):
+    """The real probe, inside nnx.eval_shape as in ``train.step_flops``; one line per process and setting."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            model = nnx.eval_shape(lambda: tiny(dtype=jnp.bfloat16))
+    assert model.attention == "xla" and model.blocks[0].attn.implementation == "xla"
+    lines = [r.getMessage() for r in caplog.records if "attention 'auto'" in r.getMessage()]
+    assert len(lines) == 1 and "failed to compile here: " in lines[0] and "\n" not in lines[0]
+    with caplog.at_level("WARNING"):
+        tiny()  # float32
+    lines = [r.getMessage() for r in caplog.records if "attention 'auto'" in r.getMessage()]
+    assert len(lines) == 2 and "the compute dtype is float32" in lines[1]
+
+
+def test_auto_attention_picks_cudnn_on_a_gpu_that_compiles_it(fresh_attention_choice, monkeypatch, caplog):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(models, "_cudnn_probe_error", lambda head_dim: None)
+    model = nnx.eval_shape(lambda: tiny(dtype=jnp.bfloat16, block_type="cross_attention"))
+    assert model.attention == "cudnn"
+    assert {b.attn.implementation for b in model.blocks} == {b.cross_attn.implementation for b in model.blocks} == {"cudnn"}
+    assert not [r for r in caplog.records if "attention" in r.getMessage()]
 
 
 def test_every_paper_model_can_use_cudnn_attention():
