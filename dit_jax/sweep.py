@@ -18,6 +18,11 @@ statistics, e.g. CPUs), compile time and the time from the row's launch to its f
 step. The table is printed as rows finish and written to ``--out`` (JSON) after every row, so
 a killed sweep keeps what it measured. ``--rows FILE`` replaces the plan (a JSON list of rows),
 ``--set a.b=value`` overrides config fields (the tests run a tiny model on the CPU this way).
+
+``python -m dit_jax.sweep --time_split DIR`` prints the split of a saved profile (the benchmark's
+``--profile_dir``) and exits. GPU traces are read by kernel: inside CUDA command buffers a kernel
+event's ``hlo_op`` is the buffer, so its name (``input_add_reduce_fusion_233``) is matched to the
+HLO instruction (``input_add_reduce_fusion.233``); cuBLAS/cuDNN kernels count by their names.
 """
 
 from __future__ import annotations
@@ -138,16 +143,17 @@ def _run_row_here(spec: dict[str, Any]) -> dict[str, Any]:
     result["since_launch_seconds"] = time.time() - spec["launched_at"] - (
         time.perf_counter() - benchmark._MODULE_START - result["startup"]["since_start_seconds"])
     if "profile" in result:
-        tokens = (config.model.input_size // _patch_size(config)) ** 2
         result["profile"]["split"] = time_split(result["profile"]["dir"], sum(result["profile"]["step_seconds"]),
-                                                tokens=tokens)
+                                                tokens=_tokens(config))
     return result
 
 
-def _patch_size(config: ml_collections.ConfigDict) -> int:
+def _tokens(config: ml_collections.ConfigDict) -> int:
+    """Tokens per image of the config's model (its attention's sequence length)."""
     from dit_jax.models import MODELS
 
-    return MODELS[config.model.name]["patch_size"] if config.model.name else config.model.patch_size
+    patch = MODELS[config.model.name]["patch_size"] if config.model.name else config.model.patch_size
+    return (config.model.input_size // patch) ** 2
 
 
 def _count_flops_here(spec: dict[str, Any]) -> dict[str, float]:
@@ -236,6 +242,13 @@ def add_mfu(rows: list[dict[str, Any]], flops_per_image: dict[str, float]) -> No
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 # Ops that only hold other ops: their events span their body's events and are not counted.
 _CONTAINERS = re.compile(r"(?<![\w-])(while|call|conditional)\(")
+# Library kernels a GPU trace names by kernel only (inside CUDA command buffers ``hlo_op`` is the
+# buffer): cuBLAS (nvjet, sm90 gemm), CUTLASS and cuDNN's implicit GEMMs, Triton GEMM fusions;
+# cuDNN's other kernels (fused attention forward/backward and its dO.O and dQ passes).
+_GEMM_KERNEL = re.compile(r"nvjet|gemm|cutlass|cublas|xmma", re.IGNORECASE)
+_CUDNN_KERNEL = re.compile(r"cudnn|fmha|sdpa|flash", re.IGNORECASE)
+# The files of a saved profile: the trace (any folder below) and the compiled module's text.
+TRACE_FILES = ("perfetto_trace.json.gz", "perfetto_trace.json")
 
 
 def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -254,6 +267,13 @@ def parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     return instructions, computations
 
 
+def kernel_name(instruction: str) -> str:
+    """The name of the GPU kernel XLA emits for an instruction: every character that is not a letter,
+    digit or ``_`` becomes ``_`` (``input_add_reduce_fusion.233`` -> ``input_add_reduce_fusion_233``,
+    ``input_reduce_fusion`` unchanged)."""
+    return re.sub(r"\W", "_", instruction, flags=re.ASCII)
+
+
 def _called(line: str, computations: dict[str, list[str]], depth: int = 0) -> list[str]:
     """The lines of ``line`` and of every computation it calls (fusions, custom-call bodies), recursively."""
     lines = [line]
@@ -268,16 +288,17 @@ def classify(line: str, computations: dict[str, list[str]], *, tokens: int, opti
     """The category of one executed HLO instruction (one of ``CATEGORIES``).
 
     attention: cuDNN's fused attention, batched dots (in a DiT only attention's q.k and p.v
-    have batch dimensions), or anything touching a ``[..., tokens, tokens]`` array (softmax);
-    matmul: other dots, convolutions, cuBLAS/Triton GEMMs; optimizer_ema: ops of the step's
-    optimiser scope; elementwise_norm: other fusions and elementwise work (norms,
+    have batch dimensions), or anything touching an array of rank >= 3 ending in
+    ``tokens, tokens`` (softmax; rank 2 is a batch x tokens LayerNorm statistic when batch == tokens);
+    matmul: other dots, convolutions (cuDNN's too), cuBLAS/Triton GEMMs; optimizer_ema: ops of
+    the step's optimiser scope; elementwise_norm: other fusions and elementwise work (norms,
     modulation, GELU, residuals, copies); other: collectives, control flow, the rest.
     """
     body = "\n".join(_called(line, computations))
-    square = re.compile(rf"\[[\d,]*\b{tokens},{tokens}\]")
+    square = re.compile(rf"\[\d+,[\d,]*\b{tokens},{tokens}\]")
     if "fmha" in body or "lhs_batch_dims" in body or square.search(body):
         return "attention"
-    if re.search(r"\b(dot|convolution)\(|cublas|gemm", body):
+    if re.search(r"\b(dot|convolution)\(|cublas|gemm|cudnn\$conv", body):
         return "matmul"
     if optimizer_scope in body:
         return "optimizer_ema"
@@ -288,26 +309,54 @@ def classify(line: str, computations: dict[str, list[str]], *, tokens: int, opti
     return "other"
 
 
-def _trace_events(profile_dir: str) -> list[dict[str, Any]]:
-    """The op events (``args.hlo_op``) of the newest Perfetto trace under ``profile_dir``.
-
-    Where the trace has a device's "XLA Ops" line (GPUs, TPUs) only its events count: the
-    kernels' stream lines repeat them; on a CPU every thread's op events count.
-    """
+def _newest(profile_dir: str, names: Sequence[str]) -> str:
     paths = []
     for root, _, files in os.walk(profile_dir):
-        paths += [os.path.join(root, f) for f in files if f == "perfetto_trace.json.gz"]
+        paths += [os.path.join(root, f) for f in files if f in names]
     if not paths:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {profile_dir}")
-    with gzip.open(max(paths, key=os.path.getmtime)) as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {(e.get("pid"), e.get("tid")): e.get("args", {}).get("name", "")
-             for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+        raise FileNotFoundError(f"none of {', '.join(names)} under {profile_dir}")
+    return max(paths, key=os.path.getmtime)
+
+
+def _read_text(path: str) -> str:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        return f.read()
+
+
+def load_trace(profile_dir: str) -> list[dict[str, Any]]:
+    """The events of the newest Perfetto trace (``TRACE_FILES``) under ``profile_dir``."""
+    trace = json.loads(_read_text(_newest(profile_dir, TRACE_FILES)))
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def _trace_events(events: list[dict[str, Any]], module: str) -> list[dict[str, Any]]:
+    """The op events (``args.hlo_op``) of ``module`` on the lines where its work ran, each counted once.
+
+    On GPUs: the device's kernel lines (``Stream #N``), whose events are kernels (inside CUDA
+    command buffers named by kernel, ``hlo_op`` the buffer); the derived "XLA Ops" line only
+    where a device has no kernel lines (TPUs). On a CPU (no device process): every thread's op
+    events (``name == hlo_op``).
+    """
+    processes = {e.get("pid"): e["args"].get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e.get("pid"), e.get("tid")): e["args"].get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
     ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
-           and e.get("name") == e["args"]["hlo_op"]]
-    xla_ops = [e for e in ops if "XLA Ops" in names.get((e.get("pid"), e.get("tid")), "")]
-    return xla_ops or ops
+           and e["args"].get("hlo_module", module) == module]
+    device = [e for e in ops if processes.get(e.get("pid"), "").startswith("/device:")]
+    if not device:
+        return [e for e in ops if e.get("name") == e["args"]["hlo_op"]]
+    line = lambda e: threads.get((e.get("pid"), e.get("tid")), "")  # noqa: E731
+    return [e for e in device if line(e).startswith("Stream")] or [e for e in device if "XLA Ops" in line(e)]
+
+
+def _profiled_steps(events: list[dict[str, Any]], module: str) -> int | None:
+    """How many times the trace ran ``module``: its distinct ``run_id``s (CPUs), else its host
+    ``Execute (module)`` events (GPUs); None when the trace says neither."""
+    runs = {e["args"]["run_id"] for e in events if e.get("ph") == "X" and "run_id" in e.get("args", {})
+            and e["args"].get("hlo_module") == module}
+    executes = [e for e in events if e.get("ph") == "X" and e.get("name", "").endswith(f"Execute ({module})")]
+    return len(runs) or len(executes) or None
 
 
 def _union_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -320,34 +369,51 @@ def _union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total / 1e6
 
 
-def time_split(profile_dir: str, wall_seconds: float, *, tokens: int) -> dict[str, Any]:
+def time_split(profile_dir: str, wall_seconds: float | None = None, *, tokens: int) -> dict[str, Any]:
     """Where the profiled steps' time went: seconds per category, busy time and gaps, the top ops.
 
-    ``wall_seconds`` is the host-timed total of the profiled steps. Each op event of the train
-    step's module is classified by its instruction in the compiled text (``classify``); the
-    categories sum op durations (on a CPU ops overlap across threads, so the split is coarse
-    and may exceed the wall time); ``gaps`` is the wall time when no op of the step ran.
+    ``profile_dir`` holds a Perfetto trace and the compiled module's text (``benchmark.PROFILE_HLO``,
+    gzipped or not). ``wall_seconds`` is the host-timed total of the profiled steps; None takes the
+    span of the module's events in the trace. Each event is attributed to an HLO instruction: its
+    ``hlo_op`` where that is one (CPUs, thunks outside command buffers), else its kernel name
+    (``kernel_name``), and classified by the compiled text (``classify``); library kernels of no
+    instruction by name (GEMMs: matmul, cuDNN: attention, the rest: other). The categories sum
+    event durations (on a CPU ops overlap across threads, so the split is coarse and may exceed
+    the wall time); ``busy_seconds`` is the union of the events' intervals, ``gaps`` the rest of
+    the wall time. ``steps`` is how many steps the trace ran (None if it does not say).
     """
     from dit_jax import benchmark, train
 
-    with open(os.path.join(profile_dir, benchmark.PROFILE_HLO)) as f:
-        instructions, computations = parse_hlo(f.read())
-    events = [e for e in _trace_events(profile_dir) if e["args"]["hlo_op"] in instructions
-              and not _CONTAINERS.search(instructions[e["args"]["hlo_op"]].split("metadata=", 1)[0])]
+    text = _read_text(_newest(profile_dir, (benchmark.PROFILE_HLO, benchmark.PROFILE_HLO + ".gz")))
+    module = text.split(None, 2)[1].rstrip(",") if text.startswith("HloModule") else ""
+    instructions, computations = parse_hlo(text)
+    by_kernel = {kernel_name(name): name for name in instructions}
+    events = load_trace(profile_dir)
+    steps = _profiled_steps(events, module)
     seconds: dict[str, float] = dict.fromkeys(CATEGORIES, 0.0)
     per_op: dict[str, float] = defaultdict(float)
-    categories = {}
-    for event in events:
-        op = event["args"]["hlo_op"]
-        if op not in categories:
-            categories[op] = classify(instructions[op], computations, tokens=tokens,
-                                      optimizer_scope=train.OPTIMIZER_SCOPE)
-        seconds[categories[op]] += event["dur"] / 1e6
-        per_op[op] += event["dur"] / 1e6
-    busy = _union_seconds([(e["ts"], e["ts"] + e["dur"]) for e in events])
+    categories: dict[str, str] = {}
+    counted = []
+    for event in _trace_events(events, module):
+        hlo_op, name = event["args"]["hlo_op"], event.get("name", "")
+        op = hlo_op if hlo_op in instructions else by_kernel.get(name)
+        if op is not None and _CONTAINERS.search(instructions[op].split("metadata=", 1)[0]):
+            continue
+        key = op or name
+        if key not in categories:
+            categories[key] = (classify(instructions[op], computations, tokens=tokens,
+                                        optimizer_scope=train.OPTIMIZER_SCOPE) if op is not None
+                               else "matmul" if _GEMM_KERNEL.search(name)
+                               else "attention" if _CUDNN_KERNEL.search(name) else "other")
+        seconds[categories[key]] += event["dur"] / 1e6
+        per_op[key] += event["dur"] / 1e6
+        counted.append(event)
+    busy = _union_seconds([(e["ts"], e["ts"] + e["dur"]) for e in counted])
+    if wall_seconds is None:
+        wall_seconds = (max(e["ts"] + e["dur"] for e in counted) - min(e["ts"] for e in counted)) / 1e6 if counted else 0.0
     top = sorted(per_op, key=per_op.get, reverse=True)[:10]
     return {"seconds": seconds, "busy_seconds": busy, "gaps_seconds": max(wall_seconds - busy, 0.0),
-            "wall_seconds": wall_seconds, "events": len(events),
+            "wall_seconds": wall_seconds, "events": len(counted), "steps": steps,
             "top_ops": [{"op": op, "category": categories[op], "seconds": per_op[op]} for op in top]}
 
 
@@ -452,6 +518,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("profile_reserve_s", 90, "Budget kept for the profile when starting rows.")
     flags.DEFINE_string("profile_dir", "sweep_profile", "Where the profile (TensorBoard/Perfetto) goes.")
     flags.DEFINE_string("out", "sweep.json", "The table as JSON (rewritten after every row).")
+    flags.DEFINE_string("time_split", None, "Print the time split of a saved profile in this folder (a Perfetto "
+                        "trace and the benchmark's train_step.hlo.txt, gzipped or not; --model and --image_size give "
+                        "its tokens) and exit.")
     flags.DEFINE_string("row", None, "Internal: measure one row given as JSON and print its result.")
     flags.DEFINE_string("count", None, "Internal: count train FLOPs per image for the batches given as JSON.")
 
@@ -466,6 +535,11 @@ def main(argv: list[str]) -> None:
         if getattr(f, mode):
             print(_RESULT_MARK + json.dumps(run(json.loads(getattr(f, mode)))), flush=True)
             return
+    if f.time_split:
+        config = row_config({"model": f.model, "image_size": f.image_size, "dtype": f.dtype}, ROW_DEFAULTS)
+        split = time_split(f.time_split, tokens=_tokens(config))
+        print(format_split(split, split["steps"] or f.profile_steps))
+        return
     try:
         base = {"model": f.model, "image_size": f.image_size, "dtype": f.dtype, "overrides": parse_overrides(f.set)}
         if f.rows:

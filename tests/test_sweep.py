@@ -3,8 +3,10 @@ the FLOP count, the profile and its time split; and the plan's XLA flags exist."
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +156,48 @@ def test_cli_rejects_a_bad_rows_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dit_jax.sweep", "--rows", str(rows)], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert out.returncode != 0 and "remat 'most' is not one of" in out.stderr
+
+
+H200_PROFILE = ROOT / "tests" / "data" / "h200_xl2_b256_cudnn"  # one step of DiT-XL/2, batch 256, cuDNN attention
+
+
+def test_kernel_names_are_instruction_names_with_underscores():
+    assert sweep.kernel_name("input_add_reduce_fusion.233") == "input_add_reduce_fusion_233"
+    assert sweep.kernel_name("input_reduce_fusion") == "input_reduce_fusion"
+    assert sweep.kernel_name("wrapped_convert.12") == "wrapped_convert_12"
+    assert sweep.kernel_name("custom-call.3") == "custom_call_3"
+
+
+def test_time_split_of_an_h200_profile_in_cuda_command_buffers():
+    """The measured H200 step (404.5 ms median; its kernels named by kernel, ``hlo_op`` the command buffer)
+    splits as /work/shared/perf/README.md reads it: GEMMs ~59%, cuDNN attention ~11%, GPU busy ~96%."""
+    wall = 0.4045
+    split = sweep.time_split(str(H200_PROFILE), wall, tokens=256)
+    share = {name: seconds / wall for name, seconds in split["seconds"].items()}
+    assert split["steps"] == 1 and split["events"] > 2000
+    assert 0.55 <= share["matmul"] <= 0.63
+    assert 0.09 <= share["attention"] <= 0.125  # flash fprop + bprop 9%, cuDNN's dO.O and dQ passes 2%
+    assert 0.18 <= share["elementwise_norm"] <= 0.30 and share["optimizer_ema"] > 0.005 and share["other"] < 0.01
+    assert 0 < split["gaps_seconds"] / wall < 0.10
+    assert split["busy_seconds"] == pytest.approx(sum(split["seconds"].values()), rel=0.01)  # one stream: no overlap
+    fusions = [o for o in split["top_ops"] if o["category"] not in ("matmul", "attention")]
+    assert fusions[0]["op"] == "input_add_reduce_fusion.233" and fusions[0]["category"] == "elementwise_norm"
+    assert fusions[0]["seconds"] == pytest.approx(0.0216, abs=0.0005)
+    assert split["top_ops"][0]["op"].startswith("nvjet_sm90") and split["top_ops"][0]["category"] == "matmul"
+
+
+def test_time_split_command_prints_a_saved_profile(tmp_path):
+    """``--time_split DIR`` reads a plain (not gzipped) module text too and takes the wall time from the trace."""
+    (tmp_path / "trace").mkdir()
+    (tmp_path / "trace" / "perfetto_trace.json.gz").write_bytes((H200_PROFILE / "perfetto_trace.json.gz").read_bytes())
+    with gzip.open(H200_PROFILE / "train_step.hlo.txt.gz", "rt") as f:
+        (tmp_path / benchmark.PROFILE_HLO).write_text(f.read())
+    out = subprocess.run([sys.executable, "-m", "dit_jax.sweep", "--time_split", str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    head, top = out.stdout.strip().splitlines()
+    wall_ms = float(re.search(r"per step \(([\d.]+) ms wall", head).group(1))
+    assert 380 < wall_ms < 405  # the span of the step's kernels
+    matmul = re.search(r"matmul ([\d.]+) ms \((\d+)%\)", head)
+    assert 225 < float(matmul.group(1)) < 245 and 55 <= int(matmul.group(2)) <= 63
+    assert top.startswith("top ops per step: nvjet_sm90") and "(attention)" in top  # cuBLAS GEMMs, cuDNN's backward
