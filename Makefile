@@ -12,10 +12,17 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test test-all parity stats clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt requirements-nodeps.txt setup.py
+# Two install stages in one venv: the runtime (requirements.txt, all that `make demo`, `parity` and
+# `stats` import; TensorFlow among it, since CLU's TensorBoard writers import it), then the test stack
+# on top (requirements-test.txt, requirements-nodeps.txt: PyTorch, diffusers, papermill, ...) for `make test`.
+$(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-test.txt -e .
+	$(PY) -m pip install --quiet -r requirements.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements-nodeps.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
@@ -27,14 +34,14 @@ demo: $(VENV)/.installed
 TEST_WORKERS ?= 2
 TEST_FLAGS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) --durations=15
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(TEST_FLAGS) tests
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed-test
 	$(PY) -m pytest -q $(TEST_FLAGS) -m "" tests
 
 parity: $(VENV)/.installed
-	$(PY) -m dit_jax.parity ../shared/reference/dit_official_tiny.npz
+	$(PY) -m dit_jax.parity tests/data/dit_official_tiny.npz
 
 stats: $(VENV)/.installed
 	$(PY) -m dit_jax.model_stats

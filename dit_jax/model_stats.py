@@ -37,7 +37,8 @@ class PaperEntry(NamedTuple):
     gflops: float
 
 
-# At 256x256 (32x32x4 latents), 1000 classes, learned sigma; see shared/reference/README.md.
+# At 256x256 (32x32x4 latents), 1000 classes, learned sigma: the paper's Table 4 (parameters counted
+# from the official code, trainable only; Gflops for one forward pass, a multiply-add counted once).
 PAPER_TABLE: dict[str, PaperEntry] = {
     "DiT-S/8": PaperEntry(33_142_016, 0.36),
     "DiT-S/4": PaperEntry(32_920_448, 1.41),

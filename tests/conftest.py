@@ -23,8 +23,9 @@ import pytest
 
 from dit_jax import parity
 
-# shared/ sits beside the repository checkout (see shared/reference/README.md).
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# The official code's reference vectors, kept in the repository so that a clone tests itself
+# (tests/data/README.md says what each file is and where it came from).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data"
 
 
 class Reference(NamedTuple):
