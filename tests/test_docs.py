@@ -32,18 +32,18 @@ CONFIG_FILE = re.compile(r"--config[=\s]+(configs/\w+\.py)")
 ABSL_FLAGS = {"help", "helpshort", "helpfull", "helpxml", "flagfile", "undefok"}
 
 
+def prose(text: str) -> str:
+    """The text outside fenced code blocks."""
+    return re.sub(r"^\s*```.*?^\s*```[^\n]*$", "", text, flags=re.M | re.S)
+
+
 def markdown_commands(text: str) -> list[str]:
     """The shell text of each command line: fenced code blocks (``\\`` continuations joined) and
     inline code spans of the prose (a span may wrap over lines within a paragraph)."""
-    code, prose, fenced = [], [], False
-    for line in text.splitlines():
-        if line.lstrip().startswith("```"):
-            fenced = not fenced
-            continue
-        (code if fenced else prose).append(line if fenced else line.strip())
-    logical = re.sub(r"\\\n\s*", " ", "\n".join(code)).splitlines()
-    spans = [span for paragraph in "\n".join(prose).split("\n\n")
-             for span in re.findall(r"`([^`]+)`", paragraph.replace("\n", " "))]
+    code = "\n".join(re.findall(r"^\s*```[^\n]*\n(.*?)^\s*```", text, flags=re.M | re.S))
+    logical = re.sub(r"\\\n\s*", " ", code).splitlines()
+    spans = [span for paragraph in re.split(r"\n\s*\n", prose(text))
+             for span in re.findall(r"`([^`]+)`", re.sub(r"\s*\n\s*", " ", paragraph))]
     commands = []
     for line in logical + spans:
         starts = list(COMMAND.finditer(line))
@@ -78,6 +78,7 @@ def absl_flags() -> frozenset[str]:
 
 @cache
 def load_config(path: str) -> ConfigDict:
+    """``get_config()`` of a config file (relative to the repository)."""
     spec = importlib.util.spec_from_file_location(f"_docs_config_{Path(path).stem}", ROOT / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -94,10 +95,11 @@ def has_field(config: ConfigDict, path: str) -> bool:
 
 
 def config_field_problem(path: str, config_file: str | None) -> str | None:
-    files = [config_file] if config_file else sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")
-                                                     if p.name != "__init__.py")
+    """Why ``--config.<path>`` is wrong for ``config_file`` (None: for every file in ``configs/``), or None."""
     if config_file and not (ROOT / config_file).is_file():
         return f"--config {config_file}: no such file"
+    files = [config_file] if config_file else sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")
+                                                     if p.name != "__init__.py")
     if any(has_field(load_config(f), path) for f in files):
         return None
     return f"--config.{path}: no such field in {config_file or 'any of configs/*.py'}"
@@ -151,11 +153,6 @@ def anchors(page: Path) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
-def prose(text: str) -> str:
-    """The text outside fenced code blocks."""
-    return re.sub(r"^\s*```.*?^\s*```[^\n]*$", "", text, flags=re.M | re.S)
-
-
 def broken_links(text: str, page: Path) -> list[str]:
     """The relative links of a page's text (at ``page``) whose file, or heading after ``#``, does not exist."""
     broken = []
@@ -188,7 +185,7 @@ Run it:
 ```bash
 python -m dit_jax.sample --ckpt DiT-XL-2-256x256.pt --cfg_scale 4 --no_such_flag=1 | tee log  # --not_this
 python -m dit_jax.main --config configs/default.py --workdir w \\
-    --config.train.steps=5 --config.train.no_such_field=3 --config.evals.fid.every=1
+    --config.train.steps=5 --config.train.no_such_field=3 --config.evals.no_such_eval.every=1
 launch/babysit.sh --name=x -- main --config configs/dit_xl2_256.py --workdir w --config.no_such_section.a=1
 python -m dit_jax.no_such_command --x
 ```
@@ -201,7 +198,7 @@ In prose, `python -m dit_jax.export --ckpt=runs/a --out=b.pt --fromat=diffusers`
     assert not markdown_problems("`python -m dit_jax.extract_latents --noverify --images=d --out=o`")
     problems = markdown_problems(text)
     expected = ["dit_jax.sample has no flag --no_such_flag", "--config.train.no_such_field: no such field",
-                "--config.evals.fid.every: no such field in configs/default.py",
+                "--config.evals.no_such_eval.every: no such field in configs/default.py",
                 "--config.no_such_section.a: no such field in configs/dit_xl2_256.py",
                 "no module dit_jax.no_such_command", "dit_jax.export has no flag --fromat",
                 "--config.data.no_such_field: no such field in any of configs/*.py"]
