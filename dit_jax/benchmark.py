@@ -33,6 +33,7 @@ import time
 
 _MODULE_START = time.perf_counter()  # before jax's import: start-up figures count the imports too
 
+import concurrent.futures
 import json
 import os
 import statistics
@@ -75,9 +76,11 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     """Step time, images/s, train FLOPs per image and MFU of ``train.make_train_step`` on ``config``.
 
     The state and batch are placed on the mesh ``config.mesh`` over all devices. ``startup``
-    splits the time to the first finished step: creating the state, counting the FLOPs (a CPU
-    lowering, skipped with ``count_flops=False``), tracing/lowering the step, compiling it, the
-    first call; ``since_start_seconds`` is measured from this module's import (before jax's),
+    splits the time to the first finished step: creating the state, tracing/lowering the step,
+    compiling it (the FLOP count, a CPU lowering skipped with ``count_flops=False``, runs in a
+    thread meanwhile; ``flops_count`` is only what it took beyond the compile), the first call.
+    The MFU uses that count (``flops_source`` "lowered_cpu"), else the compiled program's
+    ("compiled"), which is reported beside it (``compiled_flops_per_image``); ``since_start_seconds`` is measured from this module's import (before jax's),
     which for ``python -m dit_jax.benchmark`` is the start of the command. With ``profile_dir``,
     ``profile_steps`` more steps are traced there (``jax.profiler``, with a Perfetto JSON trace)
     beside the compiled program's text (``PROFILE_HLO``), for ``sweep.time_split``.
@@ -99,15 +102,17 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     jax.block_until_ready((state, batch))
     phase("init")
     diffusion = train.build_diffusion(config)
-    step_fn = train.make_train_step(config, graphdef, fixed, diffusion, mesh)
-    flops_per_step = None
-    if count_flops:
-        flops_per_step = train.step_flops(config, graphdef, fixed, diffusion, state)  # the global program
-        phase("flops_count")
+    step_fn = train.make_train_step(config, graphdef, fixed, diffusion, mesh, state)
     lowered = step_fn.lower(state, batch)
     phase("trace")
-    compiled = lowered.compile()
-    phase("compile")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the CPU count runs while XLA compiles
+        lowered_count = pool.submit(train.step_flops, config, graphdef, fixed, diffusion, state) if count_flops else None
+        compiled = lowered.compile()
+        phase("compile")
+        flop_counts = _flop_counts(compiled, lowered_count, num_devices)
+    if count_flops:
+        phase("flops_count")  # only the part of the CPU count that outlasted the compile
+    flops_per_step = flop_counts.get("flops_per_step")
 
     def call():
         nonlocal state
@@ -123,7 +128,9 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
               "remat": config.remat, "attention": config.attention, "scan_blocks": bool(config.model.scan_blocks),
               "batch": config.train.batch_size, "steps": steps, **summary(seconds, config.train.batch_size),
               "peak_memory_bytes": peak_memory_bytes(), "startup": startup,
-              "train_flops_per_image": None if flops_per_step is None else flops_per_step / config.train.batch_size}
+              "train_flops_per_image": None if flops_per_step is None else flops_per_step / config.train.batch_size,
+              "flops_source": flop_counts.get("source"), "compiled_flops_per_image":
+              None if flop_counts.get("compiled") is None else flop_counts["compiled"] / config.train.batch_size}
     if flops_per_step is not None:
         result.update(_utilisation(flops_per_step / result["step_seconds_median"], config.dtype))
     if profile_dir:
@@ -134,6 +141,23 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
             profiled = timed(call, profile_steps, 0)
         result["profile"] = {"dir": profile_dir, "steps": profile_steps, "step_seconds": profiled}
     return result
+
+
+def _flop_counts(compiled: jax.stages.Compiled, lowered_count: concurrent.futures.Future | None,
+                 num_devices: int) -> dict[str, Any]:
+    """The step's flops: the CPU lowering's global count (``train.step_flops``) where it ran, else
+    the compiled program's per-device count times the devices; both kept, and which one counts.
+
+    The compiled count is reported beside the lowered one so a GPU run shows whether its backend's
+    analysis counts the matmuls (it also counts the elementwise work fusion duplicates).
+    """
+    per_device = flops.cost_flops(compiled)
+    counts: dict[str, Any] = {"compiled": None if per_device is None else per_device * num_devices}
+    if lowered_count is not None:
+        counts.update(flops_per_step=lowered_count.result(), source="lowered_cpu")
+    elif counts["compiled"]:
+        counts.update(flops_per_step=counts["compiled"], source="compiled")
+    return counts
 
 
 def _utilisation(flops_per_sec: float, dtype: str) -> dict[str, float | None]:
@@ -313,6 +337,10 @@ def inception_benchmark(weights: str | None, *, image_size: int, batch_size: int
             jax.devices()[0].device_kind, **summary(seconds, batch_size)}
 
 
+def _gflop(flops_per_image: float | None) -> str:
+    return "n/a" if flops_per_image is None else f"{flops_per_image / 1e9:.2f} GFLOP"
+
+
 def _percent(fraction: float | None) -> str:
     return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
 
@@ -336,7 +364,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['latent_size']}x{result['latent_size']} latents, batch {t['batch']}, {t['num_params']:,} parameters",
         f"train step: {1e3 * t['step_seconds_median']:.1f} ms median, {1e3 * t['step_seconds_min']:.1f} ms min "
         f"over {t['steps']} steps; {t['images_per_sec']:.1f} images/s",
-        f"train FLOPs/image: {t['train_flops_per_image'] / 1e9:.2f} GFLOP (XLA cost analysis, multiply-add = 2); "
+        f"train FLOPs/image: {t['train_flops_per_image'] / 1e9:.2f} GFLOP (XLA cost analysis, {t['flops_source']}, "
+        f"multiply-add = 2; compiled: {_gflop(t['compiled_flops_per_image'])}); "
         f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {_percent(t['mfu'])}",
         f"peak device memory: {format_bytes(t['peak_memory_bytes'])}; remat {t['remat']}, attention {t['attention']}"
         f"{', scanned blocks' if t['scan_blocks'] else ''}",

@@ -58,7 +58,7 @@ def peak_flops_per_device(device: jax.Device, dtype: Any = jnp.bfloat16) -> floa
     return None
 
 
-def _cost_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
+def cost_flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     """XLA's flop count of ``stage``, or None where the backend does not analyse that stage."""
     analysis = stage.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # one entry per program on some older backends
@@ -73,12 +73,13 @@ def lowered_flops(fn: Callable[..., Any], *args: Any) -> float:
 
     The program is lowered for the host CPU from the arguments' shapes alone, never compiled:
     the pre-optimisation count is the global, unpartitioned program's (a sharded step's total
-    over all its devices), costs no compile time, and works on GPUs too, whose XLA backend analyses only compiled per-device programs (and
-    there misses the matmuls it hands to cuBLAS).
+    over all its devices), costs no compile time, and works on GPUs too, whose XLA backend analyses
+    only compiled per-device programs (whether that count includes the matmuls it hands to cuBLAS
+    is not yet checked on a GPU: the benchmark reports both counts).
     """
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
     with jax.default_device(jax.devices("cpu")[0]):
-        flops = _cost_flops(jax.jit(fn).lower(*abstract))
+        flops = cost_flops(jax.jit(fn).lower(*abstract))
     if flops is None:
         raise ValueError("XLA's cost analysis of this program has no flop count")
     return flops

@@ -7,6 +7,7 @@ and RNG in one ``TrainState`` pytree.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -133,14 +134,16 @@ def _on_mesh(config: ml_collections.ConfigDict, mesh: Mesh
              ) -> tuple[nnx.GraphDef, nnx.State, TrainState, Callable[[], TrainState]]:
     """(graphdef, replicated fixed state, abstract sharded train state, a jitted initialiser of that state).
 
-    The train state is created directly in its sharded layout (``sharding.train_state_shardings``),
-    so a big model never sits whole on one device; computing only the fixed state lets XLA skip
-    the parameter initialisation when a checkpoint will be restored instead.
+    The model is traced abstractly once here; the train state is created directly in its sharded
+    layout (``sharding.train_state_shardings``) by one jitted program, so a big model never sits
+    whole on one device and no parameter is touched eagerly; computing only the fixed state lets
+    XLA skip the parameter initialisation when a checkpoint will be restored instead.
     """
     graphdef, init, (_, abstract_state) = _initializer(config)
     abstract_state = _place(abstract_state, mesh)
     fixed = jax.jit(lambda: init()[0], out_shardings=NamedSharding(mesh, PartitionSpec()))()
-    return graphdef, fixed, abstract_state, lambda: sharding.create_sharded_state(lambda: init()[1], mesh)[0]
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    return graphdef, fixed, abstract_state, jax.jit(lambda: init()[1], out_shardings=shardings)
 
 
 def create_train_state(config: ml_collections.ConfigDict,
@@ -190,16 +193,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
-                    diffusion: gd.Diffusion, mesh: Mesh | None = None,
+                    diffusion: gd.Diffusion, mesh: Mesh | None = None, state: TrainState | None = None,
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """``train_step`` bound to this run's model, chain and optimiser, jitted with the state donated.
 
-    With a ``mesh`` the state keeps ``sharding.train_state_shardings`` and the batch ``sharding.batch_sharding``.
+    With a ``mesh`` the state keeps ``sharding.train_state_shardings`` and the batch ``sharding.batch_sharding``;
+    ``state`` (abstract or concrete, already laid out on ``mesh``) gives those shardings without
+    tracing the model's initialisation again.
     """
     step = functools.partial(train_step, graphdef=graphdef, fixed=fixed, diffusion=diffusion, **_step_options(config))
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
-    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_train_state(config, mesh))
+    state_shardings = jax.tree.map(lambda a: a.sharding, abstract_train_state(config, mesh) if state is None else state)
     return jax.jit(step, donate_argnums=0, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
@@ -356,11 +361,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                      num_params, dict(mesh.shape),
                      f"resumed from step {start_step}" if resumed else "starting from scratch")
         diffusion = build_diffusion(config)
-        step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh)
-        # MFU where the devices' peak is known (the count costs a lowering, skipped otherwise).
+        step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh, abstract_state)
+        # MFU where the devices' peak is known (the count costs a CPU lowering, skipped otherwise); it runs in
+        # a thread while the first step compiles.
         peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
         peak_flops = peak * mesh.devices.size if peak else None
-        flops_per_step = step_flops(config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        flop_count = pool.submit(step_flops, config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
         lr_schedule = learning_rate_schedule(config)
 
         metrics_path = storage.path(workdir) / "metrics.jsonl"
@@ -437,7 +444,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                               images_per_sec=len(window) * config.train.batch_size / elapsed,
                               learning_rate=float(lr_schedule(step - 1)))  # the last step's (optax counts from 0)
                 if peak_flops:
-                    record["mfu"] = flops_per_step * record["steps_per_sec"] / peak_flops
+                    record["mfu"] = flop_count.result() * record["steps_per_sec"] / peak_flops
                 writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
                 if log:
                     log.write(json.dumps(record) + "\n")
