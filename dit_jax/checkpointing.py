@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -260,16 +261,26 @@ def _verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
         raise CorruptCheckpointError("it holds non-finite numbers (NaN or inf): it was saved by a run that diverged")
 
 
+def error_line(error: Exception, limit: int = 500) -> str:
+    """``error`` as one readable line: its type and first line, without the JSON spec TensorStore appends;
+    beyond ``limit`` characters its middle is left out (the end of a TensorStore error is the cause)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
+    if len(text) > limit:
+        text = f"{text[:limit // 2]} ... {text[-limit // 2:]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _plain_reason(step_dir: str, error: Exception) -> str:
     """Why a step could not be restored, in words."""
     if isinstance(error, CorruptCheckpointError):
         return str(error)
     if storage.path(step_dir).is_dir() and not any(storage.path(step_dir).iterdir()):
         return "its directory is empty (the write was killed before anything was saved)"
-    first_line = (str(error).strip().splitlines() or [""])[0][:300]
-    if isinstance(error, FileNotFoundError) or "does not exist" in first_line or "No such file" in first_line:
-        return f"a file of it is missing ({first_line})"
-    return f"its files cannot be read: truncated or damaged ({type(error).__name__}: {first_line})"
+    line = error_line(error)
+    if isinstance(error, FileNotFoundError) or "does not exist" in line or "No such file" in line:
+        return f"a file of it is missing ({line})"
+    return f"its files cannot be read: truncated or damaged ({line})"
 
 
 def _restore_position(manager: ocp.CheckpointManager, step: int, iterator: grain.DatasetIterator,

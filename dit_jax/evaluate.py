@@ -21,12 +21,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dit_jax import storage
+from dit_jax import pretrained, storage
 from dit_jax.evaluators import inception, metrics
 
 FIGURES = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
            ("recall", "Recall"))
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# Reference batches a user may name instead of a path (fetched into the cache): ADM's.
+REFERENCE_NAMES = tuple(name for name in pretrained.REGISTRY if name.endswith(".npz"))
 
 
 class BadBatch(ValueError):
@@ -168,6 +170,7 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
     import jax
 
     started = time.time()
+    samples, reference = storage.absolute(samples), pretrained.locate(reference, REFERENCE_NAMES)
     sample_images = NpzImages(samples)
     ref = open_reference(reference)
     ref_stats, ref_images = ref
@@ -191,7 +194,7 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
         "num_reference_images": 0 if ref_images is None else len(ref_images),
         "notes": notes + metric_notes,
         "settings": {
-            "samples": storage.absolute(samples), "reference": storage.absolute(reference),
+            "samples": samples, "reference": reference,
             "sample_shape": list(sample_images.shape),
             "reference_statistics": "precomputed mu/sigma/mu_s/sigma_s" if ref_stats else "from arr_0",
             "inception_weights": inception_weights or inception.DEFAULT_WEIGHTS,
@@ -208,8 +211,9 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("reference", None, "reference batch .npz (ADM's VIRTUAL_imagenet*.npz or one built by "
-                        "python -m dit_jax.reference_batch)", required=True)
+    flags.DEFINE_string("reference", None, "reference batch .npz: a path, one built by python -m "
+                        f"dit_jax.reference_batch, or ADM's by name ({', '.join(REFERENCE_NAMES)}; fetched into the "
+                        "cache)", required=True)
     flags.DEFINE_string("samples", None, "sample batch .npz: arr_0 uint8 [N, H, W, 3]", required=True)
     flags.DEFINE_string("inception_weights", None, "the FID InceptionV3 weights: pytorch-fid's or torch-fidelity's "
                         f".pth, a .safetensors conversion, or a registry name (default {inception.DEFAULT_WEIGHTS}, "
@@ -234,7 +238,7 @@ def main(argv: list[str]) -> None:
             return
         result = evaluate(f.reference, f.samples, inception_weights=f.inception_weights, batch_size=f.batch_size,
                           pr_float16=not f.pr_float32)
-    except (BadBatch, ValueError, FileNotFoundError) as err:
+    except (BadBatch, ValueError, FileNotFoundError, pretrained.DownloadError) as err:
         sys.exit(f"error: {err}")
     if not sharding.is_main_process():
         return
@@ -244,7 +248,7 @@ def main(argv: list[str]) -> None:
     for key, name in FIGURES:
         print(f"{name}: {result[key]:.6g}" if key in result else f"{name}: not computed")
     if f.json:
-        storage.write_atomic(f.json, json.dumps(result, indent=2))
+        storage.write_atomic(storage.absolute(f.json), json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

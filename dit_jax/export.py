@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from dit_jax import convert, pretrained
+from dit_jax import convert, pretrained, storage
 
 FORMATS = ("official", "diffusers")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    path = export(f.ckpt, f.out, format=f.format, model=f.model, num_heads=f.num_heads)
+    path = export(f.ckpt, storage.absolute(f.out), format=f.format, model=f.model, num_heads=f.num_heads)
     print(f"wrote {path} ({f.format} format) from {f.ckpt}")
 
 

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpointing, locking, sharding, train
+from dit_jax import checkpointing, locking, sharding, storage, train
 
 FLAGS = flags.FLAGS
 
@@ -77,7 +77,7 @@ def main(argv):
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("config:\n%s", config)
     try:
-        result = train.train_and_evaluate(config, FLAGS.workdir)
+        result = train.train_and_evaluate(config, storage.absolute(FLAGS.workdir))
     except USER_ERRORS + RUN_FAILURES as e:
         if FLAGS.verbosity >= 1:
             raise

@@ -10,8 +10,10 @@ Face hub folder; ``fetch(name)`` returns its local path under ``cache_dir()`` (t
 variable ``DIT_JAX_CACHE``, default ``~/.cache/dit_jax``), downloading it first if needed.
 Downloads are resumable and atomic: bytes go to ``<file>.partial`` (continued with an HTTP
 ``Range`` request after an interruption or a killed run) and the file gets its final name only
-once its size and checksum are checked. With no network (or ``DIT_JAX_OFFLINE=1``) a missing
-file is an immediate error naming the URL and the exact path to put the file at.
+once its size, checksum and format are checked (``format_problem``: an HTML error page or a
+body cut short never enters the cache). ``DIT_JAX_MIRROR`` (a base URL) fetches every file from
+``<mirror>/<name>`` instead. With no network (or ``DIT_JAX_OFFLINE=1``) a missing file is an
+immediate error naming the URL and the exact path to put the file at.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 CACHE_ENV = "DIT_JAX_CACHE"
 OFFLINE_ENV = "DIT_JAX_OFFLINE"
+# A base URL that serves the registry's files under their names (a proxy, a local mirror, the tests' server).
+MIRROR_ENV = "DIT_JAX_MIRROR"
 DEFAULT_CACHE = "~/.cache/dit_jax"
 # Seconds without a byte before a connection counts as failed (offline: fail at once, not hang).
 TIMEOUT_S = 30.0
@@ -114,6 +118,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
+def url_of(name: str) -> str:
+    """Where registry file ``name`` is downloaded from: ``$DIT_JAX_MIRROR/<name>`` when that is set, else its URL."""
+    entry, mirror = _entry(name), os.environ.get(MIRROR_ENV, "")
+    if isinstance(entry, HubFolder):
+        raise ValueError(f"{name} is a Hugging Face hub folder, not a file (set HF_ENDPOINT for a hub mirror)")
+    return f"{mirror.rstrip('/')}/{name}" if mirror else entry.url
+
+
 def offline_by_default() -> bool:
     """True when ``DIT_JAX_OFFLINE`` is set to anything but ``0`` or empty."""
     return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
@@ -130,27 +142,38 @@ def fetch(name: str, *, cache: str | os.PathLike | None = None, offline: bool | 
           progress: bool = True, retries: int = 3) -> Path:
     """The local path of registry entry ``name``, downloaded into the cache first if it is not there.
 
-    A file download resumes a ``.partial`` left by an interrupted or killed earlier try, retries
-    a dropped connection ``retries`` times (each resuming where it stopped) and checks the size
-    and checksum before the file gets its name; a mismatch deletes what arrived and raises
-    ``DownloadError``. ``offline`` (default: ``DIT_JAX_OFFLINE``) never touches the network; a
+    A file download (from ``url_of(name)``) resumes a ``.partial`` left by an interrupted or
+    killed earlier try, retries a dropped connection ``retries`` times (each resuming where it
+    stopped) and checks the size, checksum and format before the file gets its name; a mismatch
+    deletes what arrived and raises ``DownloadError``. A cached file is checked the same way
+    (without the checksum) before it is returned. ``offline`` (default: ``DIT_JAX_OFFLINE``) never touches the network; a
     missing file is then a ``MissingFileError`` naming the URL and where to put the file.
     """
     entry, dest = _entry(name), local_path(name, cache)
     offline = offline_by_default() if offline is None else offline
     if isinstance(entry, HubFolder):
         return fetch_hub(entry, cache=cache, offline=offline)
+    url = url_of(name)
     if dest.is_file():
-        _check_size(dest, entry.size, name)
+        _check_cached(dest, entry.size, name)
         return dest
     if offline:
-        raise _missing(name, entry.url, dest, f"offline: {OFFLINE_ENV} is set or offline=True")
+        raise _missing(name, url, dest, f"offline: {OFFLINE_ENV} is set or offline=True")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _locked(dest):
         if not dest.is_file():  # another process may have finished it while this one waited
-            download(entry.url, dest, size=entry.size, sha256=entry.sha256, progress=progress, retries=retries,
-                     name=name)
+            download(url, dest, size=entry.size, sha256=entry.sha256, progress=progress, retries=retries, name=name)
     return dest
+
+
+def locate(value: str | os.PathLike, names: tuple[str, ...]) -> str:
+    """The file a user named in a flag or config field, resolved once: one of the registry files ``names``
+    (``VIRTUAL_imagenet256_labeled.npz``) unless a local file has that name, fetched into the cache;
+    otherwise a path (``~``, relative, trailing slash, ``gs://``) as ``storage.absolute`` resolves it."""
+    value = os.fspath(value)
+    if value in names and not os.path.exists(value):
+        return os.fspath(fetch(value))
+    return storage.absolute(value)
 
 
 def download(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256: str | None = None,
@@ -159,8 +182,9 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None = None, sha2
 
     The caller holds whatever lock keeps other writers away (``fetch`` does). Raises
     ``MissingFileError`` when the server cannot be reached or refuses the file, ``DownloadError``
-    when the transfer keeps breaking (the ``.partial`` stays: rerunning continues it) or when
-    the finished file has the wrong size or checksum (it is deleted).
+    when the transfer keeps breaking (the ``.partial`` stays: rerunning continues it), when the
+    server answers with an HTML page, or when the finished file has the wrong size or checksum or
+    is not of its format (``format_problem``; it is deleted).
     """
     dest = Path(dest)
     partial = dest.with_name(dest.name + ".partial")
@@ -170,6 +194,8 @@ def download(url: str, dest: str | os.PathLike, *, size: int | None = None, sha2
         try:
             _transfer(url, partial, label=label, progress=progress)
             break
+        except DownloadError:  # what arrived is not the file: retrying would fetch the same
+            raise
         except urllib.error.HTTPError as err:
             if err.code == 416 and partial.exists():  # nothing left to send: the partial file is whole
                 break
@@ -193,6 +219,11 @@ def _transfer(url: str, partial: Path, *, label: str, progress: bool) -> None:
     offset = _size(partial)
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        kind = response.headers.get("Content-Type", "")
+        if kind.split(";")[0].strip().lower() == "text/html":  # a proxy's login or a server's error page
+            raise DownloadError(f"{url} answered with an HTML page (Content-Type {kind}), not {label}; nothing was "
+                                f"kept. Open the URL in a browser to see why, or set {MIRROR_ENV} to a server that "
+                                "has the file")
         status = getattr(response, "status", None)
         resumed = offset and status == 206
         if offset and not resumed:  # the server ignored the Range: start over
@@ -212,10 +243,13 @@ def _transfer(url: str, partial: Path, *, label: str, progress: bool) -> None:
 
 
 def _verify(path: Path, *, size: int | None, sha256: str | None, label: str, url: str) -> None:
-    """Delete ``path`` and raise if its size or SHA-256 is not the expected one."""
+    """Delete ``path`` and raise if its size or SHA-256 is not the expected one, or it is not of its format."""
     problems = []
     if size is not None and _size(path) != size:
         problems.append(f"{_size(path)} bytes instead of {size}")
+    problem = None if problems else format_problem(path, label)
+    if problem:
+        problems.append(problem)
     if sha256 is not None and not problems:
         actual = storage.sha256_file(path)
         if actual != sha256.lower():
@@ -227,10 +261,53 @@ def _verify(path: Path, *, size: int | None, sha256: str | None, label: str, url
                             "has changed: fetch it yourself and check it")
 
 
-def _check_size(path: Path, size: int | None, name: str) -> None:
-    if size is not None and _size(path) != size:
-        raise DownloadError(f"{path} has {_size(path)} bytes, but {name} has {size}: it is truncated or another "
-                            f"file. Delete it and fetch again")
+def _check_cached(path: Path, size: int | None, name: str) -> None:
+    """Raise if a cached file has the wrong size or is not of its format (put there by hand, or by an older version)."""
+    problem = (f"{_size(path)} bytes, but {name} has {size}" if size is not None and _size(path) != size
+               else format_problem(path, name))
+    if problem:
+        raise DownloadError(f"{path} in the cache is not {name}: {problem}. Delete it and fetch again")
+
+
+def format_problem(path: str | os.PathLike, name: str) -> str | None:
+    """Why ``path`` is not a whole file of the format ``name``'s extension says (None: it looks whole).
+
+    Checks what a wrong or cut-short download breaks: an HTML page where a binary file belongs,
+    a zip (``.npz``, a PyTorch ``.pt``/``.pth``/``.bin``) without its closing central directory,
+    a ``.safetensors`` whose header promises more bytes than the file has. A PyTorch file
+    in the legacy (pre-1.6) format is a pickle, checked by its first byte only.
+    """
+    import json
+    import struct
+    import zipfile
+
+    suffix = os.path.splitext(name)[1].lower()
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.lstrip()[:1] == b"<":
+        return f"it is an HTML or XML page, not the file (it starts with {head.lstrip()[:40]!r})"
+    if suffix in (".npz", ".pt", ".pth", ".bin"):
+        if suffix != ".npz" and head[:1] == b"\x80":  # a legacy torch.save pickle
+            return None
+        if head[:4] != b"PK\x03\x04":
+            return f"it is not a zip archive (an {suffix} file is one; it starts with {head[:16]!r})"
+        if not zipfile.is_zipfile(path):
+            return f"the zip archive is cut short ({_size(Path(path))} bytes: its central directory is missing)"
+    if suffix == ".safetensors":
+        size = _size(Path(path))
+        length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else size
+        if 8 + length > size:
+            return f"it is cut short or not a safetensors file ({size} bytes; its header alone claims {8 + length})"
+        try:
+            with open(path, "rb") as f:
+                f.seek(8)
+                header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"its safetensors header cannot be read ({type(err).__name__})"
+        if size != 8 + length + end:
+            return f"it has {size} bytes where its safetensors header describes {8 + length + end}"
+    return None
 
 
 def _missing(name: str, url: str, dest: Path, reason: str, kept: int = 0) -> MissingFileError:
@@ -238,8 +315,8 @@ def _missing(name: str, url: str, dest: Path, reason: str, kept: int = 0) -> Mis
                "from there)" if kept else "")
     return MissingFileError(
         f"{name} is not in the cache and cannot be downloaded here ({reason}){partial}. Download {url} on a "
-        f"machine with network and put it at {dest} (e.g. `curl -L -o {dest} {url}`), or point {CACHE_ENV} at "
-        f"a folder that holds it")
+        f"machine with network and put it at {dest} (e.g. `curl -L -o {dest} {url}`), point {CACHE_ENV} at "
+        f"a folder that holds it, or set {MIRROR_ENV} to a server that has it")
 
 
 def is_hub_id(name: str) -> bool:
@@ -435,7 +512,7 @@ def _resolve_dit(ckpt: str, *, cache, offline) -> tuple[str, Path]:
         return ("diffusers", path) if isinstance(entry, HubFolder) else ("official", path)
     # A run's workdir may be in a bucket (Orbax reads it there); weight files and diffusers folders are read locally.
     bucket = storage.is_bucket(ckpt)
-    path = storage.path(ckpt) if bucket else Path(ckpt).expanduser()
+    path = storage.path(ckpt) if bucket else Path(storage.absolute(ckpt))  # Orbax reads absolute paths only
     if path.is_file() and not bucket:
         return "official", path
     if path.is_dir():
@@ -708,29 +785,36 @@ def _load_workdir(checkpoints: Path, options: dict[str, Any], *, checks: dict[st
     """The EMA weights of the newest intact step in ``checkpoints`` and the DiT of its saved config."""
     from absl import logging
 
-    from dit_jax import convert
+    from dit_jax import checkpointing, convert
 
     failures = []
+
+    def unreadable(step: int, err: Exception) -> None:
+        failures.append(f"step {step}: {checkpointing.error_line(err)}")
+        logging.warning("checkpoint %s/%d cannot be read (%s); trying the previous one", checkpoints, step, failures[-1])
+
     for step in sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), reverse=True):
         try:
             config = _saved_config(checkpoints / str(step))
-            arch = config_architecture(config)
-            info = {**_describe_arch(arch, "workdir", checkpoints), "step": step}
-            _check_against(info, arch, checks, source=f"{checkpoints} (step {step})")
-            net = _build(arch, options)
-            ema = restore_ema(checkpoints / str(step))
-        except ValueError:
-            raise
-        except Exception as err:  # any failure to read a step means it is not intact
-            failures.append(f"step {step}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
-            logging.warning("checkpoint %s/%d cannot be read (%s); trying the previous one", checkpoints, step,
-                            failures[-1])
+        except Exception as err:  # any failure to read a step: try the previous one
+            unreadable(step, err)
             continue
+        arch = config_architecture(config)
+        info = {**_describe_arch(arch, "workdir", checkpoints), "step": step}
+        _check_against(info, arch, checks, source=f"{checkpoints} (step {step})")
+        try:
+            ema = restore_ema(checkpoints / str(step))
+        except Exception as err:
+            unreadable(step, err)
+            continue
+        net = _build(arch, options)
         convert.load_checked(_param_variables(net), ema, lambda path: ".".join(map(str, path)), pytorch_layout=False,
                              header=f"the EMA parameters of {checkpoints}/{step} do not fit the DiT of its config:")
         return LoadedDiT(net, info)
-    raise FileNotFoundError(f"{checkpoints} has no intact checkpoint" + (": " + "; ".join(failures) if failures else
-                                                                           " (no step directories)"))
+    if not failures:
+        raise FileNotFoundError(f"{checkpoints} holds no checkpoint (no step directories)")
+    # The errors themselves, not a verdict: a step that cannot be read here may be intact (permissions, a mount).
+    raise FileNotFoundError(f"none of the checkpoints in {checkpoints} can be read: " + "; ".join(failures))
 
 
 def _saved_config(step_dir: Path) -> dict[str, Any]:
@@ -759,10 +843,9 @@ def restore_ema(step_dir: Path) -> dict[str, np.ndarray]:
     import orbax.checkpoint as ocp
 
     state_dir = step_dir / "state"
+    # The handler's metadata, not the checkpointer's: that one turns any read error into empty metadata.
+    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
     checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(state_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
     if "ema_params" not in tree:
         raise ValueError(f"{state_dir} is not a dit_jax train state (no ema_params)")
     item = {"ema_params": tree["ema_params"]}

@@ -35,8 +35,14 @@ def path(p: PathLike) -> epath.Path:
 
 
 def absolute(p: PathLike) -> str:
-    """``p`` as recorded in a run's settings: a local path made absolute, a URI as it is."""
-    return os.fspath(p) if is_bucket(p) else os.path.abspath(p)
+    """A path as a user typed it, resolved once where it enters (a flag, a config field, a library call).
+
+    A local path gets ``~`` expanded, is made absolute and loses a trailing slash; a URI
+    (``gs://...``) is returned as it is. Orbax and TensorStore refuse relative paths (Orbax
+    reports the refusal as a missing checkpoint), and a workdir or output recorded in a run's
+    settings must still name the same place when read from another directory.
+    """
+    return os.fspath(p) if is_bucket(p) else os.path.abspath(os.path.expanduser(os.fspath(p)))
 
 
 def write_atomic(dest: PathLike, data: str | bytes) -> None:

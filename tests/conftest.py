@@ -189,13 +189,15 @@ class FileServer(NamedTuple):
 
     ``requests`` records each request's (path, Range header); ``drop_after[path] = n`` makes
     the next request of ``path`` send ``n`` bytes of its body and then close the connection
-    (once per entry: the entry is removed when used).
+    (once per entry: the entry is removed when used). ``headers[path]`` sets response headers
+    of ``path`` (a value of None leaves the header out, e.g. ``Content-Length``).
     """
 
     url: str
     files: dict[str, bytes]
     requests: list[tuple[str, str | None]]
     drop_after: dict[str, int]
+    headers: dict[str, dict[str, str | None]]
 
 
 @pytest.fixture
@@ -206,6 +208,7 @@ def file_server():
     files: dict[str, bytes] = {}
     requests: list[tuple[str, str | None]] = []
     drop_after: dict[str, int] = {}
+    headers: dict[str, dict[str, str | None]] = {}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -223,7 +226,9 @@ def file_server():
                 self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
             else:
                 self.send_response(200)
-            self.send_header("Content-Length", str(len(body) - start))
+            for name, value in {"Content-Length": str(len(body) - start), **headers.get(self.path, {})}.items():
+                if value is not None:
+                    self.send_header(name, value)
             self.end_headers()
             cut = drop_after.pop(self.path, None)
             self.wfile.write(body[start:] if cut is None else body[start:start + cut])
@@ -237,7 +242,7 @@ def file_server():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", files, requests, drop_after)
+        yield FileServer(f"http://127.0.0.1:{server.server_address[1]}", files, requests, drop_after, headers)
     finally:
         server.shutdown()
         server.server_close()

@@ -309,6 +309,18 @@ def test_a_full_disk_is_reported_in_one_line_naming_the_step_and_the_last_commit
     assert unfinished == [f"{failed}.orbax-checkpoint-tmp"]  # kept for the next run to report
 
 
+def test_a_tensorstore_error_is_one_clean_line(tmp_path):
+    import tensorstore as ts
+
+    with pytest.raises(ValueError) as err:  # what TensorStore raises for a missing array of a step
+        ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "gone")}}).result()
+    assert "tensorstore_spec" in str(err.value)
+    line = checkpointing.error_line(err.value)
+    assert line == f'ValueError: NOT_FOUND: Error opening "zarr" driver: Metadata at local file "{tmp_path}/gone/.zarray" ' \
+        "does not exist"
+    assert checkpointing._plain_reason(str(tmp_path / "gone"), err.value) == f"a file of it is missing ({line})"
+
+
 def test_no_readable_checkpoint_is_an_error_that_keeps_them(tmp_path):
     config = tiny_config(10, checkpoint_every=10)
     train.train_and_evaluate(config, str(tmp_path))

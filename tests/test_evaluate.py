@@ -94,6 +94,19 @@ def test_the_command_reports_bad_input_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_reference_by_name_is_the_registry_file_and_offline_names_its_url(tmp_path):
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DIT_JAX_CACHE": str(tmp_path / "cache"), "DIT_JAX_OFFLINE": "1",
+           "DIT_JAX_MIRROR": "http://mirror.invalid/dit"}
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", "--reference", "VIRTUAL_imagenet256_labeled.npz",
+                           "--samples", "samples.npz"], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert "http://mirror.invalid/dit/VIRTUAL_imagenet256_labeled.npz" in line
+    assert f"put it at {tmp_path / 'cache' / 'VIRTUAL_imagenet256_labeled.npz'}" in line
+
+
 def test_the_module_defines_no_flags_at_import():
     from absl import flags
 

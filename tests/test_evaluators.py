@@ -241,6 +241,19 @@ def test_fid_is_off_without_a_reference_and_checks_its_fields(tmp_path):
     assert "evals.fid: num_samples must be >= 1" in str(err.value)
 
 
+def test_fid_fetches_a_reference_named_by_the_registry(tmp_path, fake_inception, file_server, monkeypatch):
+    from dit_jax import pretrained
+
+    file_server.files["/VIRTUAL_imagenet256_labeled.npz"] = write_reference(tmp_path / "ref.npz", n=6).read_bytes()
+    monkeypatch.setenv(pretrained.MIRROR_ENV, file_server.url)
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(pretrained.OFFLINE_ENV, raising=False)
+    evaluator = fid.Evaluator(settings(fid, reference="VIRTUAL_imagenet256_labeled.npz"), run_info(tmp_path),
+                              name="fid")
+    assert len(evaluator._reference.images) == 6
+    assert (tmp_path / "cache" / "VIRTUAL_imagenet256_labeled.npz").is_file()
+
+
 @pytest.mark.slow  # a training run with a fid entry; the fid name and field tests are the fast ones
 def test_fid_in_a_tiny_run_is_logged_under_its_settings(tmp_path, fake_inception):
     c = tiny_config()

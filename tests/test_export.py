@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,9 +100,10 @@ def test_a_workdir_exports_its_ema(tiny_workdir, tmp_path):
 @pytest.mark.slow
 def test_the_export_command(official_pt, tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "dit_jax.export", f"--ckpt={official_pt}", f"--out={out}",
-                           "--format=diffusers", "--num_heads=4"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    # Relative paths, as the README's example types them.
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.export", f"--ckpt={official_pt.name}", "--out=cli/",
+                           "--format=diffusers", "--num_heads=4"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {out} (diffusers format)" in proc.stdout
     assert json.loads((out / "config.json").read_text())["_class_name"] == "DiTTransformer2DModel"

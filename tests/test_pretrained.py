@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
 import time
+import zipfile
 
 import numpy as np
 import pytest
 
 from dit_jax import pretrained
 
-BODY = np.random.default_rng(0).integers(0, 256, 3 * pretrained.CHUNK + 12345, np.uint8).tobytes()
+
+
+def zip_of(data: bytes) -> bytes:
+    """A zip archive holding ``data`` uncompressed (the container of .pt and .npz files)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data/0", data)
+    return buffer.getvalue()
+
+
+BODY = zip_of(np.random.default_rng(0).integers(0, 256, 3 * pretrained.CHUNK + 12345, np.uint8).tobytes())
 SHA = hashlib.sha256(BODY).hexdigest()
 
 
@@ -23,6 +35,16 @@ def served(file_server, monkeypatch, tmp_path):
     file_server.files["/weights.bin"] = BODY
     monkeypatch.setitem(pretrained.REGISTRY, "weights.bin", pretrained.RemoteFile(
         file_server.url + "/weights.bin", "test weights", size=len(BODY), sha256=SHA))
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(pretrained.OFFLINE_ENV, raising=False)
+    monkeypatch.delenv(pretrained.MIRROR_ENV, raising=False)
+    return file_server
+
+
+@pytest.fixture
+def mirror(file_server, monkeypatch, tmp_path):
+    """The test server as ``DIT_JAX_MIRROR`` for the real registry names, with an empty cache."""
+    monkeypatch.setenv(pretrained.MIRROR_ENV, file_server.url + "/")
     monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(pretrained.OFFLINE_ENV, raising=False)
     return file_server
@@ -134,6 +156,71 @@ def test_an_offline_hub_folder_says_how_to_fetch_it(tmp_path):
     assert pretrained.fetch("facebook/DiT-XL-2-256", cache=tmp_path, offline=True) == dest
 
 
+PAGE = b"<!DOCTYPE html><html><body>Access denied by the proxy</body></html>"
+
+
+def test_a_mirror_serves_the_registry_under_its_names(mirror):
+    body = zip_of(b"weights")
+    mirror.files["/DiT-XL-2-256x256.pt"] = body
+    assert pretrained.url_of("DiT-XL-2-256x256.pt") == mirror.url + "/DiT-XL-2-256x256.pt"
+    assert pretrained.fetch("DiT-XL-2-256x256.pt", progress=False).read_bytes() == body
+    assert mirror.requests == [("/DiT-XL-2-256x256.pt", None)]
+    with pytest.raises(pretrained.MissingFileError) as err:  # the offline message names the mirror's URL
+        pretrained.fetch("DiT-XL-2-512x512.pt", offline=True)
+    assert f"{mirror.url}/DiT-XL-2-512x512.pt" in str(err.value)
+
+
+@pytest.mark.parametrize("headers", [{"Content-Type": "text/html; charset=utf-8"}, {"Content-Type": None}])
+def test_an_html_page_never_enters_the_cache(mirror, headers):
+    mirror.files["/DiT-XL-2-256x256.pt"] = PAGE
+    mirror.headers["/DiT-XL-2-256x256.pt"] = headers
+    for _ in range(2):  # every fetch asks again: nothing was cached
+        with pytest.raises(pretrained.DownloadError, match="HTML") as err:
+            pretrained.fetch("DiT-XL-2-256x256.pt", progress=False)
+        assert "\n" not in str(err.value)
+    assert len(mirror.requests) == 2
+    assert sorted(os.listdir(pretrained.cache_dir())) == ["DiT-XL-2-256x256.pt.lock"]
+
+
+@pytest.mark.parametrize("name, whole", [
+    ("VIRTUAL_imagenet512.npz", zip_of(b"x" * 5000)),
+    ("pt_inception-2015-12-05-6726825d.pth", zip_of(b"y" * 5000)),
+])
+def test_a_body_cut_short_without_a_length_never_enters_the_cache(mirror, name, whole):
+    mirror.files[f"/{name}"] = whole
+    mirror.headers[f"/{name}"] = {"Content-Length": None}
+    mirror.drop_after[f"/{name}"] = len(whole) - 30  # the end of the zip (its central directory) never arrives
+    with pytest.raises(pretrained.DownloadError, match="cut short") as err:
+        pretrained.fetch(name, progress=False)
+    assert "it was deleted" in str(err.value)
+    assert not (pretrained.cache_dir() / name).exists() and not (pretrained.cache_dir() / f"{name}.partial").exists()
+    assert pretrained.fetch(name, progress=False).read_bytes() == whole  # the next try gets the whole file
+
+
+def test_a_bad_file_in_the_cache_is_named_not_returned(mirror):
+    cache = pretrained.cache_dir()
+    cache.mkdir(parents=True)
+    (cache / "DiT-XL-2-256x256.pt").write_bytes(PAGE)  # what an older version kept
+    with pytest.raises(pretrained.DownloadError, match=f"{cache / 'DiT-XL-2-256x256.pt'} in the cache is not "
+                       "DiT-XL-2-256x256.pt: it is an HTML or XML page.*Delete it"):
+        pretrained.fetch("DiT-XL-2-256x256.pt")
+    assert mirror.requests == []
+
+
+def test_format_problems(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.arange(6, dtype=np.float32)}, tmp_path / "w.safetensors")
+    whole = (tmp_path / "w.safetensors").read_bytes()
+    assert pretrained.format_problem(tmp_path / "w.safetensors", "w.safetensors") is None
+    (tmp_path / "w.safetensors").write_bytes(whole[:-4])
+    assert "describes" in pretrained.format_problem(tmp_path / "w.safetensors", "w.safetensors")
+    (tmp_path / "legacy.pt").write_bytes(b"\x80\x02\x8a\x0alegacy torch pickle")
+    assert pretrained.format_problem(tmp_path / "legacy.pt", "DiT-XL-2-256x256.pt") is None
+    (tmp_path / "junk.npz").write_bytes(b"\x00" * 100)
+    assert "not a zip archive" in pretrained.format_problem(tmp_path / "junk.npz", "VIRTUAL_imagenet512.npz")
+
+
 # ---------------------------------------------------------------- load_dit
 
 import jax  # noqa: E402
@@ -222,6 +309,38 @@ def test_a_corrupt_newest_step_falls_back_to_the_previous_one(tiny_workdir, tmp_
     loaded = pretrained.load_dit(str(workdir / "checkpoints"))
     assert loaded.info["step"] == 2
     assert (workdir / "checkpoints" / "3").exists()  # reading never moves or deletes anything
+
+
+@pytest.mark.parametrize("typed", ["{name}", "{name}/", "./{name}/checkpoints", "~/{name}"])
+def test_a_workdir_loads_by_any_path_a_user_types(tiny_workdir, monkeypatch, typed):
+    # Orbax refuses relative paths (and its checkpointer reported that as a missing checkpoint).
+    monkeypatch.chdir(tiny_workdir.parent)
+    monkeypatch.setenv("HOME", str(tiny_workdir.parent))
+    loaded = pretrained.load_dit(typed.format(name=tiny_workdir.name))
+    assert loaded.info["step"] == 3 and loaded.info["path"] == str(tiny_workdir / "checkpoints")
+
+
+def test_init_from_a_relative_workdir(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir.parent)
+    _, _, fresh = train.create_train_state(tiny_run_config())
+    _, report = pretrained.init_train_state_from(tiny_workdir.name, fresh, num_classes=4)
+    assert report["not_loaded"] == [] and len(report["loaded"]) == len(nnx.to_flat_state(fresh.params))
+
+
+def test_unreadable_steps_are_reported_with_their_errors_in_one_line(tiny_workdir, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_workdir, workdir)
+    for f in (workdir / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # the array data files of every step
+            f.write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as err:
+        pretrained.load_dit(str(workdir))
+    message = str(err.value)
+    assert message.startswith(f"none of the checkpoints in {workdir / 'checkpoints'} can be read: step 3: ValueError: ")
+    assert "; step 2: ValueError: " in message and "is not valid for value of size 0" in message
+    assert "\n" not in message and "tensorstore_spec" not in message and "intact" not in message
 
 
 def diffusers_forward(model, x_nhwc: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:

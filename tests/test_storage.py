@@ -35,6 +35,17 @@ def names(folder: epath.Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+def test_a_typed_path_resolves_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert storage.absolute("runs/x") == str(tmp_path / "runs" / "x")
+    assert storage.absolute("runs/x/") == str(tmp_path / "runs" / "x")
+    assert storage.absolute("~/runs/x") == str(tmp_path / "home" / "runs" / "x")
+    assert storage.absolute(tmp_path / "a" / ".." / "b") == str(tmp_path / "b")
+    for uri in ("gs://bucket/runs/x", "gs://bucket/runs/x/", "s3://b/~/x"):
+        assert storage.absolute(uri) == uri  # a bucket path passes through unchanged
+
+
 def test_atomic_writes_and_the_lock_on_gs(gcs):
     run = fresh(gcs, "run")
     storage.write_atomic(run / "a.json", '{"x": 1}')

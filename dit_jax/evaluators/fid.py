@@ -10,7 +10,8 @@ The metric names carry the settings: ``fid10k_cfg1.5``, ``sfid10k_cfg1.5``, ``is
 ``precision10k_cfg1.5``, ``recall10k_cfg1.5`` (with e.g. ``_ddim50`` when the chain is not the paper's DDPM-250).
 
 Off while ``reference`` is "" (the paper configs name no file: pass
-``--config.evals.fid.reference=PATH``).
+``--config.evals.fid.reference=PATH``, or ADM's batch by name, e.g. ``VIRTUAL_imagenet256_labeled.npz``,
+fetched into the download cache when the run starts).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dit_jax import evaluate, sample
+from dit_jax import evaluate, pretrained, sample
 from dit_jax.evaluators import common, inception, metrics
 
 DEFAULTS = dict(
@@ -28,7 +29,7 @@ DEFAULTS = dict(
     cfg_scale=1.5,          # the paper's FID guidance (1.0 = unguided)
     sampler="ddpm",
     respacing="250",        # the paper's 250 DDPM steps
-    reference="",           # the reference batch (.npz); "" = this evaluator is off
+    reference="",           # the reference batch (.npz path or ADM's registry name); "" = this evaluator is off
     inception_weights="",   # the FID InceptionV3 weights (.pth/.safetensors); "" = the registry's, fetched
     vae="",                 # latent runs: "" = the VAE named in the latents' metadata.json
     per_device_batch=32,    # samples per device per engine call
@@ -65,7 +66,8 @@ class Evaluator:
         name = common.vae_name(run, settings.vae)
         self.vae = common.load_vae(name) if name else None
         try:
-            self._reference = evaluate.open_reference(settings.reference)  # checked now: a bad file is named now
+            # Checked now (a bad file is named now); a registry name is fetched now.
+            self._reference = evaluate.open_reference(pretrained.locate(settings.reference, evaluate.REFERENCE_NAMES))
         except evaluate.BadBatch as err:
             raise ValueError(f"reference: {err}") from err
         self.features = inception.create_feature_fn(inception.create_inception(settings.inception_weights or None))

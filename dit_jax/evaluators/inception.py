@@ -364,7 +364,7 @@ def read_inception_weights(weights: str | os.PathLike | None = None) -> tuple[di
     from dit_jax import pretrained
 
     name = DEFAULT_WEIGHTS if weights is None else os.fspath(weights)
-    path = pretrained.fetch(name) if name in WEIGHT_NAMES and not os.path.exists(name) else name
+    path = pretrained.locate(name, WEIGHT_NAMES)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path} do not exist; pass the .pth of pytorch-fid or "
                                 f"torch-fidelity (or its .safetensors conversion), or a registry name "
