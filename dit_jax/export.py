@@ -12,9 +12,11 @@ written without PyTorch, for ``DiTTransformer2DModel.from_pretrained(folder)``.
 
 diffusers' DiT is not numerically the official one: it embeds timesteps with frequencies
 exp(-ln(1e4) i / 127) (``downscale_freq_shift=1``) where the official DiT uses i / 128, and its
-hub configs leave LayerNorm's epsilon at 1e-5 (the official 1e-6 is written here). The same
-weights therefore compute slightly different outputs there, as the released
-``facebook/DiT-XL-2-256`` does.
+hub configs leave LayerNorm's epsilon at 1e-5 (the official 1e-6 is written here). The shift
+is fixed in diffusers' code (``CombinedTimestepLabelEmbeddings``; ``DiTTransformer2DModel``'s
+config has no field for it), so no exported config can change it: the export warns, and
+``use_official_timesteps(model)`` after ``from_pretrained`` makes diffusers compute the
+official forward (as the released ``facebook/DiT-XL-2-256`` needs too).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from dit_jax import convert, pretrained, storage
 
@@ -67,7 +70,18 @@ def export_diffusers(loaded: pretrained.LoadedDiT, folder: str | os.PathLike) ->
     folder.mkdir(parents=True, exist_ok=True)
     _atomic(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _atomic(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    logging.warning("%s: diffusers' DiTTransformer2DModel embeds timesteps with downscale_freq_shift=1 (the official "
+                    "DiT: 0; no config field sets it), so its output differs from this model's; after from_pretrained "
+                    "call dit_jax.export.use_official_timesteps(model) (docs/weights.md#export)", folder)
     return folder
+
+
+def use_official_timesteps(model: Any) -> Any:
+    """Make a diffusers ``DiTTransformer2DModel`` embed timesteps as the official DiT does (frequencies
+    exp(-ln(1e4) i / 128): ``downscale_freq_shift=0`` in every block's copy of the embedder); returns it."""
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return model
 
 
 def export(ckpt: str, out: str | os.PathLike, *, format: str = "official", **load_options) -> Path:

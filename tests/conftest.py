@@ -342,13 +342,6 @@ def tiny_torch_dit(seed: int = 0, *, shared_embedders: bool = True):
     return model.eval()
 
 
-def official_timesteps(model) -> None:
-    """Make a diffusers DiT embed timesteps as the official DiT does (frequencies exp(-ln(1e4) i / 128),
-    diffusers' ``downscale_freq_shift=0``; diffusers' DiT uses 1: exp(-ln(1e4) i / 127))."""
-    for block in model.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
-
-
 @pytest.fixture(scope="session")
 def tiny_latents_dir(image_tree, tiny_vae_dir, tmp_path_factory) -> Path:
     """``image_tree`` (3 classes) encoded at 16x16 by the tiny VAE into 8x8x4 latents; the metadata names the VAE's folder."""

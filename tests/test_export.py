@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from dit_jax import export, parity, pretrained
-from tests.conftest import official_state, official_timesteps, save_torch, tiny_torch_dit
+from tests.conftest import official_state, save_torch, tiny_torch_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,22 +54,29 @@ def test_official_export_without_torch_says_so_and_safetensors_needs_none(offici
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
 
-def test_diffusers_export_loads_in_diffusers_and_computes_our_forward(official_pt, tmp_path):
+def test_diffusers_export_loads_in_diffusers_and_computes_our_forward(official_pt, tmp_path, caplog):
     import torch
     from diffusers import DiTTransformer2DModel
 
     loaded = pretrained.load_dit(str(official_pt), num_heads=4)
-    folder = export.export_diffusers(loaded, tmp_path / "dit")
+    with caplog.at_level(logging.WARNING):
+        folder = export.export_diffusers(loaded, tmp_path / "dit")
+    [warning] = [r.getMessage() for r in caplog.records if "downscale_freq_shift" in r.getMessage()]
+    assert "\n" not in warning and "use_official_timesteps" in warning
     theirs = DiTTransformer2DModel.from_pretrained(folder).eval()
-    official_timesteps(theirs)  # see export's docstring: diffusers' own frequencies differ from the official ones
     rng = np.random.default_rng(1)
     x = rng.standard_normal((4, 8, 8, 4)).astype(np.float32)
     t, y = np.array([1, 50, 400, 999]), np.array([2, 0, 9, 10])
-    with torch.no_grad():
-        out = theirs(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()), timestep=torch.from_numpy(t),
-                     class_labels=torch.from_numpy(y)).sample.numpy()
+
+    def forward() -> np.ndarray:
+        with torch.no_grad():
+            return theirs(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)).copy()), timestep=torch.from_numpy(t),
+                          class_labels=torch.from_numpy(y)).sample.numpy()
+
     ours = np.transpose(np.asarray(loaded.model(x, t, y)), (0, 3, 1, 2))
-    assert parity.relative_error(ours, out) < 1e-4
+    assert parity.relative_error(ours, forward()) > 1e-3  # diffusers' own frequencies: another function
+    assert export.use_official_timesteps(theirs) is theirs
+    assert parity.relative_error(ours, forward()) < 1e-4
 
 
 def test_diffusers_round_trip_is_exact(tmp_path):

@@ -226,8 +226,8 @@ def test_format_problems(tmp_path):
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dit_jax import parity, train  # noqa: E402
-from tests.conftest import official_state, official_timesteps, save_torch, tiny_run_config, tiny_torch_dit  # noqa: E402,E501
+from dit_jax import export, parity, train  # noqa: E402
+from tests.conftest import official_state, save_torch, tiny_run_config, tiny_torch_dit  # noqa: E402
 
 
 def reference_forward_error(model, reference) -> float:
@@ -365,7 +365,7 @@ def test_load_a_diffusers_folder_without_torch_and_match_its_forward(tmp_path, m
     t, y = np.array([0, 10, 500, 999]), np.array([0, 3, 9, 10])
     ours = np.asarray(loaded.model(x, t, y))
     theirs_default = diffusers_forward(torch_model, x, t, y)
-    official_timesteps(torch_model)
+    export.use_official_timesteps(torch_model)
     theirs = diffusers_forward(torch_model, x, t, y)
     assert parity.relative_error(ours, theirs) < 1e-4
     # diffusers' own timestep frequencies (downscale_freq_shift=1) compute another function.
