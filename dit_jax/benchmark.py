@@ -46,7 +46,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import flops, input_pipeline, latents, sample, sharding, torch_reference, train
+from dit_jax import compilation_cache, flops, input_pipeline, latents, sample, sharding, torch_reference, train
 from dit_jax.timing import summary, timed
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, count_params
 from dit_jax.recipes import paper_config
@@ -105,6 +105,7 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     step_fn = train.make_train_step(config, graphdef, fixed, diffusion, mesh, state)
     lowered = step_fn.lower(state, batch)
     phase("trace")
+    hits = compilation_cache.hits()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the CPU count runs while XLA compiles
         lowered_count = pool.submit(train.step_flops, config, graphdef, fixed, diffusion, state) if count_flops else None
         compiled = lowered.compile()
@@ -127,7 +128,8 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
               "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
               "remat": config.remat, "attention": config.attention, "scan_blocks": bool(config.model.scan_blocks),
               "batch": config.train.batch_size, "steps": steps, **summary(seconds, config.train.batch_size),
-              "peak_memory_bytes": peak_memory_bytes(), "startup": startup,
+              "peak_memory_bytes": peak_memory_bytes(), "startup": startup, "compilation_cache": {
+                  "dir": jax.config.jax_compilation_cache_dir, "warm": compilation_cache.hits() > hits},
               "train_flops_per_image": None if flops_per_step is None else flops_per_step / config.train.batch_size,
               "flops_source": flop_counts.get("source"), "compiled_flops_per_image":
               None if flop_counts.get("compiled") is None else flop_counts["compiled"] / config.train.batch_size}
@@ -369,7 +371,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"{t['achieved_tflops_per_sec']:.3f} TFLOP/s; MFU {_percent(t['mfu'])}",
         f"peak device memory: {format_bytes(t['peak_memory_bytes'])}; remat {t['remat']}, attention {t['attention']}"
         f"{', scanned blocks' if t['scan_blocks'] else ''}",
-        format_startup(t["startup"]),
+        format_startup(t["startup"]) + f"; compilation cache {t['compilation_cache']['dir'] or 'off'}, "
+        f"{'warm (the step was read from it)' if t['compilation_cache']['warm'] else 'cold'}",
     ]
     if "torch_train" in result:
         p, ratio = result["torch_train"], result["torch_over_jax_step_time"]
@@ -427,6 +430,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool("torch_compile", False, "With --torch: torch.compile the PyTorch model (inductor).")
     flags.DEFINE_string("profile_dir", None, "Also trace 3 train steps with jax.profiler into this folder.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
+    compilation_cache.define_flag()
     flags.DEFINE_bool("sample_torch", False, "Instead: guided sampling of one --batch (--sample_steps, --cfg_scale), "
                       "PyTorch (the official eager loop on diffusers' DiT) then ours, --sample_repeats timed runs each.")
     flags.DEFINE_integer("sample_repeats", 3, "Timed sampling runs per side with --sample_torch (the median counts).")
@@ -442,6 +446,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    compilation_cache.enable(f.compilation_cache)
     if f.sample_steps < 0:
         raise app.UsageError(f"--sample_steps must be >= 0, got {f.sample_steps}")
     if f.inception:

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dit_jax import pretrained, storage
+from dit_jax import compilation_cache, pretrained, storage
 from dit_jax.evaluators import inception, metrics
 
 FIGURES = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
@@ -222,6 +222,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", None, "global Inception batch (default 32 per device)")
     flags.DEFINE_bool("pr_float32", False, "precision/recall distances in float32 instead of ADM's float16")
     flags.DEFINE_string("save_safetensors", None, "convert --inception_weights to this .safetensors file and exit")
+    compilation_cache.define_flag()
 
 
 def main(argv: list[str]) -> None:
@@ -231,6 +232,7 @@ def main(argv: list[str]) -> None:
 
     del argv
     f = flags.FLAGS
+    compilation_cache.enable(f.compilation_cache)
     sharding.initialize_distributed()
     try:
         if f.save_safetensors:

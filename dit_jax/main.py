@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpointing, locking, sharding, storage, train
+from dit_jax import checkpointing, compilation_cache, locking, sharding, storage, train
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +29,7 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
     # Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
     sharding.define_distributed_flags()
+    compilation_cache.define_flag()
 
 
 # Errors that are the user's to fix (status 2) and failures of the run itself (status 1): one line each.
@@ -74,6 +75,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = load_config()
+    compilation_cache.enable(FLAGS.compilation_cache)
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.info("config:\n%s", config)
     try:

@@ -43,7 +43,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import diffusion as gd, sharding, storage
+from dit_jax import compilation_cache, diffusion as gd, sharding, storage
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
@@ -637,6 +637,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS), "DiT attention kernel: auto (cuDNN's "
                       "fused attention on NVIDIA GPUs in bfloat16, else XLA's), xla or cudnn.")
     sharding.define_distributed_flags()
+    compilation_cache.define_flag()
     flags.mark_flag_as_required("ckpt")
 
 
@@ -651,6 +652,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    compilation_cache.enable(f.compilation_cache)
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
         path = run(**{name: f[name].value for name in _RUN_FLAGS})
