@@ -37,6 +37,7 @@ import concurrent.futures
 import json
 import os
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -206,61 +207,89 @@ def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_s
 
 
 def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
-                         repeats: int) -> dict[str, Any]:
-    """The same guided chain with ``python -m dit_jax.sample``'s engine (no VAE), over all devices.
+                         repeats: int, decode: bool = False) -> dict[str, Any]:
+    """The same guided chain with ``python -m dit_jax.sample``'s engine over all devices, ``train.batch_size``
+    images in all; with ``decode`` the program ends with the SD-VAE decode to pixels, as in sampling
+    (``vae.AutoencoderKL`` randomly initialised: the speed does not depend on the weights).
 
     One program per block (``sample.create_image_sampler``, the whole chain one ``lax.scan``);
     the first call compiles and is not timed, then ``repeats`` timed calls of one batch.
     """
+    from dit_jax import vae
+
     n, devices = config.train.batch_size, jax.device_count()
     if n % devices:
         raise ValueError(f"--batch {n} must be divisible by the {devices} devices")
     model = train.build_model(config, rngs=nnx.Rngs(config.seed))
     diffusion = train.build_diffusion(config, str(num_steps))
+    decoder = vae.AutoencoderKL(vae.VAEConfig(), rngs=nnx.Rngs(0)) if decode else None
     engine = sample.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,
-                                         mesh=sharding.create_mesh({"data": -1}))
+                                         mesh=sharding.create_mesh({"data": -1}), vae=decoder)
     labels = np.arange(n, dtype=np.int32) % config.model.num_classes
     seconds = timed(lambda: engine.dispatch(config.seed, 0, labels), repeats, 1)
     return {"num_params": count_params(model), "device_kind": jax.devices()[0].device_kind, "num_devices": devices,
-            "images": n, "seconds": seconds, "seconds_median": statistics.median(seconds),
+            "vae_decode": decode, "images": n, "seconds": seconds, "seconds_median": statistics.median(seconds),
             "images_per_sec": n / statistics.median(seconds)}
 
 
-def sample_side_by_side(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
-                        repeats: int) -> dict[str, Any]:
-    """Guided sampling of one batch, PyTorch (official-style eager loop, diffusers' DiT) first, then ours.
+def _hours_per_50k(side: dict[str, Any]) -> float:
+    return 50_000 / side["images_per_sec"] / 3600
 
-    Returns both sides and the ratio of their median chain times (PyTorch / JAX: > 1 = ours faster).
+
+def sample_side_by_side(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float, repeats: int,
+                        per_device_batches: Sequence[int] = (), decode: bool = True) -> dict[str, Any]:
+    """Guided sampling, PyTorch (official-style eager loop, diffusers' DiT) first, then ours, one row per
+    per-device batch (default: ``train.batch_size`` over the devices), each chain with the VAE decode.
+
+    PyTorch runs on one device with the per-device batch, in ``config.dtype`` (bfloat16: autocast)
+    and in float32 with TF32 (``torch_tf32``, the official ``sample_ddp.py``'s settings); ours over
+    all devices. Each side gets images/s and hours per 50K samples; ``torch_over_jax_sample_time``
+    compares per-device images/s (PyTorch's / ours: > 1 = ours faster).
     """
+    devices = jax.device_count()
+    per_device_batches = list(per_device_batches) or [config.train.batch_size // devices]
+    if min(per_device_batches) < 1:
+        raise ValueError(f"per-device batches must be >= 1, got {per_device_batches}")
     result: dict[str, Any] = {"model": config.model.name or "custom", "latent_size": config.model.input_size,
                               "dtype": config.dtype, "sample_steps": num_steps, "cfg_scale": cfg_scale,
-                              "repeats": repeats, "load_average": os.getloadavg()}
-    result["torch_sample"] = torch_reference.torch_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
-    result["jax_sample"] = jax_sample_benchmark(config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats)
-    result["torch_over_jax_sample_time"] = (result["torch_sample"]["seconds_median"]
-                                            / result["jax_sample"]["seconds_median"])
+                              "repeats": repeats, "vae_decode": decode, "load_average": os.getloadavg(), "rows": []}
+    for per_device in per_device_batches:
+        row_config = config.copy_and_resolve_references()
+        row_config.train.batch_size = per_device
+        row: dict[str, Any] = {"per_device_batch": per_device}
+        for name, tf32 in (("torch", False), ("torch_tf32", True)):
+            row[name] = torch_reference.torch_sample_benchmark(row_config, num_steps=num_steps, cfg_scale=cfg_scale,
+                                                               repeats=repeats, tf32=tf32, decode=decode)
+        row_config.train.batch_size = per_device * devices
+        row["jax"] = jax_sample_benchmark(row_config, num_steps=num_steps, cfg_scale=cfg_scale, repeats=repeats,
+                                          decode=decode)
+        for side in ("torch", "torch_tf32", "jax"):
+            row[side]["hours_per_50k"] = _hours_per_50k(row[side])
+        row["torch_over_jax_sample_time"] = {side: row["jax"]["images_per_sec"] / devices / row[side]["images_per_sec"]
+                                             for side in ("torch", "torch_tf32")}
+        result["rows"].append(row)
     result["load_average_after"] = os.getloadavg()
     return result
 
 
 def format_sample_report(result: dict[str, Any]) -> str:
-    """The ``sample_side_by_side`` result as readable lines."""
-    p, j = result["torch_sample"], result["jax_sample"]
-
-    def runs(side: dict[str, Any]) -> str:
-        return ", ".join(f"{s:.2f}" for s in side["seconds"])
-
-    return "\n".join([
-        f"guided sampling, {result['model']}, {result['latent_size']}x{result['latent_size']} latents, batch "
-        f"{j['images']}, {result['sample_steps']} DDPM steps, cfg {result['cfg_scale']}, {result['dtype']}; "
-        f"load average {', '.join(f'{v:.1f}' for v in result['load_average'])} before, "
-        f"{', '.join(f'{v:.1f}' for v in result['load_average_after'])} after",
-        f"PyTorch (diffusers DiT, official eager loop, {p['device']}, {p['threads']} threads): {runs(p)} s; "
-        f"median {p['seconds_median']:.2f} s, {p['images_per_sec']:.2f} images/s",
-        f"dit_jax ({j['num_devices']} x {j['device_kind']}): {runs(j)} s; median {j['seconds_median']:.2f} s, "
-        f"{j['images_per_sec']:.2f} images/s",
-        f"PyTorch / JAX sampling time (medians of {result['repeats']}): {result['torch_over_jax_sample_time']:.2f}",
-    ])
+    """The ``sample_side_by_side`` result as readable lines: one per side and per-device batch."""
+    lines = [f"guided sampling, {result['model']}, {result['latent_size']}x{result['latent_size']} latents, "
+             f"{result['sample_steps']} DDPM steps, cfg {result['cfg_scale']}, {result['dtype']}, "
+             f"{'with' if result['vae_decode'] else 'without'} the VAE decode, medians of {result['repeats']}; load "
+             f"average {', '.join(f'{v:.1f}' for v in result['load_average'])} before, "
+             f"{', '.join(f'{v:.1f}' for v in result['load_average_after'])} after"]
+    for row in result["rows"]:
+        j = row["jax"]
+        for side in ("torch", "torch_tf32"):
+            p = row[side]
+            lines.append(f"per-device batch {row['per_device_batch']}: PyTorch ({p['precision']}, diffusers DiT, "
+                         f"official eager loop, {p['device']}, {p['threads']} threads): {p['images_per_sec']:.2f} "
+                         f"images/s, {p['hours_per_50k']:.2f} h per 50K; PyTorch / JAX sampling time "
+                         f"{row['torch_over_jax_sample_time'][side]:.2f}")
+        lines.append(f"per-device batch {row['per_device_batch']}: dit_jax ({j['num_devices']} x {j['device_kind']}): "
+                     f"{j['images_per_sec']:.2f} images/s, {j['hours_per_50k']:.2f} h per 50K")
+    return "\n".join(lines)
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, sample_steps: int, cfg_scale: float,
@@ -434,6 +463,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("sample_torch", False, "Instead: guided sampling of one --batch (--sample_steps, --cfg_scale), "
                       "PyTorch (the official eager loop on diffusers' DiT) then ours, --sample_repeats timed runs each.")
     flags.DEFINE_integer("sample_repeats", 3, "Timed sampling runs per side with --sample_torch (the median counts).")
+    flags.DEFINE_list("sample_batches", [], "With --sample_torch: per-device batches, one row each (e.g. 64,128,256); "
+                      "default --batch over the devices.")
     flags.DEFINE_bool("inception", False, "Instead: time the evaluator's feature extractor (dit_jax.evaluate's "
                       "resize + InceptionV3) on --batch random --image_size images, --steps batches after --warmup.")
     flags.DEFINE_string("inception_weights", None, "With --inception: the FID InceptionV3 weights (default: random "
@@ -471,7 +502,10 @@ def main(argv: list[str]) -> None:
     if f.sample_torch:
         if f.sample_steps < 1:
             raise app.UsageError("--sample_torch needs --sample_steps >= 1")
-        result = sample_side_by_side(config, num_steps=f.sample_steps, cfg_scale=f.cfg_scale, repeats=f.sample_repeats)
+        if not all(b.isdigit() for b in f.sample_batches):
+            raise app.UsageError(f"--sample_batches are per-device batch sizes, got {f.sample_batches}")
+        result = sample_side_by_side(config, num_steps=f.sample_steps, cfg_scale=f.cfg_scale, repeats=f.sample_repeats,
+                                     per_device_batches=[int(b) for b in f.sample_batches])
         print(json.dumps(result, indent=1) if f.json else format_sample_report(result))
         return
     result = run(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps, cfg_scale=f.cfg_scale,

@@ -125,15 +125,33 @@ def _diffusers_dit(config: ml_collections.ConfigDict, device: Any) -> Any:
         num_embeds_ada_norm=m.num_classes, norm_eps=1e-6).to(device)
 
 
+def _sd_vae(device: Any) -> Any:
+    """diffusers' ``AutoencoderKL`` shaped as Stable Diffusion's VAE (``vae.VAEConfig``'s defaults), randomly
+    initialised: its decode time does not depend on the weights."""
+    from diffusers import AutoencoderKL
+
+    from dit_jax.vae import VAEConfig
+
+    v = VAEConfig()
+    blocks = len(v.block_out_channels)
+    return AutoencoderKL(in_channels=v.in_channels, out_channels=v.out_channels, latent_channels=v.latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                         block_out_channels=v.block_out_channels, layers_per_block=v.layers_per_block,
+                         norm_num_groups=v.norm_num_groups, scaling_factor=v.scaling_factor).to(device).eval()
+
+
 def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_scale: float,
-                           repeats: int) -> dict[str, Any]:
+                           repeats: int, tf32: bool = False, decode: bool = False) -> dict[str, Any]:
     """Guided DDPM sampling of ``train.batch_size`` latents in PyTorch, as the official ``sample.py`` runs it.
 
     Eager, under ``torch.no_grad``: the batch doubled (conditional half, null label 1000 half, the
     same latents), diffusers' DiT on the doubled batch, guidance on the first 3 eps channels
     (``forward_with_cfg``), then the learned-range ``p_sample`` step with fresh noise, for each
     of the ``num_steps`` respaced steps. Untimed: one warm-up model call; then ``repeats``
-    timed chains. bfloat16 runs the model under ``torch.autocast``.
+    timed chains. bfloat16 runs the model under ``torch.autocast``; ``tf32`` instead runs it in
+    float32 with TF32 matmuls and convolutions allowed (the official ``sample_ddp.py``'s settings; on
+    a CPU plain float32). With ``decode`` each chain ends with the SD-VAE decode of its latents to
+    pixels (``_sd_vae``, in float32 or TF32), timed with it.
     """
     import torch  # only this benchmark needs PyTorch
 
@@ -146,6 +164,9 @@ def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int,
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(config.seed)
     model = _diffusers_dit(config, device).eval()
+    vae = _sd_vae(device) if decode else None
+    allowed = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     betas, kept = gd.respaced_betas(str(num_steps), noise_schedule=config.diffusion.noise_schedule,
                                     diffusion_steps=config.diffusion.steps)
     host_tables = gd.chain_tables(betas)  # NumPy: JAX must not start before PyTorch is done (GPU memory)
@@ -155,7 +176,7 @@ def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int,
     timesteps = torch.tensor(kept, device=device)
     c = m.in_channels
     y = torch.cat([torch.arange(n, device=device) % m.num_classes, torch.full((n,), m.num_classes, device=device)])
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16" and not tf32)
 
     def forward_with_cfg(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         half = x[: len(x) // 2]
@@ -179,6 +200,8 @@ def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int,
             pred_x0 = at["sqrt_recip_alphas_cumprod"] * x - at["sqrt_recipm1_alphas_cumprod"] * eps
             mean = at["posterior_mean_coef1"] * pred_x0 + at["posterior_mean_coef2"] * x
             x = mean + (i != 0) * torch.exp(0.5 * log_var) * torch.randn_like(x)
+        if vae is not None:
+            x = vae.decode(x[:n] / vae.config.scaling_factor).sample
         if device.type == "cuda":
             torch.cuda.synchronize()
         return x[:n]
@@ -190,10 +213,12 @@ def torch_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int,
             start = time.perf_counter()
             chain(num_steps)
             seconds.append(time.perf_counter() - start)
-    result = {"num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = allowed
+    result = {"precision": "float32+tf32" if tf32 else "bfloat16 autocast" if autocast["enabled"] else "float32",
+              "vae_decode": decode, "num_params": sum(p.numel() for p in model.parameters()), "device": str(device),
               "threads": torch.get_num_threads(), "images": n, "seconds": seconds,
               "seconds_median": statistics.median(seconds), "images_per_sec": n / statistics.median(seconds)}
-    del model, tables
+    del model, vae, tables
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

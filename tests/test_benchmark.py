@@ -219,13 +219,32 @@ def test_benchmark_and_sampling_import_without_tensorflow():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_sampling_side_by_side_times_both_chains():
-    result = benchmark.sample_side_by_side(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=2)
-    p, j = result["torch_sample"], result["jax_sample"]
-    assert p["device"] == "cpu" and p["images"] == j["images"] == BATCH and len(p["seconds"]) == len(j["seconds"]) == 2
-    assert j["num_devices"] == 8 and min(p["seconds"] + j["seconds"]) > 0
-    assert result["torch_over_jax_sample_time"] == pytest.approx(p["seconds_median"] / j["seconds_median"])
-    assert "PyTorch / JAX sampling time (medians of 2)" in benchmark.format_sample_report(result)
+def test_sampling_side_by_side_times_both_chains_per_device_batch():
+    result = benchmark.sample_side_by_side(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=2,
+                                           per_device_batches=[1, 2], decode=False)
+    assert [row["per_device_batch"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        p, f, j = row["torch"], row["torch_tf32"], row["jax"]
+        assert p["device"] == "cpu" and p["images"] == f["images"] == row["per_device_batch"]
+        assert j["images"] == 8 * row["per_device_batch"] and j["num_devices"] == 8
+        assert p["precision"] == "float32" and f["precision"] == "float32+tf32"
+        assert len(p["seconds"]) == len(j["seconds"]) == 2 and min(p["seconds"] + j["seconds"]) > 0
+        assert j["hours_per_50k"] == pytest.approx(50_000 / j["images_per_sec"] / 3600)
+        assert row["torch_over_jax_sample_time"]["torch_tf32"] == pytest.approx(
+            j["images_per_sec"] / 8 / f["images_per_sec"])
+    report = benchmark.format_sample_report(result)
+    assert report.count("h per 50K") == 6 and "without the VAE decode" in report
     assert json.loads(json.dumps(result)) == json.loads(json.dumps(result, default=str))
     with pytest.raises(ValueError, match="repeats"):
         torch_reference.torch_sample_benchmark(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=0)
+
+
+@pytest.mark.slow  # compiles the SD-VAE decoder for 8 devices; the sibling above runs without it
+def test_sampling_side_by_side_decodes_with_the_vae_on_both_sides():
+    config = tiny_config()
+    config.dtype = "bfloat16"
+    (row,) = benchmark.sample_side_by_side(config, num_steps=2, cfg_scale=4.0, repeats=1,
+                                           per_device_batches=[1])["rows"]
+    assert row["torch"]["precision"] == "bfloat16 autocast" and row["torch_tf32"]["precision"] == "float32+tf32"
+    assert row["torch"]["vae_decode"] and row["torch_tf32"]["vae_decode"] and row["jax"]["vae_decode"]
+    assert min(row[side]["images_per_sec"] for side in ("torch", "torch_tf32", "jax")) > 0
