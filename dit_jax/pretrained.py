@@ -607,7 +607,8 @@ def official_architecture(state_dict: dict[str, np.ndarray], *, source: str, mod
         paper = [size for size, a in SIZES.items() if (a["hidden_size"], a["depth"]) == (hidden, depth)]
         if not paper:
             raise ValueError(f"{source} is a DiT of width {hidden} and depth {depth}, not a paper model: its number "
-                             "of attention heads is not in the file; pass the model name or num_heads")
+                             "of attention heads is not in the file; give it with --num_heads N (sample, export; "
+                             "num_heads= in load_dit)")
         arch["num_heads"] = SIZES[paper[0]]["num_heads"]
     return arch
 
@@ -886,15 +887,42 @@ def init_from_problems(value: str) -> list[str]:
             f"({', '.join(n for n in REGISTRY if 'DiT' in n)}) nor a hub id"]
 
 
-def init_train_state_from(ckpt: str, state: Any, *, num_classes: int,
-                          num_heads: int | None = None) -> tuple[Any, dict[str, list[str]]]:
+# The architecture fields a fine-tune must share with its checkpoint (``model.*``; the paper sizes are ``model.name``).
+SIZE_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
+SHARED_FIELDS = (*SIZE_FIELDS, "in_channels", "mlp_ratio", "learn_sigma", "block_type")
+
+
+def architecture_settings(ckpt: str, info: dict[str, Any], run: dict[str, Any], *,
+                          heads_known: bool = True) -> str | None:
+    """One line naming the ``model.*`` fields to set for the run ``run`` (``DiT`` keyword arguments) to
+    fine-tune the checkpoint described by ``info`` (``LoadedDiT.info``); None when they already agree.
+    ``heads_known``: False when the checkpoint's heads were not in the file (the run's stood in)."""
+    theirs = info["architecture"]
+    differ = [k for k in SHARED_FIELDS if theirs[k] != run[k] and (heads_known or k != "num_heads")]
+    if not differ:
+        return None
+    settings = []
+    if any(k in SIZE_FIELDS for k in differ):  # a paper model by its name, any other by its sizes
+        settings = [f"model.name={info['model']}"] if info["model"] else ["model.name=''"] + [
+            f"model.{k}={theirs[k]}" for k in SIZE_FIELDS if heads_known or k != "num_heads"]
+    settings += [f"model.{k}={theirs[k]}" for k in differ if k not in SIZE_FIELDS]
+    heads = "" if heads_known else " and model.num_heads to the checkpoint's (its file does not record heads)"
+    return (f"train.init_from={ckpt!r} is {info['model'] or 'a custom DiT'} ("
+            + ", ".join(f"{k} {theirs[k]}" for k in differ) + "), this run's model has "
+            + ", ".join(f"{k} {run[k]}" for k in differ) + ": to fine-tune it set "
+            + " ".join(f"--config.{s}" for s in settings) + heads
+            + " (the resolution and the class count may differ)")
+
+
+def init_train_state_from(ckpt: str, state: Any, *, architecture: dict[str, Any]) -> tuple[Any, dict[str, list[str]]]:
     """A fresh train state with the weights of ``ckpt`` (any ``load_dit`` form) in its params and EMA.
 
-    ``state`` is a new run's initial state (its optimiser state stays fresh). The checkpoint may be
-    at another resolution (the position table is fixed and recomputed by the new model; every
-    parameter still fits) or have another class count (the label table keeps its fresh
-    initialisation); any other misfit is an error listing them all. Arrays keep the shardings of
-    ``state``. ``num_heads`` (the run's) stands in for heads a plain state dict does not record.
+    ``state`` is a new run's initial state (its optimiser state stays fresh), ``architecture`` its
+    model (``config_architecture``). The checkpoint may be at another resolution (the position
+    table is fixed and recomputed by the new model; every parameter still fits) or have another
+    class count (the label table keeps its fresh initialisation); another architecture is an
+    error naming the ``model.*`` fields to set (``architecture_settings``). Arrays keep the
+    shardings of ``state``. The run's heads stand in for heads a plain state dict does not record.
     Returns the state and ``{"loaded": [...], "not_loaded": [...]}`` (official names).
     """
     import jax
@@ -903,14 +931,19 @@ def init_train_state_from(ckpt: str, state: Any, *, num_classes: int,
 
     from dit_jax import convert
 
+    num_classes, heads_known = architecture["num_classes"], True
     try:
         loaded = load_dit(ckpt)
     except ValueError as err:
-        if num_heads is None or "num_heads" not in str(err):
+        if "num_heads" not in str(err):
             raise
-        loaded = load_dit(ckpt, num_heads=num_heads)  # a non-paper width: heads do not change any shape
+        loaded = load_dit(ckpt, num_heads=architecture["num_heads"])  # a non-paper width: heads change no shape
+        heads_known = False
     source, info = convert.to_official_state_dict(loaded.model), loaded.info
     del loaded  # only the arrays are needed (a DiT-XL/2 is 2.7 GB)
+    wrong = architecture_settings(ckpt, info, architecture, heads_known=heads_known)
+    if wrong:
+        raise ValueError(wrong)
     flat = list(nnx.to_flat_state(state.params))
     report: dict[str, list[str]] = {"loaded": [], "not_loaded": []}
     misfits, new = [], {}
@@ -928,10 +961,10 @@ def init_train_state_from(ckpt: str, state: Any, *, num_classes: int,
         value = np.asarray(value, dtype=leaf.dtype)
         new[path] = var.replace(jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx, v=value: v[idx]))
         report["loaded"].append(name)
-    if misfits:
+    if misfits:  # the architectures agree: what is left is e.g. label dropout's extra row
         raise ValueError(f"train.init_from={ckpt!r} ({info['model'] or 'a custom DiT'} at {info['image_size']}px, "
-                         f"{info['num_classes']} classes) does not fit this "
-                         "run's model (only the resolution and the class count may differ):\n  " + "\n  ".join(misfits))
+                         f"{info['num_classes']} classes) does not fit this run's model in {len(misfits)} tensor(s): "
+                         + "; ".join(misfits[:3]) + ("; ..." if len(misfits) > 3 else ""))
     params = nnx.from_flat_state(new)
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params)), report
 
@@ -951,8 +984,7 @@ def create_initial_state(config: Any, init_state: Any, *, workdir: str | None = 
     state, init_from = init_state(), config.train.init_from
     if not init_from:
         return state
-    state, report = init_train_state_from(init_from, state, num_classes=config.model.num_classes,
-                                          num_heads=config_architecture(config)["num_heads"])
+    state, report = init_train_state_from(init_from, state, architecture=config_architecture(config))
     logging.info("initialised %d tensors from train.init_from=%s (fresh optimiser state; EMA = these weights)",
                  len(report["loaded"]), init_from)
     if report["not_loaded"]:

@@ -238,6 +238,8 @@ def reference_forward_error(model, reference) -> float:
 
 def test_load_an_official_state_dict(reference, tmp_path):
     path = save_torch(tmp_path / "tiny.pt", official_state(reference))
+    with pytest.raises(ValueError, match="heads is not in the file; give it with --num_heads N"):
+        pretrained.load_dit(str(path))  # a width of no paper model: the one thing its shapes do not say
     loaded = pretrained.load_dit(str(path), num_heads=reference.config["num_heads"])
     assert reference_forward_error(loaded.model, reference) < 1e-5
     c = reference.config
@@ -323,7 +325,8 @@ def test_a_workdir_loads_by_any_path_a_user_types(tiny_workdir, monkeypatch, typ
 def test_init_from_a_relative_workdir(tiny_workdir, monkeypatch):
     monkeypatch.chdir(tiny_workdir.parent)
     _, _, fresh = train.create_train_state(tiny_run_config())
-    _, report = pretrained.init_train_state_from(tiny_workdir.name, fresh, num_classes=4)
+    _, report = pretrained.init_train_state_from(tiny_workdir.name, fresh,
+                                                 architecture=pretrained.config_architecture(tiny_run_config()))
     assert report["not_loaded"] == [] and len(report["loaded"]) == len(nnx.to_flat_state(fresh.params))
 
 
@@ -395,7 +398,8 @@ def test_init_from_another_class_count_and_resolution_loads_the_rest(reference, 
     path = save_torch(tmp_path / "tiny.pt", official_state(reference))
     config = finetune_config(reference, input_size=16, num_classes=7)  # 8x8 -> 16x16 latents, 10 -> 7 classes
     graphdef, fixed, fresh = train.create_train_state(config)
-    state, report = pretrained.init_train_state_from(str(path), fresh, num_classes=7, num_heads=4)
+    state, report = pretrained.init_train_state_from(str(path), fresh,
+                                                     architecture=pretrained.config_architecture(config))
     assert report["not_loaded"] == [pretrained.LABEL_TABLE]
     file = official_state(reference)
     assert sorted(report["loaded"]) == sorted(set(file) - {"pos_embed", pretrained.LABEL_TABLE})
@@ -416,13 +420,31 @@ def test_init_from_another_class_count_and_resolution_loads_the_rest(reference, 
     np.testing.assert_allclose(np.asarray(model.pos_embed[...])[0], sincos_2d_pos_embed(64, 8), atol=1e-6)
 
 
-def test_init_from_another_model_lists_every_misfit(reference, tmp_path):
+def test_init_from_another_model_names_the_fields_to_set(reference, tmp_path):
     path = save_torch(tmp_path / "tiny.pt", official_state(reference))
-    _, _, fresh = train.create_train_state(finetune_config(reference, depth=3, hidden_size=32, num_heads=2))
-    with pytest.raises(ValueError, match="does not fit this run's model") as err:
-        pretrained.init_train_state_from(str(path), fresh, num_classes=10, num_heads=2)
-    assert "blocks.2.attn.qkv.weight: checkpoint missing" in str(err.value)
-    assert "x_embedder.proj.weight: checkpoint (64, 4, 2, 2), this run (2, 2, 4, 32)" in str(err.value)
+    config = finetune_config(reference, depth=3, hidden_size=32, num_heads=2)
+    _, _, fresh = train.create_train_state(config)
+    with pytest.raises(ValueError) as err:
+        pretrained.init_train_state_from(str(path), fresh, architecture=pretrained.config_architecture(config))
+    c = reference.config
+    assert str(err.value) == (
+        f"train.init_from={str(path)!r} is a custom DiT (hidden_size {c['hidden_size']}, depth {c['depth']}), this "
+        "run's model has hidden_size 32, depth 3: to fine-tune it set --config.model.name='' "
+        f"--config.model.patch_size={c['patch_size']} --config.model.hidden_size={c['hidden_size']} "
+        f"--config.model.depth={c['depth']} and model.num_heads to the checkpoint's (its file does not record heads) "
+        "(the resolution and the class count may differ)")
+    # A paper model is named by model.name, any other field one by one.
+    from dit_jax.models import MODELS
+
+    common = dict(input_size=32, in_channels=4, mlp_ratio=4.0, num_classes=1000, class_dropout_prob=0.1,
+                  block_type="adaln_zero")
+    info = {"model": "DiT-XL/2", "architecture": {**MODELS["DiT-XL/2"], **common, "learn_sigma": True}}
+    run = {**MODELS["DiT-S/2"], **common, "learn_sigma": False, "input_size": 64, "num_classes": 10}
+    assert pretrained.architecture_settings("x.pt", info, run) == (
+        "train.init_from='x.pt' is DiT-XL/2 (hidden_size 1152, depth 28, num_heads 16, learn_sigma True), this run's "
+        "model has hidden_size 384, depth 12, num_heads 6, learn_sigma False: to fine-tune it set "
+        "--config.model.name=DiT-XL/2 --config.model.learn_sigma=True (the resolution and the class count may differ)")
+    assert pretrained.architecture_settings("x.pt", info, {**info["architecture"], "num_classes": 10}) is None
 
 
 def test_init_from_is_validated_up_front(tmp_path):
