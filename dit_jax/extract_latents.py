@@ -344,6 +344,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
 def _define_flags() -> None:
     """The command line, defined only when run as a program (so any two command modules import together)."""
     images.define_source_flags()
+    flags.adopt_module_key_flags(images)  # --help lists only this module's key flags: the source's are among them
     flags.DEFINE_string("out", None, "output folder for the shards and metadata.json (resumed if it exists)")
     flags.DEFINE_string("vae", vae_lib.HUB_VAES[0], "diffusers VAE folder (config.json + weights) or hub id "
                         f"({' or '.join(vae_lib.HUB_VAES)})")

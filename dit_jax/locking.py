@@ -52,6 +52,17 @@ class LockHeldError(RuntimeError):
     """Another command holds the folder's lock."""
 
 
+class UnusableFolderError(ValueError):
+    """The folder cannot hold a lock: its path is a file, or it cannot be written (a read-only disk, no permission)."""
+
+
+def _unusable(directory: str, err: OSError) -> UnusableFolderError:
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        return UnusableFolderError(f"{directory} is a file, not a folder (or a path through a file): give a folder")
+    return UnusableFolderError(f"cannot write in {directory}: {err.strerror or err} (a read-only disk or a folder "
+                               "without write permission?); give a writable folder")
+
+
 def _process_start_ticks(pid: int) -> int | None:
     """When ``pid`` started (clock ticks after boot, from /proc), to tell a reused pid; None if unknown."""
     try:
@@ -115,12 +126,15 @@ def acquire(directory: str, *, purpose: str, take_over: bool | None = None) -> d
     """Lock ``directory`` (created if needed) for this process; returns what the lock file records.
 
     Raises ``LockHeldError`` naming the holder if another live (or, on another host, possibly
-    live) command holds it. ``take_over`` (default: env ``DIT_JAX_TAKE_OVER_LOCK=1``) replaces
-    any existing lock.
+    live) command holds it, ``UnusableFolderError`` if the folder is a file or cannot be written.
+    ``take_over`` (default: env ``DIT_JAX_TAKE_OVER_LOCK=1``) replaces any existing lock.
     """
     if take_over is None:
         take_over = os.environ.get(TAKE_OVER_ENV, "") not in ("", "0")
-    storage.path(directory).mkdir(parents=True, exist_ok=True)
+    try:
+        storage.path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _unusable(directory, err) from None
     path = os.fspath(storage.path(directory) / LOCK_FILE)
     mine = {"purpose": purpose, "host": socket.gethostname(), "pid": os.getpid(),
             "start_ticks": _process_start_ticks(os.getpid()),
@@ -148,7 +162,15 @@ def acquire(directory: str, *, purpose: str, take_over: bool | None = None) -> d
 def _create(path: str, text: str, directory: str) -> None:
     """Create the lock file ``path`` holding ``text``; ``LockHeldError`` if it appeared meanwhile."""
     if not storage.is_bucket(path):
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read(path)
+            raise LockHeldError(f"{directory} was locked at the same moment by "
+                                f"{describe(holder) if holder else 'another command'}; wait for it to finish or use "
+                                f"another folder. (Lock file: {path})") from None
+        except OSError as err:
+            raise _unusable(directory, err) from None
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -185,17 +207,20 @@ def release(directory: str, lock: dict[str, Any]) -> None:
 def hold(directory: str, *, purpose: str, take_over: bool | None = None) -> Iterator[dict[str, Any] | None]:
     """Hold the lock of ``directory`` for the block: process 0 takes it, once for a multi-process run.
 
-    Every process raises ``LockHeldError`` if process 0 could not take it. Yields the lock's record
-    on process 0, None on the others.
+    Every process raises ``LockHeldError`` (or ``UnusableFolderError``) if process 0 could not take it.
+    Yields the lock's record on process 0, None on the others. A folder the lock created is removed
+    again if the block leaves it empty (a refused start leaves no empty workdir behind).
     """
     import jax  # here, so the lock (and its tests) need no devices in a single process
 
     multi = jax.process_count() > 1
-    lock, error = None, None
+    lock, error, created = None, None, []
+    if jax.process_index() == 0 and not storage.is_bucket(directory):
+        created = _missing_folders(directory)
     if jax.process_index() == 0:
         try:
             lock = acquire(directory, purpose=purpose, take_over=take_over)
-        except LockHeldError as e:
+        except (LockHeldError, UnusableFolderError) as e:
             error = e
     if multi:
         from jax.experimental import multihost_utils
@@ -209,4 +234,30 @@ def hold(directory: str, *, purpose: str, take_over: bool | None = None) -> Iter
         yield lock
     finally:
         if lock is not None:
+            if created:
+                _remove_empty_folders(directory)
             release(directory, lock)
+            for folder in created:  # only while empty: never anything another command wrote
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+
+
+def _missing_folders(directory: str) -> list[str]:
+    """``directory`` and those of its parents that do not exist yet, innermost first (what ``acquire`` makes)."""
+    missing, folder = [], os.path.abspath(directory)
+    while not os.path.lexists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_empty_folders(directory: str) -> None:
+    """Remove the empty folders under ``directory`` if it holds no file but the lock (a run refused at its start)."""
+    tree = list(os.walk(directory, topdown=False))
+    if any(files for root, _, files in tree if root != directory) or set(tree[-1][2]) - {LOCK_FILE}:
+        return
+    for root, _, _ in tree[:-1]:
+        with contextlib.suppress(OSError):
+            os.rmdir(root)

@@ -11,20 +11,33 @@ write) prints one line and exits with status 1. ``--verbosity=1`` shows their tr
 """
 
 import os
+import re
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpointing, compilation_cache, locking, sharding, storage, train
+from dit_jax import checkpointing, compilation_cache, locking, recipes, sharding, storage, train
 
 FLAGS = flags.FLAGS
 
 
+def config_help() -> str:
+    """``--config``'s help: the config files and every top-level group of fields (from ``recipes.base_config``)."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(p.name for p in folder.glob("*.py") if p.name != "__init__.py") if folder.is_dir() else []
+    base = recipes.base_config()
+    lines = [f"{key}: {', '.join(value.keys())}" if hasattr(value, "keys") else key for key, value in base.items()]
+    return ("Training config file (a get_config() module): configs/" + (", ".join(files) if files else "*.py")
+            + " (default.py: the CPU demo; one per paper model). Override any field with --config.GROUP.FIELD=VALUE "
+            "(e.g. --config.train.steps=100); every field and its meaning: dit_jax/recipes.py. The fields: "
+            + "; ".join(lines) + ".")
+
+
 def _define_flags() -> None:
     """The command line, defined only when run as a program (so any two command modules import together)."""
-    config_flags.DEFINE_config_file("config", None, "Training config file (a get_config() module).",
-                                    lock_config=True)
+    config_flags.DEFINE_config_file("config", None, config_help(), lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and the summary.")
     flags.mark_flags_as_required(["config", "workdir"])
     # Only for multi-process runs outside Slurm, Open MPI and Cloud TPU (which are detected).
@@ -51,11 +64,29 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(f"{e} (--helpfull lists the flags)")
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
-        name = str(e).strip("\"' ")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + name)]
-        fail(f"{given[0] if given else name}: the config has no field {name!r} (see dit_jax/recipes.py for "
-             "every field and its meaning)")
+        fail(unknown_field_message(e, argv))
     return []
+
+
+def unknown_field_message(error: BaseException, argv: list[str]) -> str:
+    """One line for ml_collections' error on ``--config.a.b=...`` naming a missing field: the flag, the field,
+    and its suggestion (``Did you mean "steps"``) as a flag."""
+    while isinstance(error, (AttributeError, KeyError)) and error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]  # AttributeError(KeyError(text))
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    name = text.splitlines()[0].strip("\"' ")
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    for arg in argv:
+        flag = arg.split("=")[0]
+        parts = flag.removeprefix("--").split(".")
+        if flag.startswith("--config.") and name in parts[1:]:
+            message = f"{flag}: the config has no field {name!r}"
+            if suggestion:
+                parts[parts.index(name, 1)] = suggestion[1]
+                message += f"; did you mean --{'.'.join(parts)}?"
+            return message + " (see dit_jax/recipes.py for every field and its meaning)"
+    return (f"the config has no field {name!r}" + (f"; did you mean {suggestion[1]!r}?" if suggestion else "")
+            + " (see dit_jax/recipes.py for every field and its meaning)")
 
 
 def load_config():

@@ -315,6 +315,7 @@ def _define_flags() -> None:
     from absl import flags
 
     images.define_source_flags()
+    flags.adopt_module_key_flags(images)  # --help lists only this module's key flags: the source's are among them
     flags.DEFINE_string("out", None, "the reference batch .npz to write (its progress: OUT.partial/)",
                         required=True)
     flags.DEFINE_integer("image_size", 256, "ADM centre crop size (256 or 512 for ImageNet, as the samples)")

@@ -11,9 +11,10 @@ the same bytes. ``write_samples`` runs it resumably into an ADM-format ``samples
 Picture mode, the official ``sample.py`` (a PNG grid of the 8 official classes, guidance 4.0;
 ``sample_picture`` in a notebook)::
 
-    python -m dit_jax.sample --ckpt DiT-XL-2-256x256.pt --vae ema --png sample.png
+    python -m dit_jax.sample --ckpt DiT-XL-2-256x256.pt --png sample.png   # --vae mse, as sample.py
 
-FID mode, the official ``sample_ddp.py`` made resumable (guidance 1.5, uniform random labels)::
+FID mode, the official ``sample_ddp.py`` made resumable (guidance 1.5, uniform random labels, ``--vae ema``;
+``--out`` is locked, ``dit_jax.locking``)::
 
     python -m dit_jax.sample --ckpt DiT-XL-2-256x256.pt --num_samples 50000 --out samples/xl2_cfg1.5
 """
@@ -43,7 +44,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import compilation_cache, diffusion as gd, sharding, storage
+from dit_jax import compilation_cache, diffusion as gd, locking, sharding, storage
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
@@ -399,18 +400,21 @@ def _settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 def _prepare_out_dir(out_dir: str, record: dict[str, Any]) -> int:
     """Process 0: check (or write) ``settings.json`` and return where to resume (-1: already complete)."""
     out = storage.path(out_dir)
-    (out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_JSON
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} cannot be read ({err}); choose another --out folder") from err
         changed = _settings_differences(old.get("settings", {}), record["settings"])
         if changed:
             raise ValueError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); rerun with "
                              "the old settings to resume, or choose another --out folder")
-    elif any((out / BLOCKS_DIR).iterdir()) or (out / SAMPLES_NPZ).exists():
+    elif ((out / BLOCKS_DIR).exists() and any((out / BLOCKS_DIR).iterdir())) or (out / SAMPLES_NPZ).exists():
         raise FileExistsError(f"{out_dir} holds samples but no {SETTINGS_JSON}: choose an empty --out folder")
     else:
         write_json_atomic(path, record)
+    (out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)  # only once the folder is this run's
     if (out / SAMPLES_NPZ).exists():
         return -1
     for block in (out / BLOCKS_DIR).iterdir():
@@ -423,12 +427,20 @@ def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray,
                   settings: dict[str, Any] | None = None, progress: bool = True) -> str:
     """Sample ``labels`` into ``out_dir/samples.npz`` (ADM format), resuming what a killed run left.
 
-    Finished blocks go to ``out_dir/blocks/`` (atomically); ``settings.json`` records every
+    ``out_dir`` is locked for the run (``locking.hold``: a second command on it refuses, naming the
+    first). Finished blocks go to ``out_dir/blocks/`` (atomically); ``settings.json`` records every
     setting (``settings`` + the engine's + seed, N, a digest of the labels) and the software;
     a rerun with other settings is refused naming them. At the end the blocks are streamed
     into ``samples.npz`` (``arr_0`` uint8 [N, H, W, 3], ``arr_1`` labels), then deleted. Only
     process 0 writes; every process computes. Returns the path of ``samples.npz``.
     """
+    with locking.hold(out_dir, purpose="sampling"):
+        return _write_samples_locked(out_dir, image_sampler, labels, seed=seed, settings=settings, progress=progress)
+
+
+def _write_samples_locked(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray, *, seed: int,
+                          settings: dict[str, Any] | None, progress: bool) -> str:
+    """``write_samples`` holding the lock of ``out_dir``."""
     import tqdm  # only the command's progress bar needs it
 
     labels = np.asarray(labels, np.int32)
@@ -547,14 +559,17 @@ def sample_picture(model: DiT, vae: Any | None, labels: str | Any = OFFICIAL_LAB
 
 
 def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, num_heads: int | None = None,
-        vae: str = "ema", cfg_scale: float | None = None, num_sampling_steps: int = 250, sampler: str = "ddpm",
+        vae: str | None = None, cfg_scale: float | None = None, num_sampling_steps: int = 250, sampler: str = "ddpm",
         eta: float = 0.0, guidance: str = "official", labels: str | None = None, seed: int = 0,
         png: str = "sample.png", num_samples: int | None = None, out: str | None = None,
-        balanced_labels: bool = False, per_device_batch: int = 32, dtype: str = "float32",
-        attention: str = "auto") -> str:
-    """The command: picture mode (``png``) or, with ``num_samples`` and ``out``, FID mode; returns the file written.
+        balanced: bool = False, per_device_batch: int = 32, dtype: str = "float32",
+        attention: str = "auto") -> tuple[str, bool]:
+    """The command: picture mode (``png``) or, with ``num_samples`` and ``out``, FID mode.
 
-    Bad settings, checkpoints, labels and sizes raise ValueError (or FileNotFoundError) naming the problem.
+    Returns the file and whether this run wrote it (False: ``out`` was complete already). ``vae``
+    defaults as the official scripts: ``mse`` for pictures (``sample.py``), ``ema`` for FID
+    (``sample_ddp.py``); ``balanced``: labels ``j % classes`` instead of uniform random. Bad settings,
+    checkpoints, labels and sizes raise ValueError (or FileNotFoundError) naming the problem.
     """
     from dit_jax import pretrained
 
@@ -565,6 +580,8 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
         raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
     if fid_mode and labels is not None:
         raise ValueError("--labels is for picture mode; FID mode draws uniform labels (or --balanced_labels)")
+    if balanced and not fid_mode:
+        raise ValueError("--balanced_labels is for FID mode (--num_samples and --out); picture mode takes --labels")
     if num_sampling_steps < 1 or per_device_batch < 1:
         raise ValueError(f"--num_sampling_steps and --per_device_batch must be >= 1, got {num_sampling_steps}, "
                          f"{per_device_batch}")
@@ -573,6 +590,7 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
     if guidance not in GUIDANCE_MODES:
         raise ValueError(f"--guidance {guidance!r} is not one of {GUIDANCE_MODES}")
     cfg_scale = cfg_scale if cfg_scale is not None else (1.5 if fid_mode else 4.0)
+    vae = vae if vae is not None else ("ema" if fid_mode else "mse")
 
     loaded = pretrained.load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype,
                                 attention=attention)
@@ -590,16 +608,17 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
         sample_picture(net, decoder, labels or ",".join(map(str, OFFICIAL_LABELS)), seed=seed, cfg_scale=cfg_scale,
                        num_sampling_steps=num_sampling_steps, sampler=sampler, eta=eta,
                        per_device_batch=per_device_batch, png=png)
-        return png
-    labels_array = (balanced_labels(num_samples, net.num_classes) if balanced_labels
+        return png, True
+    labels_array = (balanced_labels(num_samples, net.num_classes) if balanced
                     else random_labels(seed, num_samples, net.num_classes))
     engine = create_image_sampler(net, _sampling_chain(net, num_sampling_steps), cfg_scale=cfg_scale,
                                   sampler=sampler, eta=eta, vae=decoder, per_device_batch=per_device_batch)
     settings = {"ckpt": ckpt, "checkpoint": {k: v for k, v in loaded.info.items() if k != "path"},
                 "weights_sha256": weights_digest(net, decoder),
                 "vae": vae if vae in HUB_VAES or vae == "none" else os.path.abspath(vae),
-                "image_size": size, "labels": "balanced" if balanced_labels else "uniform"}
-    return write_samples(out, engine, labels_array, seed=seed, settings=settings)
+                "image_size": size, "labels": "balanced" if balanced else "uniform"}
+    complete = (storage.path(out) / SAMPLES_NPZ).exists()
+    return write_samples(out, engine, labels_array, seed=seed, settings=settings), not complete
 
 
 def _define_flags() -> None:
@@ -613,8 +632,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_heads", None, "Attention heads of a plain state dict of a non-paper width.")
     flags.DEFINE_integer("image_size", None, "Image size, 256 or 512 for the released models (default: the "
                          "checkpoint's); checked against the checkpoint and the VAE.")
-    flags.DEFINE_string("vae", "ema", "VAE: ema or mse (stabilityai/sd-vae-ft-*), a diffusers VAE folder, or none "
-                        "(a pixel-space model).")
+    flags.DEFINE_string("vae", None, "VAE: ema or mse (stabilityai/sd-vae-ft-*), a diffusers VAE folder, or none "
+                        "(a pixel-space model); default mse for pictures, ema for --num_samples, as the official "
+                        "sample.py / sample_ddp.py.")
     flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none (default 4.0 for pictures, 1.5 "
                        "for --num_samples, as the official sample.py / sample_ddp.py).")
     flags.DEFINE_integer("num_sampling_steps", 250, "Sampling steps (the 1000-step chain respaced evenly).")
@@ -641,9 +661,12 @@ def _define_flags() -> None:
     flags.mark_flag_as_required("ckpt")
 
 
-_RUN_FLAGS = ("ckpt", "model", "image_size", "num_heads", "vae", "cfg_scale", "num_sampling_steps", "sampler", "eta",
-              "guidance", "labels", "seed", "png", "num_samples", "out", "balanced_labels", "per_device_batch", "dtype",
-              "attention")
+# run()'s arguments and the flags that give them (the same name but one: a flag's value named balanced_labels
+# would shadow the function balanced_labels() inside run()).
+_RUN_FLAGS = {**{name: name for name in ("ckpt", "model", "image_size", "num_heads", "vae", "cfg_scale",
+                                         "num_sampling_steps", "sampler", "eta", "guidance", "labels", "seed", "png",
+                                         "num_samples", "out", "per_device_batch", "dtype", "attention")},
+              "balanced": "balanced_labels"}
 
 
 def main(argv: list[str]) -> None:
@@ -655,11 +678,14 @@ def main(argv: list[str]) -> None:
     compilation_cache.enable(f.compilation_cache)
     sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
-        path = run(**{name: f[name].value for name in _RUN_FLAGS})
-    except (ValueError, OSError, FloatingPointError) as err:
-        raise SystemExit(f"dit_jax.sample: {err}") from err
+        path, written = run(**{arg: f[name].value for arg, name in _RUN_FLAGS.items()})
+    except (ValueError, OSError, locking.LockHeldError) as err:  # the user's to fix: one line, status 2
+        print(f"dit_jax.sample: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as err:  # the run failed: one line, status 1
+        raise SystemExit(f"dit_jax.sample: {err}") from None
     if sharding.is_main_process():
-        print(f"wrote {path}")
+        print(f"wrote {path}" if written else f"{path} is complete (same settings); nothing to do")
 
 
 if __name__ == "__main__":

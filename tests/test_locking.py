@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -69,3 +70,38 @@ def test_another_hosts_lock_is_refused_unless_taken_over_explicitly(tmp_path, mo
         # The holder it replaced is still out there: ending this block must not remove a lock taken from us.
         write_lock(tmp_path, host="tpu-worker-7", pid=4242)
     assert json.loads((tmp_path / locking.LOCK_FILE).read_text())["token"] == "theirs" != lock["token"]
+
+
+def test_a_file_or_an_unwritable_folder_is_named_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    for path in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(locking.UnusableFolderError, match=f"^{path} is a file, not a folder"):
+            locking.acquire(str(path), purpose="training run")
+    real_open = os.open
+
+    def read_only_disk(path, *args, **kwargs):
+        if str(path).endswith(locking.LOCK_FILE):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_disk)
+    with pytest.raises(locking.UnusableFolderError, match=f"^cannot write in {tmp_path}: Read-only file system"):
+        with locking.hold(str(tmp_path), purpose="training run"):
+            pass
+
+
+def test_a_folder_the_lock_created_goes_if_the_holder_leaves_it_empty(tmp_path):
+    new = tmp_path / "runs" / "x"
+    with pytest.raises(ValueError, match="refused"):
+        with locking.hold(str(new), purpose="training run"):
+            (new / "blocks" / "inner").mkdir(parents=True)
+            raise ValueError("refused at the start")
+    assert not (tmp_path / "runs").exists()  # nor the parent it made
+    # A folder that existed, or one the run wrote a file in, stays.
+    (tmp_path / "old").mkdir()
+    with locking.hold(str(tmp_path / "old"), purpose="training run"):
+        pass
+    with locking.hold(str(new), purpose="training run"):
+        (new / "blocks").mkdir()
+        (new / "settings.json").write_text("{}")
+    assert (tmp_path / "old").is_dir() and sorted(os.listdir(new)) == ["blocks", "settings.json"]

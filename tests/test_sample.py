@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from dit_jax import diffusion as gd, pretrained, sample, sharding, vae
+from dit_jax import diffusion as gd, locking, pretrained, sample, sharding, vae
 from dit_jax.models import DiT
 from tests.conftest import (TINY_LATENT_DIT, persistent_compile_cache, sample_command, tiny_latent_dit,
                             write_official_checkpoint)
@@ -231,6 +231,20 @@ def test_engine_refuses_bad_settings(latent_model, tiny_vae):
         sample.sample_uint8(latent_model, chain, np.array([0.5]), seed=0, cfg_scale=1.5)
 
 
+def test_a_second_sampler_on_the_same_out_refuses_and_a_refused_run_leaves_no_blocks_folder(
+        tmp_path, latent_model, tiny_vae):
+    out = tmp_path / "fid"
+    with locking.hold(str(out), purpose="sampling"):
+        with pytest.raises(locking.LockHeldError, match=f"{out} is in use by sampling on host .* still running"):
+            sample.write_samples(str(out), engine(latent_model, tiny_vae), fid_labels(4), seed=SEED)
+    assert not out.exists()  # the folder the refused run's lock made is gone again
+    out.mkdir()
+    (out / sample.SAMPLES_NPZ).write_bytes(b"someone else's")
+    with pytest.raises(FileExistsError, match="no settings.json"):
+        sample.write_samples(str(out), engine(latent_model, tiny_vae), fid_labels(4), seed=SEED)
+    assert os.listdir(out) == [sample.SAMPLES_NPZ]  # no empty blocks/ left behind
+
+
 # ---------------------------------------------------------------- the command on a tiny official-format .pt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,6 +312,39 @@ def test_fid_mode_killed_then_rerun_gives_the_same_bytes(tmp_path, tiny_ckpt, ti
     assert settings["checkpoint"]["num_classes"] == TINY_LATENT_DIT["num_classes"]
 
 
+def test_fid_mode_with_balanced_labels_and_a_rerun_with_nothing_to_do(tmp_path, tiny_ckpt, tiny_vae_dir,
+                                                                      compile_cache):
+    out, n = tmp_path / "fid", 7
+    command = sample_command(*tiny_flags(tiny_ckpt, tiny_vae_dir), "--num_samples", str(n), "--out", str(out),
+                             "--balanced_labels")
+    env = {**os.environ, **compile_cache}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    npz = out / sample.SAMPLES_NPZ
+    assert proc.stdout.splitlines()[-1] == f"wrote {npz}"
+    with np.load(npz) as arrays:
+        np.testing.assert_array_equal(arrays["arr_1"], np.arange(n) % TINY_LATENT_DIT["num_classes"])
+    assert json.loads((out / sample.SETTINGS_JSON).read_text())["settings"]["labels"] == "balanced"
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout == f"{npz} is complete (same settings); nothing to do\n"
+
+
+def test_the_vae_defaults_as_the_official_scripts(tmp_path, tiny_ckpt, monkeypatch):
+    """Pictures: mse (the official sample.py); FID: ema (sample_ddp.py)."""
+    asked = []
+
+    def load_decoder(name):
+        asked.append(name)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(sample, "load_decoder", load_decoder)
+    for kwargs in ({}, dict(num_samples=4, out=str(tmp_path / "o"))):
+        with pytest.raises(ValueError, match="stop here"):
+            sample.run(str(tiny_ckpt), num_heads=2, **kwargs)
+    assert asked == ["mse", "ema"]
+
+
 def test_the_command_names_bad_labels_checkpoints_and_sizes(tmp_path, tiny_ckpt, tiny_vae_dir):
     common = dict(num_heads=2, vae=str(tiny_vae_dir), num_sampling_steps=2)
     cases = [
@@ -305,6 +352,7 @@ def test_the_command_names_bad_labels_checkpoints_and_sizes(tmp_path, tiny_ckpt,
         (dict(labels="1,9"), r"class indices in \[0, 4\].*got \[9\]"),
         (dict(labels="3", num_samples=10, out=str(tmp_path / "o")), "--labels is for picture mode"),
         (dict(num_samples=10), "needs both --num_samples N and --out DIR"),
+        (dict(balanced=True), "--balanced_labels is for FID mode"),
         (dict(num_samples=0, out=str(tmp_path / "o")), "--num_samples must be >= 1"),
         (dict(per_device_batch=0), "--per_device_batch must be >= 1"),
         (dict(image_size=512), "image_size"),
