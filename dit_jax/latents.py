@@ -141,7 +141,7 @@ class LatentSource:
 
     def __init__(self, latents_dir: str, *, random_flip: bool = True, verify: bool = False):
         self.random_flip = random_flip
-        self.latents_dir = latents_dir = storage.absolute(latents_dir)
+        self.latents_dir = latents_dir = storage.absolute(latents_dir) if latents_dir else latents_dir  # '' is named
         self.metadata = read_metadata(latents_dir)
         self.shape = tuple(self.metadata["latent_shape"])
         self.dtype = self.metadata["dtype"]
