@@ -1,23 +1,30 @@
-"""A one-shot sweep of train-step settings, each row in a fresh process, and a profile of the best row.
+"""A one-shot sweep of train-step settings, one process per XLA-flag set, and a profile of the best row.
 
-``python -m dit_jax.sweep --out sweep.json`` (on a GPU: about 7 minutes) times the real train
-step (``benchmark.train_benchmark``) of DiT-XL/2 in bfloat16 for each row of ``GPU_PLAN``:
-XLA against cuDNN attention, batch 128 and 256, remat ``none`` / ``block`` / ``dots``, scanned
-blocks, and XLA GPU flags (latency-hiding scheduler, Triton GEMM off, command buffers off).
-XLA reads its flags when the backend starts, so every row runs in its own subprocess with
-its own ``XLA_FLAGS`` and a time limit; a row that runs out of memory, fails or times out is
-reported as a row (status ``oom`` / ``failed`` / ``timeout``), and rows that would not finish
-within ``--budget_s`` are reported ``skipped``. Then the fastest row is run again with
+``python -m dit_jax.sweep --out sweep.json`` (on an H200: 8 minutes, ``--plan`` prints the rows and
+the estimate) times the real train step (``benchmark.train_benchmark``) of DiT-XL/2 in bfloat16
+for each row of ``GPU_PLAN``: issue 22's compute switches (``qkv``, ``gelu_backward``,
+``norm_modulate``) alone and together, cuBLASLt GEMM epilogues, per-device batch 32 / 128 / 256
+and scanned blocks. A row is a name, a batch, ``set`` (config fields, top-level or dotted:
+``{"qkv": "split", "model.scan_blocks": true}``) and ``xla_flags``. XLA reads its flags when the
+backend starts, so rows are grouped by their flags and each group runs in ONE child process that
+measures its rows one after another (sharing imports, the backend's start and the persistent
+compilation cache); each row's result comes back as it finishes. A row that runs out of device
+memory or fails is reported as a row (``oom`` / ``failed``) and the group goes on; a child that
+dies or stalls past ``--row_timeout_s`` costs its current row (``failed`` / ``oom`` /
+``timeout``) and the group's remaining rows go on in a fresh child. Rows that would not finish
+within the group's time (``--budget_s`` less the estimated cost of the later groups and the
+profile: ``COST``) are reported ``skipped``. Then the fastest row is run again with
 ``jax.profiler`` (``profile`` in the JSON) and its device time is split into matmuls,
 attention, elementwise/normalisation, optimiser/EMA, other and gaps (``time_split``).
 
 Each row prints step time, images/s, MFU (train FLOPs of the model without recomputation,
 counted once per batch size on the CPU in a parallel process, over the devices' dense peak
 for the dtype: ``flops.py``), peak device memory ("n/a" where the backend keeps no
-statistics, e.g. CPUs), compile time and the time from the row's launch to its first finished
-step. The table is printed as rows finish and written to ``--out`` (JSON) after every row, so
-a killed sweep keeps what it measured. ``--rows FILE`` replaces the plan (a JSON list of rows),
-``--set a.b=value`` overrides config fields (the tests run a tiny model on the CPU this way).
+statistics, e.g. CPUs), compile time and the time from the row's start (its process's launch
+for a group's first row) to its first finished step. The table is printed as rows finish and
+written to ``--out`` (JSON) after every row, so a killed sweep keeps what it measured.
+``--rows FILE`` replaces the plan (a JSON list of rows), ``--set a.b=value`` overrides config
+fields of every row (the tests run a tiny model on the CPU this way).
 
 ``python -m dit_jax.sweep --time_split DIR`` prints the split of a saved profile (the benchmark's
 ``--profile_dir``) and exits. GPU traces are read by kernel: inside CUDA command buffers a kernel
@@ -28,51 +35,61 @@ HLO instruction (``input_add_reduce_fusion.233``); cuBLAS/cuDNN kernels count by
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ml_collections
 
 from dit_jax import storage
-from dit_jax.models import ATTENTION_IMPLEMENTATIONS, REMAT_MODES
 
-# One row of the sweep: what differs from the base settings (batch, attention, remat,
-# scan_blocks, xla_flags) and a name. Missing keys take ROW_DEFAULTS.
-ROW_DEFAULTS: dict[str, Any] = {"batch": 128, "attention": "xla", "remat": "none", "scan_blocks": False,
-                                "xla_flags": []}
-LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
-NO_TRITON_GEMM = "--xla_gpu_enable_triton_gemm=false"
-NO_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer="  # an empty list of command types: off
+# One row of the sweep: a name, the batch, ``set`` (config field -> value, top-level or dotted)
+# and ``xla_flags``. Missing keys take ROW_DEFAULTS.
+ROW_DEFAULTS: dict[str, Any] = {"batch": 128, "set": {}, "xla_flags": []}
+CUBLASLT = "--xla_gpu_enable_cublaslt=true"  # GEMM epilogues (bias, GELU) by cuBLASLt
+# Issue 22's non-GEMM passes, each off by default (recipes.py).
+SWITCHES: dict[str, str] = {"qkv": "split", "gelu_backward": "recompute", "norm_modulate": "fused"}
 # In order of what is learned first (rows past the time budget are skipped, not lost silently).
 GPU_PLAN: tuple[dict[str, Any], ...] = (
-    {"name": "b128 xla (today's default)", "batch": 128},
-    {"name": "b128 cudnn", "batch": 128, "attention": "cudnn"},
-    {"name": "b256 cudnn", "batch": 256, "attention": "cudnn"},
-    {"name": "b256 cudnn remat=dots", "batch": 256, "attention": "cudnn", "remat": "dots"},
-    {"name": "b128 cudnn latency-hiding", "batch": 128, "attention": "cudnn", "xla_flags": [LATENCY_HIDING]},
-    {"name": "b128 cudnn no-triton-gemm", "batch": 128, "attention": "cudnn", "xla_flags": [NO_TRITON_GEMM]},
-    {"name": "b128 cudnn no-command-buffers", "batch": 128, "attention": "cudnn", "xla_flags": [NO_COMMAND_BUFFERS]},
-    {"name": "b256 cudnn remat=block", "batch": 256, "attention": "cudnn", "remat": "block"},
-    {"name": "b128 cudnn scan", "batch": 128, "attention": "cudnn", "scan_blocks": True},
-    {"name": "b256 xla", "batch": 256},
+    {"name": "b256 baseline", "batch": 256},
+    *({"name": f"b256 {k}={v}", "batch": 256, "set": {k: v}} for k, v in SWITCHES.items()),
+    {"name": "b256 all switches", "batch": 256, "set": SWITCHES},
+    {"name": "b256 all + cublaslt", "batch": 256, "set": SWITCHES, "xla_flags": [CUBLASLT]},
+    {"name": "b32 baseline", "batch": 32},
+    {"name": "b32 all switches", "batch": 32, "set": SWITCHES},
+    {"name": "b128 all switches", "batch": 128, "set": SWITCHES},
+    {"name": "b256 all + scan_blocks", "batch": 256, "set": {**SWITCHES, "model.scan_blocks": True}},
 )
+# The cost model of ``estimate`` (DiT-XL/2 bf16 on one H200; measured 2026-12-04 on main a6b6439 where
+# not marked "assumed"): a child process's start (imports, backend; assumed), a row's train-state
+# creation (52 s measured before issue 22's jit init, a few s after: assumed), tracing + compiling
+# one program (5.6 + 32.2 s; a warm persistent cache makes only an identical program ~free), the
+# profile row (its process, 3 traced steps, the trace's conversion and split: ~1 min), and a step:
+# 0.40 s at batch 256, 0.21 s at 128 (cuDNN attention), linear in the batch plus a fixed launch cost.
+COST: dict[str, float] = {"process_s": 15.0, "init_s": 5.0, "compile_s": 38.0, "profile_s": 60.0,
+                          "step_s_per_image": 0.00155, "step_s_fixed": 0.01}
 # The categories of ``time_split``, in the order they are tested and printed.
 CATEGORIES = ("attention", "matmul", "optimizer_ema", "elementwise_norm", "other")
 _RESULT_MARK = "SWEEP_RESULT "
-# Device memory a row may take: it is alone on the device (JAX's default is 75%).
+# Device memory a group may take: it is alone on the device (JAX's default is 75%).
 MEM_FRACTION = "0.95"
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|\bOOM\b")
 
 
 def resolve_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with defaults filled in, checked: unknown keys, a missing name, bad flags are errors."""
+    """Rows with defaults filled in, checked: unknown keys, a missing name, bad flags are errors
+    (``row_config`` checks the ``set`` fields against the config)."""
     out = []
     for row in rows:
         unknown = set(row) - set(ROW_DEFAULTS) - {"name"}
@@ -84,15 +101,13 @@ def resolve_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(row["xla_flags"], list) or not all(isinstance(f, str) and f.startswith("--")
                                                               for f in row["xla_flags"]):
             problems.append("xla_flags must be a list of --flag=value strings")
-        if row["remat"] not in REMAT_MODES:
-            problems.append(f"remat {row['remat']!r} is not one of {REMAT_MODES}")
-        if row["attention"] not in ATTENTION_IMPLEMENTATIONS:
-            problems.append(f"attention {row['attention']!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-        if not isinstance(row["batch"], int) or row["batch"] < 1 or not isinstance(row["scan_blocks"], bool):
-            problems.append("batch must be a positive integer and scan_blocks true or false")
+        if not isinstance(row["set"], dict) or not all(isinstance(k, str) and k for k in row["set"]):
+            problems.append('set must map config fields to values, e.g. {"qkv": "split"}')
+        if not isinstance(row["batch"], int) or isinstance(row["batch"], bool) or row["batch"] < 1:
+            problems.append("batch must be a positive integer")
         if problems:
             raise ValueError(f"sweep row {row['name']!r}: " + "; ".join(problems))
-        out.append(row)
+        out.append({**row, "set": dict(row["set"]), "xla_flags": list(row["xla_flags"])})
     return out
 
 
@@ -109,43 +124,72 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
+def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Set the top-level or dotted field ``key``, read as the field's type; unknown fields are errors."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            raise ValueError(f"unknown config field {key!r}")
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"unknown config field {key!r}")
+    old = node[leaf]
+    if isinstance(old, bool) and not isinstance(value, bool):
+        raise ValueError(f"config field {key!r} is true or false, got {value!r}")
+    node[leaf] = type(old)(value) if old is not None else value
+
+
 def row_config(base: dict[str, Any], row: dict[str, Any]) -> ml_collections.ConfigDict:
-    """The benchmark config of one row: ``base`` (model, image_size, dtype, overrides) with the row's settings."""
+    """The benchmark config of one row: ``base`` (model, image_size, dtype, ``overrides``), then the row's
+    batch and ``set``."""
     from dit_jax import benchmark  # imported where a row runs: the parent never starts a JAX backend
 
     config = benchmark.make_config(base["model"], image_size=base["image_size"], batch=row["batch"],
-                                   dtype=base["dtype"], mesh=[], attention=row["attention"], remat=row["remat"],
-                                   scan_blocks=row["scan_blocks"])
-    for key, value in base.get("overrides", {}).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise ValueError(f"unknown config field {key!r}")
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+                                   dtype=base["dtype"], mesh=[])
+    for key, value in [*base.get("overrides", {}).items(), *row.get("set", {}).items()]:
+        _override(config, key, value)
     return config
 
 
-def _run_row_here(spec: dict[str, Any]) -> dict[str, Any]:
-    """A row's measurement in this process (the ``--row`` child): ``benchmark.train_benchmark`` without
-    the FLOP count, the devices' peak for MFU, and, asked for, a profile split by ``time_split``."""
+def _measure_here(spec: dict[str, Any], row: dict[str, Any], started: float) -> dict[str, Any]:
+    """One row's measurement in this process: ``benchmark.train_benchmark`` without the FLOP count,
+    the devices' peak for MFU, and, asked for, a profile split by ``time_split``."""
     import jax
 
     from dit_jax import benchmark, flops
     from dit_jax.models import DTYPES
 
-    config = row_config(spec["base"], spec["row"])
+    config = row_config(spec["base"], row)
     result = benchmark.train_benchmark(config, steps=spec["steps"], warmup=spec["warmup"], count_flops=False,
                                        profile_dir=spec.get("profile_dir"), profile_steps=spec.get("profile_steps", 3))
     peak = flops.peak_flops_per_device(jax.devices()[0], DTYPES[config.dtype])
     result["peak_flops_per_sec"] = None if peak is None else peak * jax.device_count()
-    result["since_launch_seconds"] = time.time() - spec["launched_at"] - (
-        time.perf_counter() - benchmark._MODULE_START - result["startup"]["since_start_seconds"])
+    first_step = time.time() - (time.perf_counter() - benchmark._MODULE_START - result["startup"]["since_start_seconds"])
+    result["since_launch_seconds"] = first_step - started
     if "profile" in result:
         result["profile"]["split"] = time_split(result["profile"]["dir"], sum(result["profile"]["step_seconds"]),
                                                 tokens=_tokens(config))
     return result
+
+
+def _run_group_here(spec: dict[str, Any]) -> None:
+    """The ``--group`` child: measure ``spec["rows"]`` one after another, printing each result as it
+    finishes. A row that fails (out of memory included) is its result and the next row runs; a row
+    whose estimated cost does not fit before ``spec["deadline"]`` is ``skipped``."""
+    for i, (row, cost) in enumerate(zip(spec["rows"], spec["costs"])):
+        started = spec["launched_at"] if i == 0 else time.time()
+        if time.time() + cost > spec["deadline"]:
+            result = {"row": row, "status": "skipped", "error": "time budget spent"}
+        else:
+            try:
+                result = {"row": row, "status": "ok", **_measure_here(spec, row, started)}
+            except Exception as e:  # noqa: BLE001 - any failure of one row is that row's result
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+                oom = [line for line in lines if _OOM.search(line)]
+                result = {"row": row, "status": "oom" if oom else "failed", "error": (oom or lines)[0][:400]}
+            gc.collect()  # the failed row's state and batch, held by its traceback until now
+        print(_RESULT_MARK + json.dumps({**result, "pid": os.getpid()}), flush=True)
 
 
 def _tokens(config: ml_collections.ConfigDict) -> int:
@@ -184,29 +228,95 @@ def _child_result(stdout: str) -> dict[str, Any] | None:
 def _failure(stderr: str) -> tuple[str, str]:
     """(status, the most telling line) of a failed child: ``oom`` when it ran out of device memory."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    oom = [line for line in lines if re.search(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|OOM", line)]
+    oom = [line for line in lines if _OOM.search(line)]
     errors = [line for line in lines if re.search(r"Error|error|Unknown flag|F\d{4} ", line)]
     return ("oom", oom[-1]) if oom else ("failed", (errors or lines or ["no output"])[-1])
 
 
-def run_row(base: dict[str, Any], row: dict[str, Any], *, steps: int, warmup: int, timeout_s: float,
-            profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any]:
-    """One row in a fresh process with the row's ``XLA_FLAGS`` (appended to the caller's); a dict with ``status``."""
+def row_seconds(row: dict[str, Any], *, steps: int, warmup: int) -> float:
+    """A row's estimated cost (``COST``): state creation, trace + compile, and its steps."""
+    step = COST["step_s_fixed"] + COST["step_s_per_image"] * row["batch"]
+    return COST["init_s"] + COST["compile_s"] + (warmup + steps) * step
+
+
+def group_rows(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by their XLA flags (one process each), groups in the order of their first row."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["xla_flags"]), []).append(row)
+    return list(groups.values())
+
+
+def _run_child(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmup: int, deadline: float,
+               row_timeout_s: float, on_result: Callable[[dict[str, Any]], None], compilation_cache: str | None = None,
+               profile_dir: str | None = None, profile_steps: int = 3) -> dict[str, Any] | None:
+    """``rows`` (one XLA-flag set) measured in one fresh child process with the rows' ``XLA_FLAGS`` (appended
+    to the caller's), each result passed to ``on_result`` as it comes. Returns None when every row
+    reported, else the outcome of the row it stopped at (``failed`` / ``oom`` when the child died,
+    ``timeout`` when no result came within ``row_timeout_s`` or before ``deadline`` (monotonic)). The child
+    uses the persistent compilation cache ``compilation_cache`` (``compilation_cache.enable``)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *row["xla_flags"]]).strip()
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *rows[0]["xla_flags"]]).strip()
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", MEM_FRACTION)
-    spec = {"base": base, "row": row, "steps": steps, "warmup": warmup, "launched_at": time.time(),
-            "profile_dir": profile_dir, "profile_steps": profile_steps}
-    out = {"row": row}
-    try:
-        proc = subprocess.run(_child_command("row", spec), capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {**out, "status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
-    result = _child_result(proc.stdout)
-    if proc.returncode or result is None:
-        status, error = _failure(proc.stderr)
-        return {**out, "status": status, "error": error, "returncode": proc.returncode}
-    return {**out, "status": "ok", **result}
+    spec = {"base": base, "rows": rows, "costs": [row_seconds(r, steps=steps, warmup=warmup) for r in rows],
+            "steps": steps, "warmup": warmup, "launched_at": time.time(),
+            "deadline": time.time() + deadline - time.monotonic(), "compilation_cache": compilation_cache,
+            "profile_dir": profile_dir,
+            "profile_steps": profile_steps}
+    lines: queue.Queue[str | None] = queue.Queue()
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(_child_command("group", spec), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reported, last = 0, time.monotonic()
+        while True:
+            wait = min(deadline, last + row_timeout_s) - time.monotonic()
+            try:
+                line = lines.get(timeout=max(wait, 0.0))
+            except queue.Empty:
+                proc.kill()
+                proc.wait()
+                limit = min(row_timeout_s, deadline - last)
+                return {"row": rows[reported], "status": "timeout", "error": f"no result within {limit:.0f} s"}
+            if line is None:
+                break
+            if line.startswith(_RESULT_MARK):
+                on_result(json.loads(line[len(_RESULT_MARK):]))
+                reported, last = reported + 1, time.monotonic()
+        proc.wait()
+        reader.join()
+        proc.stdout.close()
+        if reported == len(rows):
+            return None
+        stderr.seek(0)
+        status, error = _failure(stderr.read())
+        return {"row": rows[reported], "status": status, "error": error, "returncode": proc.returncode}
+
+
+def run_group(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmup: int, deadline: float,
+              row_timeout_s: float, on_result: Callable[[dict[str, Any]], None], **child: Any) -> None:
+    """Rows of one XLA-flag set measured in one child process; when the child dies or stalls, its row is
+    reported and the rows after it go on in a fresh child while ``deadline`` (monotonic) allows."""
+    pending = list(rows)
+    while pending:
+        if time.monotonic() >= deadline:
+            for row in pending:
+                on_result({"row": row, "status": "skipped", "error": "time budget spent"})
+            return
+        done = []
+        stopped = _run_child(base, pending, steps=steps, warmup=warmup, deadline=deadline,
+                             row_timeout_s=row_timeout_s, on_result=lambda r: (done.append(r), on_result(r)),
+                             **child)
+        pending = pending[len(done):]
+        if stopped is not None:
+            on_result(stopped)
+            pending = pending[1:]
 
 
 def _start_count(base: dict[str, Any], batches: list[int]) -> subprocess.Popen:
@@ -423,22 +533,68 @@ def _cell(value: Any, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _settings(row: dict[str, Any]) -> str:
+    """A row's name, batch, ``set`` and XLA flags as the first table cells."""
+    fields = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in row["set"].items()) or "-"
+    flags = " ".join(f.removeprefix("--xla_gpu_") for f in row["xla_flags"]) or "-"
+    return f"| {row['name']} | {row['batch']} | {fields} | {flags} "
+
+
 def format_row(row: dict[str, Any]) -> str:
     """One table line (``TABLE_HEADER``'s columns)."""
-    r = row["row"]
-    flags = " ".join(f.removeprefix("--xla_gpu_") for f in r["xla_flags"]) or "-"
-    settings = f"| {r['name']} | {r['batch']} | {r['attention']} | {r['remat']} | {'yes' if r['scan_blocks'] else 'no'} | {flags} "
+    settings = _settings(row["row"])
     if row["status"] != "ok":
         return settings + f"| {row['status']}: {row.get('error', '')[:120]} | | | | | | |"
     mem = row["peak_memory_bytes"]
     return settings + (f"| ok | {1e3 * row['step_seconds_median']:.1f} | {row['images_per_sec']:.1f} | "
                        f"{_cell(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}"
                        f"{'%' if row.get('mfu') is not None else ''} | {_cell(None if mem is None else mem / 2**30, '.1f')} | "
-                       f"{row['startup']['compile_seconds']:.1f} | {row['since_launch_seconds']:.1f} |")
+                       f"{row['startup']['compile_seconds']:.1f}{' warm' if row['compilation_cache']['warm'] else ''} | "
+                       f"{row['since_launch_seconds']:.1f} |")
 
 
-TABLE_HEADER = ("| row | batch | attention | remat | scan | XLA flags | status | step ms | img/s | MFU | peak GiB | "
-                "compile s | launch to 1st step s |\n|---|---:|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+TABLE_HEADER = ("| row | batch | set | XLA flags | status | step ms | img/s | MFU | peak GiB | compile s | "
+                "start to 1st step s |\n|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+
+
+def estimate(rows: list[dict[str, Any]], *, steps: int, warmup: int, budget_s: float,
+             profile_steps: int) -> dict[str, Any]:
+    """The plan's cost by ``COST``, in the order the sweep runs it (``group_rows``) and by its rule (a row
+    runs when it fits its group's time, ``group_deadlines``): each row's estimated seconds, its
+    finish time (None when skipped), and the total of the rows that run and the profile."""
+    reserve = COST["profile_s"] if profile_steps else 0.0
+    groups = group_rows(rows)
+    planned, clock = [], 0.0
+    for process, (group, deadline) in enumerate(zip(groups, group_deadlines(groups, budget_s - reserve, steps=steps,
+                                                                            warmup=warmup))):
+        clock += COST["process_s"]
+        for row in group:
+            seconds = row_seconds(row, steps=steps, warmup=warmup)
+            fits = clock + seconds <= deadline
+            clock += seconds if fits else 0.0
+            planned.append({"row": row, "process": process, "seconds": seconds, "finish_s": clock if fits else None})
+    return {"rows": planned, "profile_s": reserve, "total_s": clock + reserve, "budget_s": budget_s}
+
+
+def group_deadlines(groups: list[list[dict[str, Any]]], seconds: float, *, steps: int, warmup: int) -> list[float]:
+    """Each group's deadline, in seconds from the sweep's start: ``seconds`` less the estimated cost of
+    the groups after it (so a later group's first rows are not crowded out by an earlier group's last)."""
+    costs = [COST["process_s"] + sum(row_seconds(r, steps=steps, warmup=warmup) for r in g) for g in groups]
+    return [seconds - sum(costs[i + 1:]) for i in range(len(groups))]
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """``estimate``'s table: the rows in run order with their process, estimated cost and finish time."""
+    lines = ["| row | batch | set | XLA flags | process | est. s | done at s | fits |", "|---|---:|---|---|---:|---:|---:|---|"]
+    lines += [_settings(p["row"]) + f"| {p['process']} | {p['seconds']:.0f} | "
+              + ("| skipped |" if p["finish_s"] is None else f"{p['finish_s']:.0f} | yes |") for p in plan["rows"]]
+    fits = sum(p["finish_s"] is not None for p in plan["rows"])
+    lines.append(f"estimate: {plan['total_s']:.0f} s for {fits} of {len(plan['rows'])} rows and the profile "
+                 f"({plan['profile_s']:.0f} s) within the budget of {plan['budget_s']:.0f} s. "
+                 f"Cost model (COST): process {COST['process_s']:.0f} s, per row init {COST['init_s']:.0f} s + trace "
+                 f"and compile {COST['compile_s']:.0f} s + (warm-up + timed) steps x ({COST['step_s_fixed']} s + "
+                 f"{COST['step_s_per_image']} s x batch)")
+    return "\n".join(lines)
 
 
 def format_split(split: dict[str, Any], steps: int) -> str:
@@ -458,10 +614,15 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def sweep(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmup: int, budget_s: float,
           row_timeout_s: float, profile_steps: int, profile_reserve_s: float, out: str | None,
-          profile_dir: str, log=print) -> dict[str, Any]:
-    """Run ``rows`` (``resolve_rows``), then profile the fastest; print the table as it grows, write ``out``."""
+          profile_dir: str, compilation_cache: str | None = None, log=print) -> dict[str, Any]:
+    """Run ``rows`` (``resolve_rows``), one process per XLA-flag set, then profile the fastest; print the
+    table as it grows, write ``out``. Each group's time is what the budget leaves after the profile's
+    reserve and the estimated cost of the groups after it (``group_deadlines``). Every child uses the
+    persistent compilation cache ``compilation_cache`` (None: its default folder; "off"), so the profile
+    of a row reads the row's compiled step from it."""
     rows = resolve_rows(rows)
-    deadline = time.monotonic() + budget_s
+    start = time.monotonic()
+    deadline = start + budget_s - (profile_reserve_s if profile_steps else 0.0)
     counting = _start_count(base, sorted({r["batch"] for r in rows}))
     result: dict[str, Any] = {"base": base, "steps": steps, "warmup": warmup, "budget_s": budget_s, "rows": []}
 
@@ -469,26 +630,30 @@ def sweep(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmu
         if out:
             storage.write_atomic(out, json.dumps(result, indent=1))
 
-    log(f"sweep of {len(rows)} rows: {base['model']} {base['image_size']}px {base['dtype']}, {steps} timed steps "
-        f"after {warmup} warm-up, budget {budget_s:.0f} s\n{TABLE_HEADER}")
-    for row in rows:
-        left = deadline - time.monotonic() - (profile_reserve_s if profile_steps else 0.0)
-        if left < min(row_timeout_s, 30.0):
-            measured = {"row": row, "status": "skipped", "error": "time budget spent"}
-        else:
-            measured = run_row(base, row, steps=steps, warmup=warmup, timeout_s=min(row_timeout_s, left))
+    def record(measured: dict[str, Any]) -> None:
         result["rows"].append(measured)
         log(format_row(measured))
         save()
+
+    groups = group_rows(rows)
+    log(f"sweep of {len(rows)} rows in {len(groups)} processes: {base['model']} {base['image_size']}px "
+        f"{base['dtype']}, {steps} timed steps after {warmup} warm-up, budget {budget_s:.0f} s\n{TABLE_HEADER}")
+    for group, seconds in zip(groups, group_deadlines(groups, deadline - start, steps=steps, warmup=warmup)):
+        run_group(base, group, steps=steps, warmup=warmup, deadline=start + seconds, row_timeout_s=row_timeout_s,
+                  on_result=record, compilation_cache=compilation_cache)
+    result["rows"].sort(key=lambda r: rows.index(r["row"]))  # the plan's order again
     best = _best(result["rows"])
     if profile_steps and best is not None:
-        left = deadline - time.monotonic()
-        profiled = run_row(base, best["row"], steps=1, warmup=warmup, timeout_s=max(left, 30.0),
-                           profile_dir=profile_dir, profile_steps=profile_steps)
-        result["profile"] = {"row": best["row"]["name"], "status": profiled["status"],
-                             **({"split": profiled["profile"]["split"], "dir": profile_dir}
-                                if profiled["status"] == "ok" else {"error": profiled.get("error")})}
-    counts, problem = _finish_count(counting, deadline - time.monotonic() + 60)
+        profiled: list[dict[str, Any]] = []
+        run_group(base, [best["row"]], steps=1, warmup=warmup, deadline=max(start + budget_s, time.monotonic() + 30),
+                  row_timeout_s=row_timeout_s, on_result=profiled.append, compilation_cache=compilation_cache,
+                  profile_dir=profile_dir, profile_steps=profile_steps)
+        p = profiled[0]
+        result["profile"] = {"row": best["row"]["name"], "status": p["status"],
+                             **({"split": p["profile"]["split"], "dir": profile_dir,
+                                 "compile_warm": p["compilation_cache"]["warm"]}
+                                if p["status"] == "ok" else {"error": p.get("error")})}
+    counts, problem = _finish_count(counting, start + budget_s - time.monotonic() + 60)
     add_mfu(result["rows"], counts)
     result["train_flops_per_image"], result["flops_count_problem"] = counts, problem
     save()
@@ -497,31 +662,36 @@ def sweep(base: dict[str, Any], rows: list[dict[str, Any]], *, steps: int, warmu
         log(problem)
     if "profile" in result:
         p = result["profile"]
-        log(f"profile of {p['row']!r}: " + (format_split(p["split"], profile_steps) if p["status"] == "ok"
-                                            else f"{p['status']}: {p['error']}"))
+        log(f"profile of {p['row']!r}" + (f" (its step {'read from' if p['compile_warm'] else 'not in'} the "
+                                           f"compilation cache): " + format_split(p["split"], profile_steps)
+                                           if p["status"] == "ok" else f": {p['status']}: {p['error']}"))
     return result
 
 
 def _define_flags() -> None:
     from absl import flags
 
+    from dit_jax import compilation_cache
+
     flags.DEFINE_string("model", "DiT-XL/2", "Paper model name (models.MODELS).")
     flags.DEFINE_integer("image_size", 256, "Image size; the model sees image_size / 8 latents.")
     flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype of every row.")
     flags.DEFINE_string("rows", None, "A JSON file with a list of rows instead of GPU_PLAN.")
     flags.DEFINE_multi_string("set", [], "Config overrides a.b=value for every row (e.g. model.depth=2).")
-    flags.DEFINE_integer("steps", 8, "Timed steps per row.")
+    flags.DEFINE_integer("steps", 6, "Timed steps per row (the median is reported).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps per row first (the first compiles).")
-    flags.DEFINE_float("budget_s", 450, "Wall-clock budget of the whole sweep, profile included.")
-    flags.DEFINE_float("row_timeout_s", 150, "Time limit of one row.")
+    flags.DEFINE_float("budget_s", 480, "Wall-clock budget of the whole sweep, profile included.")
+    flags.DEFINE_float("row_timeout_s", 150, "Time limit of one row (from its process's launch for a group's first).")
     flags.DEFINE_integer("profile_steps", 3, "Steps of the best row's profile; 0 skips it.")
-    flags.DEFINE_float("profile_reserve_s", 90, "Budget kept for the profile when starting rows.")
+    flags.DEFINE_float("profile_reserve_s", COST["profile_s"], "Budget kept for the profile when starting rows.")
     flags.DEFINE_string("profile_dir", "sweep_profile", "Where the profile (TensorBoard/Perfetto) goes.")
     flags.DEFINE_string("out", "sweep.json", "The table as JSON (rewritten after every row).")
+    compilation_cache.define_flag()
+    flags.DEFINE_bool("plan", False, "Print the rows, their processes and the time estimate (COST), run nothing.")
     flags.DEFINE_string("time_split", None, "Print the time split of a saved profile in this folder (a Perfetto "
                         "trace and the benchmark's train_step.hlo.txt, gzipped or not; --model and --image_size give "
                         "its tokens) and exit.")
-    flags.DEFINE_string("row", None, "Internal: measure one row given as JSON and print its result.")
+    flags.DEFINE_string("group", None, "Internal: measure the rows given as JSON, printing each result.")
     flags.DEFINE_string("count", None, "Internal: count train FLOPs per image for the batches given as JSON.")
 
 
@@ -531,10 +701,16 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    for mode, run in (("row", _run_row_here), ("count", _count_flops_here)):
-        if getattr(f, mode):
-            print(_RESULT_MARK + json.dumps(run(json.loads(getattr(f, mode)))), flush=True)
-            return
+    if f.group:
+        from dit_jax import compilation_cache
+
+        spec = json.loads(f.group)
+        compilation_cache.enable(spec["compilation_cache"])
+        _run_group_here(spec)
+        return
+    if f.count:
+        print(_RESULT_MARK + json.dumps(_count_flops_here(json.loads(f.count))), flush=True)
+        return
     if f.time_split:
         config = row_config({"model": f.model, "image_size": f.image_size, "dtype": f.dtype}, ROW_DEFAULTS)
         split = time_split(f.time_split, tokens=_tokens(config))
@@ -547,12 +723,17 @@ def main(argv: list[str]) -> None:
                 rows = resolve_rows(json.load(fh))
         else:
             rows = resolve_rows(GPU_PLAN)
-        row_config(base, rows[0])  # a bad model, field or value fails here, before any row runs
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        for row in rows:  # a bad model, field or value fails here, before any row runs
+            row_config(base, row)
+    except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as e:
         raise app.UsageError(str(e)) from e
+    if f.plan:
+        print(format_plan(estimate(rows, steps=f.steps, warmup=f.warmup, budget_s=f.budget_s,
+                                   profile_steps=f.profile_steps)))
+        return
     sweep(base, rows, steps=f.steps, warmup=f.warmup, budget_s=f.budget_s, row_timeout_s=f.row_timeout_s,
           profile_steps=f.profile_steps, profile_reserve_s=f.profile_reserve_s, out=f.out,
-          profile_dir=os.path.abspath(f.profile_dir))
+          profile_dir=os.path.abspath(f.profile_dir), compilation_cache=f.compilation_cache)
 
 
 if __name__ == "__main__":

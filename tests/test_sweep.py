@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,26 +20,33 @@ from tests.conftest import TINY_SWEEP_BASE
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FLAGS = ["--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_latency_hiding_scheduler=true"]
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
-    """A two-row sweep of the tiny model (one row with a misspelt XLA flag) and its profile."""
+    """A sweep of the tiny model: three rows sharing XLA flags (one fails while building its model), one row
+    with a misspelt XLA flag, and the profile of the best."""
     tmp = tmp_path_factory.mktemp("sweep")
-    rows = [{"name": "dots, scanned, GPU flags", "batch": 8, "remat": "dots", "scan_blocks": True,
-             "xla_flags": [sweep.NO_TRITON_GEMM, sweep.LATENCY_HIDING]},
-            {"name": "typo", "batch": 8, "xla_flags": ["--xla_gpu_enable_tritn_gemm=false"]}]
+    rows = [{"name": "dots, scanned", "batch": 8, "set": {"remat": "dots", "model.scan_blocks": True},
+             "xla_flags": FLAGS},
+            {"name": "typo", "batch": 8, "xla_flags": ["--xla_gpu_enable_tritn_gemm=false"]},
+            {"name": "bad remat", "batch": 8, "set": {"remat": "most"}, "xla_flags": FLAGS},
+            {"name": "plain b16", "batch": 16, "xla_flags": FLAGS}]
     lines = []
     result = sweep.sweep(TINY_SWEEP_BASE, rows, steps=2, warmup=1, budget_s=1800, row_timeout_s=600, profile_steps=2,
                          profile_reserve_s=60, out=str(tmp / "sweep.json"), profile_dir=str(tmp / "profile"),
-                         log=lines.append)
+                         compilation_cache=str(tmp / "cache"), log=lines.append)
     return result, "\n".join(lines), tmp
 
 
 @pytest.mark.slow  # four subprocesses; the plan, flag, classify and bad-row tests are the fast ones
-def test_rows_are_measured_in_their_own_processes_and_failures_are_rows(swept):
+def test_rows_sharing_xla_flags_share_a_process_and_failures_are_rows(swept):
     result, printed, tmp = swept
-    ok, typo = result["rows"]
-    assert ok["status"] == "ok", ok
-    assert ok["row"]["remat"] == "dots" and ok["scan_blocks"] and ok["remat"] == "dots" and ok["batch"] == 8
+    ok, typo, bad, small = result["rows"]  # the plan's order, though the typo's process ran last
+    assert ok["status"] == "ok" and small["status"] == "ok", (ok, small)
+    assert ok["pid"] == bad["pid"] == small["pid"]  # one process for the three rows of one flag set
+    assert ok["remat"] == "dots" and ok["scan_blocks"] and ok["batch"] == 8 and small["batch"] == 16
     assert 0 < ok["step_seconds_min"] <= ok["step_seconds_median"]
     assert ok["images_per_sec"] == pytest.approx(8 / ok["step_seconds_median"])
     assert ok["peak_memory_bytes"] is None and ok["peak_flops_per_sec"] is None and ok["mfu"] is None  # a CPU
@@ -46,7 +54,10 @@ def test_rows_are_measured_in_their_own_processes_and_failures_are_rows(swept):
     assert set(startup) == {"init_seconds", "trace_seconds", "compile_seconds", "first_step_seconds",
                             "since_start_seconds"}
     assert startup["since_start_seconds"] > startup["compile_seconds"] > 0
-    assert ok["since_launch_seconds"] >= startup["since_start_seconds"]
+    assert ok["since_launch_seconds"] >= startup["since_start_seconds"]  # the first row pays the process's start
+    assert ok["compilation_cache"]["dir"] == str(tmp / "cache")
+    assert 0 < small["since_launch_seconds"] < small["startup"]["since_start_seconds"]  # a later row does not
+    assert bad["status"] == "failed" and "remat 'most' is not one of" in bad["error"]
     assert typo["status"] == "failed" and "tritn" in typo["error"]
     # The model FLOPs per image, counted once in a CPU process, equal the benchmark's own count.
     config = sweep.row_config(TINY_SWEEP_BASE, sweep.resolve_rows([{"name": "x", "batch": 8}])[0])
@@ -54,28 +65,51 @@ def test_rows_are_measured_in_their_own_processes_and_failures_are_rows(swept):
     assert result["train_flops_per_image"]["8"] == pytest.approx(expected, rel=1e-6)
     assert ok["train_flops_per_image"] == result["train_flops_per_image"]["8"]
     assert json.loads((tmp / "sweep.json").read_text()) == json.loads(json.dumps(result))
-    assert "| typo | 8 | xla | none | no | enable_tritn_gemm=false | failed:" in printed
-    assert "| dots, scanned, GPU flags | 8 | xla | dots | yes |" in printed and "| ok |" in printed
+    assert "| typo | 8 | - | enable_tritn_gemm=false | failed:" in printed
+    assert "| dots, scanned | 8 | remat=dots model.scan_blocks=true | enable_triton_gemm=false" in printed
+    assert "| ok |" in printed and "in 2 processes" in printed
 
 
 @pytest.mark.slow  # shares the end-to-end sweep above
 def test_the_best_row_is_profiled_and_its_time_split(swept):
     result, printed, _ = swept
     profile = result["profile"]
-    assert profile["status"] == "ok" and profile["row"] == "dots, scanned, GPU flags"
+    fastest = max((r for r in result["rows"] if r["status"] == "ok"), key=lambda r: r["images_per_sec"])
+    assert profile["status"] == "ok" and profile["row"] == fastest["row"]["name"]  # in images/s
     split = profile["split"]
     assert set(split["seconds"]) == set(sweep.CATEGORIES)
     assert split["events"] > 0 and 0 < split["busy_seconds"] and split["wall_seconds"] > 0
     assert split["seconds"]["matmul"] > 0 and split["seconds"]["optimizer_ema"] > 0
     assert split["seconds"]["attention"] > 0 and split["seconds"]["elementwise_norm"] > 0
     assert split["top_ops"] and {o["category"] for o in split["top_ops"]} <= set(sweep.CATEGORIES)
-    assert "profile of 'dots, scanned, GPU flags': per step" in printed and "gaps" in printed
+    assert f"profile of {fastest['row']['name']!r} (its step " in printed and "cache): per step" in printed
+    assert "gaps" in printed and isinstance(profile["compile_warm"], bool)
+
+
+def test_a_group_reports_oom_and_goes_on(monkeypatch, capsys):
+    """In the group child an out-of-memory row is reported ``oom`` and the next row runs; a row whose
+    estimated cost does not fit before the deadline is skipped."""
+    def measure(spec, row, started):
+        if row["name"] == "big":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 99.00GiB.\nmore")
+        return {"step_seconds_median": 0.1, "since_launch_seconds": time.time() - started}
+
+    monkeypatch.setattr(sweep, "_measure_here", measure)
+    rows = sweep.resolve_rows([{"name": "big"}, {"name": "small"}, {"name": "late"}])
+    sweep._run_group_here({"rows": rows, "costs": [1, 1, 1e9], "launched_at": time.time(),
+                           "deadline": time.time() + 600})
+    results = [json.loads(line.removeprefix(sweep._RESULT_MARK)) for line in capsys.readouterr().out.splitlines()]
+    assert [r["status"] for r in results] == ["oom", "ok", "skipped"]
+    assert results[0]["error"].startswith("RESOURCE_EXHAUSTED") and results[1]["step_seconds_median"] == 0.1
 
 
 def test_time_out_and_skipped_rows_are_reported(monkeypatch):
     rows = sweep.resolve_rows([{"name": "slow"}, {"name": "late"}])
-    result = sweep.run_row(TINY_SWEEP_BASE, rows[0], steps=1, warmup=1, timeout_s=0.5)
-    assert result["status"] == "timeout" and "no result within" in result["error"]
+    seen = []
+    stopped = sweep._run_child(TINY_SWEEP_BASE, rows, steps=1, warmup=1, deadline=time.monotonic() + 600,
+                               row_timeout_s=0.5, on_result=seen.append, compilation_cache="off")
+    assert seen == [] and stopped["status"] == "timeout" and stopped["row"]["name"] == "slow"
+    assert "no result within" in stopped["error"]
     monkeypatch.setattr(sweep, "_start_count", lambda *a: subprocess.Popen(
         [sys.executable, "-c", "raise SystemExit('no count here')"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True))
@@ -121,41 +155,77 @@ ENTRY %main (a: f32[2]) -> f32[2] {
     assert sweep._union_seconds([(0, 2e6), (1e6, 3e6), (5e6, 6e6)]) == pytest.approx(4.0)
 
 
-def test_the_gpu_plan_is_valid_and_its_xla_flags_exist():
-    """Every XLA flag of GPU_PLAN is known to this XLA (a misspelt flag aborts the backend's start)."""
+def test_the_gpu_plan_is_valid_its_xla_flags_exist_and_it_fits_eight_minutes():
+    """Every XLA flag of GPU_PLAN is known to this XLA (a misspelt flag aborts the backend's start); by the
+    cost model at least 8 rows and the profile fit the default budget."""
     rows = sweep.resolve_rows(sweep.GPU_PLAN)
-    assert {r["attention"] for r in rows} == {"xla", "cudnn"} and {r["batch"] for r in rows} == {128, 256}
-    assert {r["remat"] for r in rows} == {"none", "block", "dots"} and any(r["scan_blocks"] for r in rows)
-    for row in rows:
-        sweep.row_config({"model": "DiT-XL/2", "image_size": 256, "dtype": "bfloat16"}, row)
+    assert len(rows) >= 8 and {r["batch"] for r in rows} == {32, 128, 256}
+    assert {k for r in rows for k in r["set"]} >= set(sweep.SWITCHES)
+    assert [len(g) for g in sweep.group_rows(rows)] == [len(rows) - 1, 1]  # the cuBLASLt row alone
+    plan = sweep.estimate(rows, steps=6, warmup=2, budget_s=480, profile_steps=3)
+    ran = [p for p in plan["rows"] if p["finish_s"] is not None]
+    assert len(ran) >= 8 and plan["total_s"] <= 480 and ran[0]["row"]["name"] == "b256 baseline"
     flags = sorted({f for r in rows for f in r["xla_flags"]})
-    assert flags == sorted([sweep.LATENCY_HIDING, sweep.NO_TRITON_GEMM, sweep.NO_COMMAND_BUFFERS])
+    assert flags == [sweep.CUBLASLT]
     env = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-2000:]
 
 
+def test_the_estimate_follows_the_sweeps_rule():
+    """A later flag set's rows keep their time: the first group's last rows are skipped, not the second's."""
+    rows = sweep.resolve_rows([{"name": "a", "batch": 256}, {"name": "b", "batch": 256},
+                               {"name": "c", "batch": 256, "xla_flags": [sweep.CUBLASLT]}])
+    one = sweep.row_seconds(rows[0], steps=6, warmup=2)
+    budget = 2 * sweep.COST["process_s"] + 2 * one + 1  # room for two rows, no profile
+    plan = sweep.estimate(rows, steps=6, warmup=2, budget_s=budget, profile_steps=0)
+    assert [p["finish_s"] is not None for p in plan["rows"]] == [True, False, True]
+    assert plan["total_s"] == pytest.approx(2 * sweep.COST["process_s"] + 2 * one)
+    assert one == pytest.approx(sweep.COST["init_s"] + sweep.COST["compile_s"] + 8 * (0.01 + 0.00155 * 256))
+
+
+def test_plan_command_prints_rows_and_estimate(tmp_path):
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"name": "b256 plain", "batch": 256}, {"name": "b32 dots", "batch": 32,
+                                                                         "set": {"remat": "dots"}}]))
+    out = subprocess.run([sys.executable, "-m", "dit_jax.sweep", "--plan", "--rows", str(rows)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| b32 dots | 32 | remat=dots | - | 0 |" in out.stdout and "yes |" in out.stdout
+    assert re.search(r"estimate: \d+ s for 2 of 2 rows and the profile \(60 s\) within the budget of 480 s",
+                     out.stdout)
+
+
 def test_bad_rows_and_overrides_are_rejected():
     with pytest.raises(ValueError, match="needs a name"):
         sweep.resolve_rows([{"batch": 8}])
-    with pytest.raises(ValueError, match=r"unknown keys \['bach'\]"):
-        sweep.resolve_rows([{"name": "a", "bach": 8}])
+    with pytest.raises(ValueError, match=r"unknown keys \['remat'\]"):
+        sweep.resolve_rows([{"name": "a", "remat": "dots"}])
     with pytest.raises(ValueError, match="xla_flags"):
         sweep.resolve_rows([{"name": "a", "xla_flags": "xla_gpu_enable_triton_gemm=false"}])
+    with pytest.raises(ValueError, match="set must map"):
+        sweep.resolve_rows([{"name": "a", "set": [["remat", "dots"]]}])
     assert sweep.parse_overrides(["model.depth=2", "model.name="]) == {"model.depth": 2, "model.name": ""}
     with pytest.raises(ValueError, match="key=value"):
         sweep.parse_overrides(["model.depth"])
     with pytest.raises(ValueError, match="unknown config field 'model.dept'"):
         sweep.row_config({**TINY_SWEEP_BASE, "overrides": {"model.dept": 2}}, sweep.resolve_rows([{"name": "a"}])[0])
+    row = sweep.resolve_rows([{"name": "a", "batch": 4, "set": {"remat": "dots", "model.scan_blocks": True}}])[0]
+    config = sweep.row_config(TINY_SWEEP_BASE, row)
+    assert config.remat == "dots" and config.model.scan_blocks is True and config.train.batch_size == 4
+    with pytest.raises(ValueError, match="'model.scan_blocks' is true or false"):
+        sweep.row_config(TINY_SWEEP_BASE, {**row, "set": {"model.scan_blocks": "yes"}})
+    with pytest.raises(ValueError, match="unknown config field 'remat.x'"):
+        sweep.row_config(TINY_SWEEP_BASE, {**row, "set": {"remat.x": 1}})
 
 
 def test_cli_rejects_a_bad_rows_file(tmp_path):
     rows = tmp_path / "rows.json"
-    rows.write_text(json.dumps([{"name": "a", "remat": "most"}]))
+    rows.write_text(json.dumps([{"name": "a", "set": {"remat_mode": "dots"}}]))
     out = subprocess.run([sys.executable, "-m", "dit_jax.sweep", "--rows", str(rows)], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
-    assert out.returncode != 0 and "remat 'most' is not one of" in out.stderr
+    assert out.returncode != 0 and "unknown config field 'remat_mode'" in out.stderr
 
 
 H200_PROFILE = ROOT / "tests" / "data" / "h200_xl2_b256_cudnn"  # one step of DiT-XL/2, batch 256, cuDNN attention
