@@ -78,8 +78,9 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
 
     The state and batch are placed on the mesh ``config.mesh`` over all devices. ``startup``
     splits the time to the first finished step: creating the state, tracing/lowering the step,
-    compiling it (the FLOP count, a CPU lowering skipped with ``count_flops=False``, runs in a
-    thread meanwhile; ``flops_count`` is only what it took beyond the compile), the first call.
+    compiling it, the first call; the FLOP count (a CPU lowering, skipped with ``count_flops=False``)
+    runs in a thread meanwhile, and ``flops_count`` is only what it took beyond them (waited for
+    after the first step, before the timed ones, so it is not part of ``since_start_seconds``).
     The MFU uses that count (``flops_source`` "lowered_cpu"), else the compiled program's
     ("compiled"), which is reported beside it (``compiled_flops_per_image``); ``since_start_seconds`` is measured from this module's import (before jax's),
     which for ``python -m dit_jax.benchmark`` is the start of the command. With ``profile_dir``,
@@ -107,23 +108,25 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
     lowered = step_fn.lower(state, batch)
     phase("trace")
     hits = compilation_cache.hits()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the CPU count runs while XLA compiles
-        lowered_count = pool.submit(train.step_flops, config, graphdef, fixed, diffusion, state) if count_flops else None
-        compiled = lowered.compile()
-        phase("compile")
-        flop_counts = _flop_counts(compiled, lowered_count, num_devices)
-    if count_flops:
-        phase("flops_count")  # only the part of the CPU count that outlasted the compile
-    flops_per_step = flop_counts.get("flops_per_step")
 
     def call():
         nonlocal state
         state, metrics = compiled(state, batch)
         return state, metrics
 
-    jax.block_until_ready(call())
-    phase("first_step")
-    startup["since_start_seconds"] = clock - _MODULE_START
+    # The CPU count runs in a thread while XLA compiles and the first step runs (with a warm compilation
+    # cache it outlasts both); it is waited for before the timed steps, which it must not slow.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        lowered_count = pool.submit(train.step_flops, config, graphdef, fixed, diffusion, state) if count_flops else None
+        compiled = lowered.compile()
+        phase("compile")
+        jax.block_until_ready(call())
+        phase("first_step")
+        startup["since_start_seconds"] = clock - _MODULE_START
+        flop_counts = _flop_counts(compiled, lowered_count, num_devices)
+    if count_flops:
+        phase("flops_count")  # only the part of the CPU count that outlasted the compile and the first step
+    flops_per_step = flop_counts.get("flops_per_step")
     seconds = timed(call, steps, warmup - 1)
     result = {"num_params": count_params(nnx.merge(graphdef, state.params, fixed)), "num_devices": num_devices,
               "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
