@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 # The four conditioning blocks of the paper's Figure 5 ablation.
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
@@ -38,6 +39,15 @@ _REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_b
 # attention on NVIDIA GPUs; 16-bit inputs, head_dim a multiple of 8 and at most 128), or "auto"
 # (cuDNN where it works, XLA elsewhere: ``resolve_attention``).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# Compute switches for the passes around the matmuls; none changes the parameters or the maths
+# (the first of each is the plain path). qkv "split": q, k and v (cross-attention's k and v) by
+# separate matmuls over slices of the fused kernel, so they and their gradients are whole arrays,
+# not slices of one [.., 3, ..] tensor. gelu_backward "recompute": the MLP's bias + GELU saves only
+# the fc1 matmul's output and recomputes the GELU in its backward. norm_modulate "fused": adaLN's
+# LayerNorm + modulation as one function with a one-pass backward (``norm_modulate``).
+QKV_MODES = ("fused", "split")
+GELU_BACKWARD_MODES = ("saved", "recompute")
+NORM_MODULATE_MODES = ("xla", "fused")
 
 
 
@@ -131,6 +141,70 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def _norm_modulate_fwd(x: jax.Array, shift: jax.Array, scale: jax.Array, epsilon: float):
+    # nnx.LayerNorm's values: statistics in (at least) float32, E[x^2] - E[x]^2 clipped at 0, the
+    # normalised tokens cast back to x's dtype; then ``modulate`` in that dtype.
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, lax.square(xf).mean(-1, keepdims=True) - lax.square(mean))
+    rstd = lax.rsqrt(var + epsilon)
+    return modulate(((xf - mean) * rstd).astype(x.dtype), shift, scale), (x, mean, rstd, scale)
+
+
+def _norm_modulate_bwd(epsilon: float, residuals, g: jax.Array):
+    x, mean, rstd, scale = residuals
+    xhat = (x.astype(mean.dtype) - mean) * rstd
+    g = g.astype(mean.dtype)
+    dshift, dscale = g.sum(1), (g * xhat).sum(1)
+    g = g * (1 + scale).astype(mean.dtype)[:, None]
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), dshift.astype(scale.dtype), dscale.astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, epsilon: float) -> jax.Array:
+    """``modulate(LayerNorm(x), shift, scale)`` (no affine LayerNorm over the last axis of [N, T, D]),
+    the same values, with a backward that reads x once: it saves only x and per-token statistics,
+    and dx is one pass over rows (the means of g' and g' * xhat, g' = g * (1 + scale))."""
+    return _norm_modulate_fwd(x, shift, scale, epsilon)[0]
+
+
+norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
+
+
+def _tanh_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+@jax.custom_vjp
+def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``gelu(y + bias)`` (tanh approximation) whose backward recomputes the GELU from ``y`` (a matmul's
+    output, written anyway) instead of saving its intermediates: dy and the bias gradient in one pass."""
+    return _tanh_gelu(y + bias)
+
+
+def _bias_gelu_fwd(y: jax.Array, bias: jax.Array):
+    return bias_gelu(y, bias), (y, bias)
+
+
+def _bias_gelu_bwd(residuals, g: jax.Array):
+    y, bias = residuals
+    (dy,) = jax.vjp(_tanh_gelu, y + bias)[1](g)
+    return dy, dy.sum(tuple(range(dy.ndim - bias.ndim))).astype(bias.dtype)
+
+
+bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
+def _matmuls(layer: nnx.Linear | nnx.LinearGeneral, x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """A linear layer's (x @ kernel, bias) in its compute dtype, one pair per projection of a
+    ``[din, n, dout]`` kernel (``n`` separate matmuls over its slices), one for a ``[din, dout]`` kernel."""
+    x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
+    kernels, biases = ([kernel[:, i] for i in range(kernel.shape[1])], list(bias)) if kernel.ndim == 3 else ([kernel], [bias])
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return tuple((lax.dot_general(x, k, dims, precision=layer.precision), b) for k, b in zip(kernels, biases))
+
+
 def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype: Any, init=xavier_uniform) -> nnx.Linear:
     return nnx.Linear(din, dout, kernel_init=init, bias_init=zeros, dtype=dtype, rngs=rngs)
 
@@ -200,9 +274,10 @@ class Attention(nnx.Module):
     """Multi-head attention; queries from ``x``, keys/values from ``context`` (default: ``x``)."""
 
     def __init__(self, dim: int, num_heads: int, *, cross: bool = False, dtype: Any, implementation: str = "xla",
-                 rngs: nnx.Rngs):
+                 qkv: str = "fused", rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.implementation = implementation
+        self.split = qkv == "split"
         if cross:
             self.q = _fused_linear(dim, 1, dim, rngs, dtype)
             self.kv = _fused_linear(dim, 2, dim, rngs, dtype)
@@ -210,17 +285,21 @@ class Attention(nnx.Module):
             self.qkv = _fused_linear(dim, 3, dim, rngs, dtype)
         self.proj = _linear(dim, dim, rngs, dtype)
 
-    def _heads(self, x: jax.Array) -> tuple[jax.Array, ...]:
-        # [b, t, n, heads * head_dim] -> n arrays [b, t, heads, head_dim] (the official feature order).
-        b, t, n, d = x.shape
-        x = x.reshape(b, t, n, self.num_heads, d // self.num_heads)
-        return tuple(x[:, :, i] for i in range(n))
+    def _heads(self, layer: nnx.LinearGeneral, x: jax.Array) -> tuple[jax.Array, ...]:
+        # The n projections [b, t, heads * head_dim] -> n arrays [b, t, heads, head_dim] (the official feature order).
+        if self.split:
+            outputs = [y + b for y, b in _matmuls(layer, x)]
+        else:
+            y = layer(x)
+            outputs = [y[:, :, i] for i in range(y.shape[2])]
+        b, t, d = outputs[0].shape
+        return tuple(y.reshape(b, t, self.num_heads, d // self.num_heads) for y in outputs)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         if context is None:
-            q, k, v = self._heads(self.qkv(x))
+            q, k, v = self._heads(self.qkv, x)
         else:
-            (q,), (k, v) = self._heads(self.q(x)), self._heads(self.kv(context))
+            (q,), (k, v) = self._heads(self.q, x), self._heads(self.kv, context)
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.proj(out.reshape(x.shape[0], x.shape[1], -1))
 
@@ -228,12 +307,23 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """Transformer MLP with tanh-approximated GELU (as the official code)."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, *, dtype: Any, gelu_backward: str = "saved", rngs: nnx.Rngs):
         self.fc1 = _linear(dim, hidden, rngs, dtype)
         self.fc2 = _linear(hidden, dim, rngs, dtype)
+        self.recompute_gelu = gelu_backward == "recompute"
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+        if self.recompute_gelu:
+            ((y, bias),) = _matmuls(self.fc1, x)
+            return self.fc2(bias_gelu(y, bias))
+        return self.fc2(_tanh_gelu(self.fc1(x)))
+
+
+def _adaptive_norm(norm: nnx.LayerNorm, x: jax.Array, shift: jax.Array, scale: jax.Array, fused: bool) -> jax.Array:
+    """adaLN: ``modulate(norm(x), shift, scale)``, as one ``norm_modulate`` when ``fused``."""
+    if fused:
+        return norm_modulate(x.astype(norm.dtype or x.dtype), shift, scale, norm.epsilon)
+    return modulate(norm(x), shift, scale)
 
 
 class DiTBlock(nnx.Module):
@@ -247,31 +337,33 @@ class DiTBlock(nnx.Module):
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, block_type: str,
-                 *, dtype: Any, attention: str = "xla", rngs: nnx.Rngs):
+                 *, dtype: Any, attention: str = "xla", qkv: str = "fused", gelu_backward: str = "saved",
+                 norm_modulate: str = "xla", rngs: nnx.Rngs):
         self.block_type = block_type
+        self.fused_norm = norm_modulate == "fused"
         adaptive = block_type in ("adaln_zero", "adaln")
         self.norm1 = _norm(hidden_size, rngs, dtype, affine=not adaptive)
-        self.attn = Attention(hidden_size, num_heads, dtype=dtype, implementation=attention, rngs=rngs)
+        self.attn = Attention(hidden_size, num_heads, dtype=dtype, implementation=attention, qkv=qkv, rngs=rngs)
         self.norm2 = _norm(hidden_size, rngs, dtype, affine=not adaptive)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, gelu_backward=gelu_backward, rngs=rngs)
         if adaptive:
             n, init = (6, zeros) if block_type == "adaln_zero" else (4, xavier_uniform)
             self.adaLN_modulation = nnx.Sequential(nnx.silu, _linear(hidden_size, n * hidden_size, rngs, dtype, init))
         if block_type == "cross_attention":
             self.norm_cross = _norm(hidden_size, rngs, dtype, affine=True)
             self.cross_attn = Attention(hidden_size, num_heads, cross=True, dtype=dtype, implementation=attention,
-                                        rngs=rngs)
+                                        qkv=qkv, rngs=rngs)
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         """x: [N, T, D] tokens; c: [N, D] conditioning vector, or [N, 2, D] tokens for cross-attention."""
         if self.block_type == "adaln_zero":
             shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN_modulation(c), 6, axis=-1)
-            x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-            return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+            x = x + gate1[:, None] * self.attn(_adaptive_norm(self.norm1, x, shift1, scale1, self.fused_norm))
+            return x + gate2[:, None] * self.mlp(_adaptive_norm(self.norm2, x, shift2, scale2, self.fused_norm))
         if self.block_type == "adaln":
             shift1, scale1, shift2, scale2 = jnp.split(self.adaLN_modulation(c), 4, axis=-1)
-            x = x + self.attn(modulate(self.norm1(x), shift1, scale1))
-            return x + self.mlp(modulate(self.norm2(x), shift2, scale2))
+            x = x + self.attn(_adaptive_norm(self.norm1, x, shift1, scale1, self.fused_norm))
+            return x + self.mlp(_adaptive_norm(self.norm2, x, shift2, scale2, self.fused_norm))
         x = x + self.attn(self.norm1(x))
         if self.block_type == "cross_attention":
             x = x + self.cross_attn(self.norm_cross(x), c)
@@ -282,19 +374,19 @@ class FinalLayer(nnx.Module):
     """Norm (adaptive when the blocks are), then a zero-initialised linear decoder to patches."""
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool,
-                 *, dtype: Any, rngs: nnx.Rngs):
+                 *, dtype: Any, norm_modulate: str = "xla", rngs: nnx.Rngs):
         self.norm_final = _norm(hidden_size, rngs, dtype, affine=not adaptive)
         self.linear = _linear(hidden_size, patch_size * patch_size * out_channels, rngs, dtype, zeros)
         self.adaptive = adaptive
+        self.fused_norm = norm_modulate == "fused"
         if adaptive:
             self.adaLN_modulation = nnx.Sequential(nnx.silu, _linear(hidden_size, 2 * hidden_size, rngs, dtype, zeros))
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
-        x = self.norm_final(x)
         if self.adaptive:
             shift, scale = jnp.split(self.adaLN_modulation(c), 2, axis=-1)
-            x = modulate(x, shift, scale)
-        return self.linear(x)
+            return self.linear(_adaptive_norm(self.norm_final, x, shift, scale, self.fused_norm))
+        return self.linear(self.norm_final(x))
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
@@ -335,6 +427,8 @@ class DiT(nnx.Module):
     ``remat`` (``REMAT_MODES``) recomputes block activations in the backward pass to save memory;
     ``attention`` picks ``jax.nn.dot_product_attention``'s kernel (``ATTENTION_IMPLEMENTATIONS``;
     "auto" is resolved here, where the head size is known: ``self.attention`` is the kernel used).
+    ``qkv``, ``gelu_backward`` and ``norm_modulate`` choose how the passes around the matmuls are
+    computed (``QKV_MODES``, ``GELU_BACKWARD_MODES``, ``NORM_MODULATE_MODES``): same parameters, same values.
     ``scan_blocks`` stores the blocks' parameters stacked on a leading layer axis (``blocks`` is
     then one ``DiTBlock`` whose every variable is ``[depth, ...]``) and runs them as one
     ``lax.scan``: the program holds one block instead of ``depth``, so it traces and compiles
@@ -359,11 +453,15 @@ class DiT(nnx.Module):
         dtype: Any = jnp.float32,
         remat: str = "none",
         attention: str = "auto",
+        qkv: str = "fused",
+        gelu_backward: str = "saved",
+        norm_modulate: str = "xla",
         scan_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
                       class_dropout_prob, num_classes, block_type, guidance, attention, remat)
+        _check_switches(qkv, gelu_backward, norm_modulate)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -384,11 +482,13 @@ class DiT(nnx.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, dtype=dtype, rngs=rngs)
         table = sincos_2d_pos_embed(hidden_size, input_size // patch_size)
         self.pos_embed = PosEmbed(jnp.asarray(table[None], dtype=jnp.float32))
-        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, block_type, dtype=dtype, attention=attention, rngs=rngs)
+        blocks = [DiTBlock(hidden_size, num_heads, mlp_ratio, block_type, dtype=dtype, attention=attention, qkv=qkv,
+                           gelu_backward=gelu_backward, norm_modulate=norm_modulate, rngs=rngs)
                   for _ in range(depth)]
         self.blocks = stack_modules(blocks) if scan_blocks else nnx.List(blocks)
         adaptive = block_type in ("adaln_zero", "adaln")
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive, dtype=dtype, rngs=rngs)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive, dtype=dtype,
+                                      norm_modulate=norm_modulate, rngs=rngs)
 
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """x: [N, H, W, C] latents, t: [N] timesteps, y: [N] int labels (``num_classes`` = null).
@@ -485,6 +585,18 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
         raise ValueError("invalid DiT config: " + "; ".join(problems))
 
 
+def _switch_problems(qkv: Any, gelu_backward: Any, norm_modulate: Any) -> list[str]:
+    return [f"{name} {value!r} is not one of {modes}" for name, value, modes in
+            (("qkv", qkv, QKV_MODES), ("gelu_backward", gelu_backward, GELU_BACKWARD_MODES),
+             ("norm_modulate", norm_modulate, NORM_MODULATE_MODES)) if value not in modes]
+
+
+def _check_switches(qkv: Any, gelu_backward: Any, norm_modulate: Any) -> None:
+    problems = _switch_problems(qkv, gelu_backward, norm_modulate)
+    if problems:
+        raise ValueError("invalid DiT config: " + "; ".join(problems))
+
+
 # The 12 models of the paper (Table 4): width/heads/depth by size, times patch size.
 SIZES = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -495,8 +607,10 @@ SIZES = {
 MODELS = {f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in SIZES.items() for p in (2, 4, 8)}
 
 
-def compute_options(dtype: str, remat: str, attention: str) -> dict[str, Any]:
-    """``DiT`` keyword arguments from the config's ``dtype``, ``remat`` and ``attention`` names.
+def compute_options(dtype: str, remat: str, attention: str, *, qkv: str = "fused", gelu_backward: str = "saved",
+                    norm_modulate: str = "xla") -> dict[str, Any]:
+    """``DiT`` keyword arguments from the config's ``dtype``, ``remat``, ``attention``, ``qkv``,
+    ``gelu_backward`` and ``norm_modulate`` names.
 
     ``attention="cudnn"`` is refused unless this process runs on a GPU in bfloat16: cuDNN's
     fused kernels exist only there (and only for 16-bit inputs). ``"auto"`` passes through: the
@@ -516,9 +630,11 @@ def compute_options(dtype: str, remat: str, attention: str) -> dict[str, Any]:
         if jax.default_backend() != "gpu":
             problems.append(f"attention 'cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}; "
                             f"use attention 'xla'")
+    problems += _switch_problems(qkv, gelu_backward, norm_modulate)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
-    return dict(dtype=DTYPES[dtype], remat=remat, attention=attention)
+    return dict(dtype=DTYPES[dtype], remat=remat, attention=attention, qkv=qkv, gelu_backward=gelu_backward,
+                norm_modulate=norm_modulate)
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> DiT:

@@ -286,12 +286,13 @@ def test_scanned_model_rejects_a_checkpoint_of_another_depth_and_keeps_its_weigh
 def test_unknown_compute_options_are_rejected(dtype, remat, attention, match):
     with pytest.raises(ValueError, match=match):
         compute_options(dtype, remat, attention)
-    assert compute_options("bfloat16", "block", "xla") == dict(dtype=jnp.bfloat16, remat="block", attention="xla")
+    assert compute_options("bfloat16", "block", "xla") == dict(dtype=jnp.bfloat16, remat="block", attention="xla",
+                                                               qkv="fused", gelu_backward="saved", norm_modulate="xla")
 
 
 def test_cudnn_attention_needs_bfloat16_on_a_gpu(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert compute_options("bfloat16", "none", "cudnn") == dict(dtype=jnp.bfloat16, remat="none", attention="cudnn")
+    assert compute_options("bfloat16", "none", "cudnn")["attention"] == "cudnn"
     with pytest.raises(ValueError, match="attention 'cudnn' needs dtype 'bfloat16'.*got 'float32'"):
         compute_options("float32", "none", "cudnn")
 
@@ -495,3 +496,128 @@ def test_wrongly_ranked_checkpoint_array_is_reported_not_crashed(reference):
     model = DiT(**reference.config, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"wrong shape \(1\): blocks\.0\.attn\.qkv\.weight: checkpoint \(1, 192, 64\)"):
         load_official_state_dict(model, state)
+
+
+# The compute switches (models.QKV_MODES, GELU_BACKWARD_MODES, NORM_MODULATE_MODES): each non-default
+# value, and the block types where it changes the program.
+SWITCHES = {"qkv": "split", "gelu_backward": "recompute", "norm_modulate": "fused"}
+SWITCH_CASES = [(name, block_type) for name in SWITCHES for block_type in BLOCK_TYPES
+                if name != "norm_modulate" or block_type in ("adaln_zero", "adaln")]
+ONE_OR_ALL_SWITCHES = [SWITCHES, *({name: value} for name, value in SWITCHES.items())]
+SMALL = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+
+
+def loss_and_grads(*, jit: bool = False, **config: Any) -> tuple[jax.Array, Any, Any]:
+    """(loss, gradients w.r.t. every parameter and the input, the parameters' shapes) of a small DiT.
+
+    The parameters are moved off their initialisation (adaLN-Zero's zeros would hide most gradients)
+    by the same noise whatever the switches; the loss weights the output by fixed random numbers.
+    """
+    model = DiT(**SMALL, **config, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(params))))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(next(keys), p.shape), params)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, 4), dtype=np.float32)
+    weights = rng.standard_normal((2, 4, 4, 8), dtype=np.float32)
+    t, y = np.array([3, 700]), np.array([1, 10])
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x, t, y) * weights)
+
+    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
+    value, grads = (jax.jit(value_and_grad) if jit else value_and_grad)(params, x)
+    return value, grads, jax.tree.map(jnp.shape, params)
+
+
+_REFERENCES: dict[tuple, tuple] = {}
+
+
+def reference_grads(block_type: str, scan_blocks: bool, dtype: Any = jnp.float32) -> tuple:
+    """``loss_and_grads`` of the default path (no remat), computed once per setting."""
+    key = (block_type, scan_blocks, dtype)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = loss_and_grads(block_type=block_type, scan_blocks=scan_blocks, dtype=dtype, jit=scan_blocks)
+    return _REFERENCES[key]
+
+
+def relative_difference(actual: Any, expected: Any) -> float:
+    """|actual - expected| / |expected| over all leaves together (Euclidean norms)."""
+    a, e = (np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)]) for t in (actual, expected))
+    return float(np.linalg.norm(a - e) / np.linalg.norm(e))
+
+
+def assert_same_loss_and_grads(switches: dict[str, str], block_type: str, *, scan_blocks: bool, remat: str) -> None:
+    value, grads, shapes = loss_and_grads(block_type=block_type, scan_blocks=scan_blocks, remat=remat,
+                                          jit=scan_blocks, **switches)
+    expected_value, expected_grads, expected_shapes = reference_grads(block_type, scan_blocks)
+    assert shapes == expected_shapes  # the same parameter tree
+    assert float(value) == pytest.approx(float(expected_value), rel=1e-6)
+    assert relative_difference(grads[0], expected_grads[0]) < 1e-6  # every parameter
+    assert relative_difference(grads[1], expected_grads[1]) < 1e-6  # the input
+    assert relative_difference(grads[0], expected_grads[0]) > 0 or switches == {"gelu_backward": "recompute"}
+
+
+def slow_unless(fast: bool, *values: Any):
+    """A parameter set of a test, marked slow unless ``fast`` (the fast suite keeps a sibling of each)."""
+    return pytest.param(*values, marks=() if fast else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("switch, block_type, remat", [slow_unless(remat == "none", *case, remat)
+                                                       for case in SWITCH_CASES for remat in ("none", "dots")])
+def test_compute_switch_keeps_values_and_gradients(switch, block_type, remat):
+    """float32: the same loss and gradients (1e-6 relative) as the default path, unrolled blocks."""
+    assert_same_loss_and_grads({switch: SWITCHES[switch]}, block_type, scan_blocks=False, remat=remat)
+
+
+@pytest.mark.parametrize("switches, block_type, remat", [
+    slow_unless(len(switches) == 3 and block_type == "adaln_zero" and remat == "dots", switches, block_type, remat)
+    for switches in ONE_OR_ALL_SWITCHES for block_type in BLOCK_TYPES for remat in ("none", "dots")
+    if "norm_modulate" not in switches or len(switches) == 3 or block_type in ("adaln_zero", "adaln")])
+def test_compute_switches_keep_gradients_with_scanned_blocks(switches, block_type, remat):
+    assert_same_loss_and_grads(switches, block_type, scan_blocks=True, remat=remat)
+
+
+@pytest.mark.parametrize("switches, block_type", [slow_unless(len(switches) == 3 and block_type == "adaln_zero",
+                                                              switches, block_type)
+                                                  for switches in ONE_OR_ALL_SWITCHES for block_type in BLOCK_TYPES])
+def test_compute_switches_in_bfloat16_keep_the_loss(switches, block_type):
+    value, grads, _ = loss_and_grads(block_type=block_type, dtype=jnp.bfloat16, **switches)
+    expected_value, expected_grads, _ = reference_grads(block_type, False, jnp.bfloat16)
+    assert float(value) == pytest.approx(float(expected_value), rel=2e-2)
+    assert relative_difference(grads[0], expected_grads[0]) < 2e-2
+
+
+def test_compute_switches_are_validated():
+    with pytest.raises(ValueError, match=r"qkv 'separate' is not one of \('fused', 'split'\); gelu_backward 'none' is "
+                                         r"not one of \('saved', 'recompute'\); norm_modulate 'triton' is not one of"):
+        compute_options("float32", "none", "xla", qkv="separate", gelu_backward="none", norm_modulate="triton")
+    with pytest.raises(ValueError, match=r"invalid DiT config: norm_modulate 'pallas' is not one of"):
+        tiny(norm_modulate="pallas")
+    assert compute_options("float32", "none", "xla", **SWITCHES) == dict(dtype=jnp.float32, remat="none",
+                                                                          attention="xla", **SWITCHES)
+
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-6), pytest.param("bfloat16", 2e-2, marks=pytest.mark.slow)])
+def test_train_step_with_every_compute_switch_gives_the_default_losses(dtype, rtol):
+    """Two jitted train steps (config fields ``qkv``, ``gelu_backward``, ``norm_modulate``): the same losses
+    and gradient norms as the default path; the second step's loss follows from the first step's gradients."""
+    from dit_jax import train
+    from tests.conftest import tiny_run_config
+
+    def losses(**switches: str) -> list[tuple[float, float]]:
+        config = tiny_run_config(dtype=dtype, **switches)
+        graphdef, fixed, state = train.create_train_state(config)
+        step = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
+        rng = np.random.default_rng(0)
+        batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+                 "label": np.arange(8, dtype=np.int32) % 4}
+        out = []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        return out
+
+    expected = losses()
+    assert losses(**SWITCHES) == [pytest.approx(pair, rel=rtol) for pair in expected]

@@ -191,10 +191,13 @@ def test_tensor_split_that_does_not_divide_is_rejected():
         sharding.param_spec(("blocks", 0, "mlp", "fc1", "kernel"), (64, 256), {"tensor": 3})
 
 
-def test_tensor_parallel_step_splits_attention_by_heads_and_gathers_nothing():
+@pytest.mark.parametrize("qkv", ["fused", "split"])
+def test_tensor_parallel_step_splits_attention_by_heads_and_gathers_nothing(qkv):
     """Megatron-style: every device computes its own heads and MLP units; the only collectives of the
-    whole train step are all-reduces of [batch, tokens, width] activations (no weight or qkv gathers)."""
+    whole train step are all-reduces of [batch, tokens, width] activations (no weight or qkv gathers),
+    also when q, k and v are separate matmuls over the fused kernel's slices (``qkv="split"``)."""
     c = tiny_config()
+    c.qkv = qkv
     c.mesh.update(data=1, fsdp=1, tensor=2)
     mesh = mesh_of((1, 1, 2))
     graphdef, fixed, state = train.create_train_state(c, mesh)
