@@ -10,7 +10,8 @@ first shard without a report, and a finished folder is left as it is, except tha
 shard found damaged (size; with ``--verify`` SHA-256) is set aside and encoded again. The
 plan (settings, VAE weights' hash, encoding batch and devices) must match to resume, and
 ``--out`` is locked (``dit_jax.locking``). Bad images are skipped and listed, never fatal;
-a run that encodes no image at all fails.
+a run that encodes no image at all fails (one line, status 1); a user error (a missing folder,
+a bad VAE or number, other settings than the folder's, a busy folder) is one line, status 2.
 
     python -m dit_jax.extract_latents --images=/data/imagenet/train --out=/data/latents256 \\
         --vae=stabilityai/sd-vae-ft-ema --resolution=256
@@ -307,6 +308,13 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
     if jax.process_index() != 0:
         _check_same_plan(out_dir, plan, write=False)  # this host's devices must encode as process 0's do
     metadata_path = storage.path(out_dir) / latents.METADATA
+    if jax.process_index() == 0 and metadata_path.exists():
+        try:
+            latents.read_json(metadata_path)
+        except ValueError as err:  # cut short: written again below from the shards' reports
+            logging.warning("%s; it is written again", err)
+            metadata_path.unlink()
+    _sync("metadata")
     if metadata_path.exists():
         logging.info("%s is complete (every shard %s); nothing to do", out_dir,
                      "verified against its SHA-256" if verify else "of the size written")
@@ -366,13 +374,19 @@ def main(argv: list[str]) -> None:
     images.check_source_flags()
     if not f.out:
         raise app.UsageError("give --out (the output folder)")
-    check_settings(resolution=f.resolution, images_per_shard=f.images_per_shard, batch_size=f.batch_size,
-                   workers=f.workers)
-    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-    source = images.source_from_flags()
-    model = vae_lib.load_vae(f.vae)
-    extract(source, model, f.out, vae=f.vae, resolution=f.resolution, dtype=f.dtype,
-            images_per_shard=f.images_per_shard, batch_size=f.batch_size, workers=f.workers, verify=f.verify)
+    try:
+        check_settings(resolution=f.resolution, images_per_shard=f.images_per_shard, batch_size=f.batch_size,
+                       workers=f.workers)
+        sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+        source = images.source_from_flags()
+        model = vae_lib.load_vae(f.vae)
+        extract(source, model, f.out, vae=f.vae, resolution=f.resolution, dtype=f.dtype,
+                images_per_shard=f.images_per_shard, batch_size=f.batch_size, workers=f.workers, verify=f.verify)
+    except (ValueError, OSError, locking.LockHeldError) as err:  # the user's to fix: one line, status 2
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except RuntimeError as err:  # nothing could be encoded: one line, status 1
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

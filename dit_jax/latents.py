@@ -59,7 +59,11 @@ def decode_records(data: list[bytes], shape: tuple[int, int, int], dtype: str) -
 
 
 def read_json(path: storage.PathLike) -> dict[str, Any]:
-    return json.loads(storage.path(path).read_text())
+    """A JSON file's contents; a damaged file (cut short, not JSON) is a ValueError naming it."""
+    try:
+        return json.loads(storage.path(path).read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is damaged (not valid JSON: {err})") from None
 
 
 def write_json_atomic(path: storage.PathLike, value: dict[str, Any]) -> None:
@@ -120,7 +124,11 @@ def read_metadata(latents_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} does not exist: the extraction into {latents_dir} has not finished "
                                 f"({done} of {plan['num_shards']} shards done); run "
                                 f"`{extraction_command(plan, latents_dir)}` to complete it")
-    metadata = read_json(path)
+    try:
+        metadata = read_json(path)
+    except ValueError as err:
+        raise ValueError(f"{err}; rerun the extraction on {latents_dir} (the same command) to write it again from "
+                         "the shards' reports") from None
     if not metadata.get("num_images"):
         raise ValueError(f"{latents_dir} holds no latents: none of its {metadata.get('num_source_images', 0)} "
                          f"source images could be encoded (see 'skipped' in {path}); extract again from "

@@ -220,6 +220,19 @@ def test_the_loader_names_an_empty_or_missing_latents_folder(extracted, tmp_path
         latents.LatentSource(str(tmp_path / "nowhere"))
 
 
+def test_a_truncated_metadata_json_is_named_and_a_rerun_writes_it_again(extracted, image_tree, model, tiny_vae_dir,
+                                                                        tmp_path):
+    out = tmp_path / "latents"
+    shutil.copytree(extracted[0], out)
+    metadata = out / latents.METADATA
+    metadata.write_text(metadata.read_text()[:100])
+    with pytest.raises(ValueError, match=rf"^{metadata} is damaged \(not valid JSON: .*\); rerun the extraction on "):
+        latents.LatentSource(str(out))
+    rewritten = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                        **SETTINGS)
+    assert rewritten == extracted[1] and latents.LatentSource(str(out)).metadata == extracted[1]
+
+
 def test_damaged_shards_are_named_and_a_rerun_with_verify_encodes_only_them(extracted, image_tree, model,
                                                                            tiny_vae_dir, tmp_path):
     out = tmp_path / "latents"
@@ -372,3 +385,26 @@ def test_missing_latents_dir_says_how_to_make_one(tmp_path):
     c.data.latents_dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a latents folder"):
         input_pipeline.create_source(c)
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("missing folder", {"images": "{tmp}/no_such_folder"}, "{tmp}/no_such_folder"),
+    ("bad VAE", {"vae": "{tmp}"}, "{tmp}"),
+    ("bad number", {"batch_size": "0"}, "batch_size=0: each must be a whole number of at least 1"),
+    ("changed settings", {"out": "{extracted}", "resolution": "32"}, "holds another extraction; it differs in "
+                                                                     "latent_shape"),
+    ("busy folder", {}, "is in use by latent extraction on host"),
+])
+def test_each_user_error_of_the_command_is_one_line_and_status_2(extracted, image_tree, tiny_vae_dir, tmp_path, case,
+                                                                 change, message):
+    values = {"images": str(image_tree), "out": str(tmp_path / "latents"), "vae": str(tiny_vae_dir),
+              "resolution": "16", "images_per_shard": "6", "batch_size": "4"}
+    fill = lambda text: text.format(tmp=tmp_path, extracted=extracted[0])
+    values.update({k: fill(v) for k, v in change.items()})
+    if case == "busy folder":
+        locking.acquire(values["out"], purpose="latent extraction")  # held by this (live) process
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.extract_latents", *(f"--{k}={v}" for k, v in values.items())],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith("error: ") and fill(message) in last, proc.stderr[-3000:]
