@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax import compilation_cache, flops, input_pipeline, latents, sample, sharding, torch_reference, train
 from dit_jax.timing import summary, timed
-from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, count_params
+from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, SWITCH_FIELDS, count_params
 from dit_jax.recipes import paper_config
 
 def random_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
@@ -128,9 +128,11 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
         phase("flops_count")  # only the part of the CPU count that outlasted the compile and the first step
     flops_per_step = flop_counts.get("flops_per_step")
     seconds = timed(call, steps, warmup - 1)
-    result = {"num_params": count_params(nnx.merge(graphdef, state.params, fixed)), "num_devices": num_devices,
+    model = nnx.merge(graphdef, state.params, fixed)
+    result = {"num_params": count_params(model), "num_devices": num_devices,
               "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind, "dtype": config.dtype,
-              "remat": config.remat, "attention": config.attention, "scan_blocks": bool(config.model.scan_blocks),
+              "remat": config.remat, "attention": model.attention, "scan_blocks": bool(config.model.scan_blocks),
+              **{field: config[field] for field in SWITCH_FIELDS},
               "batch": config.train.batch_size, "steps": steps, **summary(seconds, config.train.batch_size),
               "peak_memory_bytes": peak_memory_bytes(), "startup": startup, "compilation_cache": {
                   "dir": jax.config.jax_compilation_cache_dir, "warm": compilation_cache.hits() > hits},
@@ -422,9 +424,10 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: list[str],
-                attention: str = "auto", remat: str = "none", scan_blocks: bool = False) -> ml_collections.ConfigDict:
+                attention: str = "auto", remat: str = "none", scan_blocks: bool = False,
+                **switches: str) -> ml_collections.ConfigDict:
     """The paper config of ``model`` with the benchmark's batch, dtype, attention, remat, block
-    scanning and ``axis=size`` mesh entries."""
+    scanning, compute switches (``SWITCH_FIELDS``) and ``axis=size`` mesh entries."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     config = paper_config(model, image_size)
@@ -433,6 +436,10 @@ def make_config(model: str, *, image_size: int, batch: int, dtype: str, mesh: li
     config.attention = attention
     config.remat = remat
     config.model.scan_blocks = scan_blocks
+    for field, value in switches.items():
+        if field not in SWITCH_FIELDS:
+            raise ValueError(f"unknown compute switch {field!r}; choose from {', '.join(SWITCH_FIELDS)}")
+        config[field] = value
     for entry in mesh:
         axis, _, size = entry.partition("=")
         if axis not in config.mesh or not size.lstrip("-").isdigit():
@@ -449,6 +456,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype (parameters stay float32).")
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS),
                       "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16; auto: cudnn where it works).")
+    for field, modes in SWITCH_FIELDS.items():
+        flags.DEFINE_enum(field, modes[0], list(modes), "Compute switch (docs/compute_switches.md).")
     flags.DEFINE_enum("remat", "none", list(REMAT_MODES), "Recompute block activations in the backward pass.")
     flags.DEFINE_bool("scan_blocks", False, "Stack the blocks' parameters and run them as one lax.scan.")
     flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
@@ -499,7 +508,8 @@ def main(argv: list[str]) -> None:
         return
     try:
         config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh,
-                             attention=f.attention, remat=f.remat, scan_blocks=f.scan_blocks)
+                             attention=f.attention, remat=f.remat, scan_blocks=f.scan_blocks,
+                             **{field: f[field].value for field in SWITCH_FIELDS})
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     if f.sample_torch:

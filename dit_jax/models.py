@@ -48,6 +48,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 QKV_MODES = ("fused", "split")
 GELU_BACKWARD_MODES = ("saved", "recompute")
 NORM_MODULATE_MODES = ("xla", "fused")
+# The config fields of the switches and their values (the default first).
+SWITCH_FIELDS = {"qkv": QKV_MODES, "gelu_backward": GELU_BACKWARD_MODES, "norm_modulate": NORM_MODULATE_MODES}
 
 
 
@@ -586,9 +588,9 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
 
 
 def _switch_problems(qkv: Any, gelu_backward: Any, norm_modulate: Any) -> list[str]:
-    return [f"{name} {value!r} is not one of {modes}" for name, value, modes in
-            (("qkv", qkv, QKV_MODES), ("gelu_backward", gelu_backward, GELU_BACKWARD_MODES),
-             ("norm_modulate", norm_modulate, NORM_MODULATE_MODES)) if value not in modes]
+    values = dict(qkv=qkv, gelu_backward=gelu_backward, norm_modulate=norm_modulate)
+    return [f"{name} {values[name]!r} is not one of {modes}" for name, modes in SWITCH_FIELDS.items()
+            if values[name] not in modes]
 
 
 def _check_switches(qkv: Any, gelu_backward: Any, norm_modulate: Any) -> None:

@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dit_jax import (checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding,
                      storage)
 from dit_jax.evaluators import common as evaluators
-from dit_jax.models import DTYPES, DiT, count_params, compute_options, create_model
+from dit_jax.models import DTYPES, SWITCH_FIELDS, DiT, count_params, compute_options, create_model
 
 @flax.struct.dataclass
 class TrainState:
@@ -49,8 +49,8 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DiT:
     common = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
                   block_type=m.block_type, guidance=m.guidance, scan_blocks=m.scan_blocks,
-                  **compute_options(config.dtype, config.remat, config.attention, qkv=config.qkv,
-                                    gelu_backward=config.gelu_backward, norm_modulate=config.norm_modulate))
+                  **compute_options(config.dtype, config.remat, config.attention,
+                                    **{field: config[field] for field in SWITCH_FIELDS}))
     if m.name:
         return create_model(m.name, rngs=rngs, **common)
     return DiT(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,

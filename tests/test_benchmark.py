@@ -172,6 +172,12 @@ def test_make_config():
     scanned = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], remat="dots",
                                     scan_blocks=True)
     assert scanned.remat == "dots" and scanned.model.scan_blocks
+    switched = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], qkv="split",
+                                     gelu_backward="recompute", norm_modulate="fused")
+    assert (switched.qkv, switched.gelu_backward, switched.norm_modulate) == ("split", "recompute", "fused")
+    assert (scanned.qkv, scanned.gelu_backward, scanned.norm_modulate) == ("fused", "saved", "xla")
+    with pytest.raises(ValueError, match="unknown compute switch 'gelu'"):
+        benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], gelu="recompute")
     assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
     for mesh in (["rows=2"], ["data=two"], ["data"]):
         with pytest.raises(ValueError, match="axis=size"):
