@@ -16,6 +16,7 @@ import json
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -69,7 +70,11 @@ class NpzImages:
             f.seek(self._offset + start * row)
             for begin in range(start, stop, size):
                 count = min(size, stop - begin)
-                data = f.read(count * row)
+                try:
+                    data = f.read(count * row)
+                except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:  # a CRC or deflate error
+                    raise BadBatch(f"{self.path}: {self.key} is damaged (rows {begin}..{begin + count - 1}: "
+                                   f"{type(err).__name__}: {err}); write the file again") from None
                 if len(data) != count * row:
                     raise BadBatch(f"{self.path}: {self.key} is truncated (rows from {begin} missing)")
                 yield np.frombuffer(data, np.uint8).reshape((count,) + tuple(self.shape[1:]))
@@ -104,6 +109,21 @@ def read_statistics(path: str) -> dict[str, np.ndarray]:
             if key in stats and not np.isfinite(stats[key]).all():
                 raise BadBatch(f"{path}: {key} contains NaN or inf")
     return stats
+
+
+# The fewest images for ADM's five figures: precision/recall's radius is the distance to the PR_K-th neighbour
+# (so more than PR_K images in each set); FID/sFID need 2 for a covariance, the Inception Score more than 1.
+MIN_IMAGES = metrics.PR_K + 1
+
+
+def check_batch_sizes(num_samples: int, num_reference_images: int | None) -> None:
+    """Refuse batches too small for the five figures (before any network is built), naming the minimum."""
+    if num_samples < MIN_IMAGES:
+        raise BadBatch(f"the samples hold {num_samples} images; the five figures need at least {MIN_IMAGES} "
+                       f"(precision/recall: more than k={metrics.PR_K}; FID and sFID: 2; ADM uses 50,000)")
+    if num_reference_images is not None and num_reference_images < MIN_IMAGES:
+        raise BadBatch(f"the reference holds {num_reference_images} images (arr_0); the five figures need at least "
+                       f"{MIN_IMAGES} (precision/recall: more than k={metrics.PR_K}; ADM's references hold 10,000)")
 
 
 class Reference(NamedTuple):
@@ -174,6 +194,7 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
     sample_images = NpzImages(samples)
     ref = open_reference(reference)
     ref_stats, ref_images = ref
+    check_batch_sizes(len(sample_images), None if ref_images is None else len(ref_images))
     notes = []
     if ref_images is not None and ref_images.shape[1:3] != sample_images.shape[1:3]:
         notes.append(f"samples are {sample_images.shape[1]}x{sample_images.shape[2]}, the reference images "

@@ -83,6 +83,31 @@ def test_bad_batches_get_clear_errors(tmp_path):
         evaluate.NpzImages(str(tmp_path / "truncated.npz"))
 
 
+def test_a_damaged_stored_or_compressed_npz_is_named(tmp_path):
+    images = _images(3, 6, 16)
+    for name, save in (("stored.npz", np.savez), ("compressed.npz", np.savez_compressed)):
+        save(tmp_path / name, arr_0=images)
+        data = bytearray((tmp_path / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one byte inside arr_0's data: a CRC (stored) or deflate error
+        (tmp_path / name).write_bytes(bytes(data))
+        reader = evaluate.NpzImages(str(tmp_path / name))
+        with pytest.raises(evaluate.BadBatch, match=f"{tmp_path / name}: arr_0 is damaged"):
+            list(reader.chunks(0, 6, 2))
+
+
+@pytest.mark.parametrize("samples, reference, message", [
+    (0, 10, "the samples hold 0 images; the five figures need at least 4"),
+    (1, 10, "the samples hold 1 images; the five figures need at least 4"),
+    (10, 1, r"the reference holds 1 images \(arr_0\); the five figures need at least 4"),
+])
+def test_batches_too_small_for_the_figures_are_refused_before_any_work(tmp_path, samples, reference, message):
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((samples, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((reference, 8, 8, 3), np.uint8))
+    with pytest.raises(evaluate.BadBatch, match=message):  # weights that do not exist: refused before they are read
+        evaluate.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
+                          inception_weights=str(tmp_path / "no_weights.pth"), progress=False)
+
+
 def test_the_command_reports_bad_input_without_a_traceback(tmp_path):
     (tmp_path / "corrupt.npz").write_bytes(b"garbage")
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
