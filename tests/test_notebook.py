@@ -79,6 +79,18 @@ def test_the_notebook_is_a_colab_tpu_notebook_without_outputs_whose_cells_call_t
     assert {"pretrained.load_dit", "sample.load_decoder", "sample.sample_picture"} <= called
 
 
+def test_the_repository_url_is_a_form_field_that_must_be_set_before_installing(tmp_path, monkeypatch):
+    """No placeholder organisation: REPO is a form field (default "", the install names it)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert "YOUR_GITHUB_ORG" not in NOTEBOOK.read_text()
+    params, install = [c for c in nb.cells if c.cell_type == "code"][:2]
+    assert 'REPO = ""  # @param {type:"string"}' in params.source.splitlines()
+    monkeypatch.chdir(tmp_path)  # no dit_jax_src/ here: the install would clone REPO
+    with pytest.raises(ValueError, match="set REPO in the options above to the repository's git URL"):
+        exec(install.source, {"INSTALL": True, "REPO": "", "REF": "main"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def requirement_lines(path: Path) -> dict[str, str]:
     lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
     from packaging.requirements import Requirement
