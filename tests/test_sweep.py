@@ -173,6 +173,19 @@ def test_the_gpu_plan_is_valid_its_xla_flags_exist_and_it_fits_eight_minutes():
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-2000:]
 
 
+def test_the_gpu_plan_builds_its_xl2_configs():
+    """Every row of GPU_PLAN builds a DiT-XL/2 config whose switches are valid, non-default modes."""
+    from dit_jax.models import SWITCH_FIELDS
+
+    assert all(SWITCH_FIELDS[k].index(v) > 0 for k, v in sweep.SWITCHES.items())  # the first mode is the plain path
+    for row in sweep.resolve_rows(sweep.GPU_PLAN):
+        config = sweep.row_config({"model": "DiT-XL/2", "image_size": 256, "dtype": "bfloat16"}, row)
+        assert config.train.batch_size == row["batch"] and config.model.hidden_size == 1152
+        for key, value in row["set"].items():
+            assert config[key] == value  # top-level or dotted
+        assert all(config[k] in SWITCH_FIELDS[k] for k in SWITCH_FIELDS)
+
+
 def test_the_estimate_follows_the_sweeps_rule():
     """A later flag set's rows keep their time: the first group's last rows are skipped, not the second's."""
     rows = sweep.resolve_rows([{"name": "a", "batch": 256}, {"name": "b", "batch": 256},
