@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -30,22 +32,38 @@ def oracle_is(logits, split=5000):
     return float(np.mean(scores))
 
 
-def oracle_distances(u, v, mode):
-    """Squared distances max(|u|^2 - 2 u.v + |v|^2, 0), rows u, columns v.
+def _float32_sum(values) -> np.float32:
+    """A float32 accumulation modelled as correctly rounded: the exact sum, rounded once to float32."""
+    return np.float32(math.fsum(float(x) for x in values))
 
-    float16: the inputs as float16; each dot product and squared norm is the float16 nearest to
-    its exact value (summed in float64 here); the subtraction and addition in float16
-    arithmetic. The whole block in float32 if any value is not finite. float32: plain float32.
+
+def adm_float16_distances(u, v):
+    """ADM's ``_batch_pairwise_distances`` on float16 inputs as TensorFlow runs it on a GPU, in NumPy float16.
+
+    ``tf.cast`` to float16; ``tf.square`` rounds every square to float16; ``reduce_sum`` accumulates in
+    float32 and returns float16; the matmul multiplies float16 values (exact in float32) and accumulates in
+    float32 (cuBLAS), returning float16; then ``norm_u - 2 * dot + norm_v`` in float16 operations (``2 * dot``
+    is inf past 65504) and ``tf.maximum(., 0)`` (-inf gives 0, NaN stays NaN). None when a value is then not
+    finite (ADM then uses float32).
     """
+    u16, v16 = np.asarray(u).astype(np.float16), np.asarray(v).astype(np.float16)
+    nu = np.array([_float32_sum(row) for row in u16 * u16]).astype(np.float16)
+    nv = np.array([_float32_sum(row) for row in v16 * v16]).astype(np.float16)
+    dot = np.array([[_float32_sum(a.astype(np.float64) * b.astype(np.float64)) for b in v16] for a in u16])
+    dot = dot.astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = (nu[:, None] - np.float16(2) * dot) + nv[None, :]
+        d = np.maximum(d, np.float16(0))
+    return d.astype(np.float32) if np.isfinite(d).all() else None
+
+
+def oracle_distances(u, v, mode):
+    """Squared distances max(|u|^2 - 2 u.v + |v|^2, 0), rows u, columns v: float16 as ADM's GPU graph
+    (``adm_float16_distances``), the whole block in float32 if any value is not finite; float32: plain float32."""
     if mode == "float16":
-        u16, v16 = np.asarray(u).astype(np.float16), np.asarray(v).astype(np.float16)
-        nu = (u16.astype(np.float64) ** 2).sum(1).astype(np.float16)
-        nv = (v16.astype(np.float64) ** 2).sum(1).astype(np.float16)
-        dot = (u16.astype(np.float64) @ v16.astype(np.float64).T).astype(np.float16)
-        with np.errstate(over="ignore", invalid="ignore"):
-            d = (nu[:, None] - np.float16(2) * dot) + nv[None, :]
-        if np.isfinite(d).all():
-            return np.maximum(d, np.float16(0)).astype(np.float32)
+        d = adm_float16_distances(u, v)
+        if d is not None:
+            return d
     u32, v32 = np.asarray(u, np.float32), np.asarray(v, np.float32)
     d = (u32 ** 2).sum(1)[:, None] - 2 * (u32 @ v32.T) + (v32 ** 2).sum(1)[None, :]
     return np.maximum(d, 0)
@@ -179,6 +197,26 @@ def test_distance_blocks_are_float16_and_fall_back_to_float32():
     np.testing.assert_allclose(metrics.pairwise_distances(big, big), oracle_distances(big, big, "float32"),
                                rtol=1e-5, atol=1)
     assert np.isfinite(metrics.pairwise_distances(big, big)).all()
+
+
+def test_float16_distances_round_as_adms_gpu_graph_not_once_from_exact_sums():
+    rng = np.random.default_rng(8)
+    u, v = rng.uniform(0, 3, (24, 64)).astype(np.float32), rng.uniform(0, 3, (18, 64)).astype(np.float32)
+    u[:4, :8] = rng.uniform(0, 6e-5, (4, 8))  # float16 subnormals (and their squares underflow)
+    u16 = u.astype(np.float16)
+    squares_rounded = np.array([_float32_sum(row) for row in u16 * u16]).astype(np.float16)
+    exact_once = (u16.astype(np.float64) ** 2).sum(1).astype(np.float16)
+    assert (squares_rounded != exact_once).any()  # the data tells the two roundings apart
+    np.testing.assert_array_equal(metrics.pairwise_distances(u, v), adm_float16_distances(u, v))
+    # Norms below 65504 whose 2 * dot overflows float16: -inf, which tf.maximum turns into 0 (still float16).
+    big = np.full((6, 16), 50.0, np.float32) + rng.uniform(0, 1, (6, 16)).astype(np.float32)
+    np.testing.assert_array_equal(adm_float16_distances(big, big), np.zeros((6, 6)))
+    np.testing.assert_array_equal(metrics.pairwise_distances(big, big), np.zeros((6, 6)))
+    # Two norms summing past 65504: +inf, so the whole block again in float32.
+    apart = np.zeros((2, 16), np.float32)
+    apart[0, 0], apart[1, 1] = 200.0, 201.0
+    assert adm_float16_distances(apart, apart) is None
+    np.testing.assert_allclose(metrics.pairwise_distances(apart, apart), [[0, 80401], [80401, 0]], rtol=1e-6)
 
 
 def test_precision_recall_of_identical_and_disjoint_sets():

@@ -9,9 +9,11 @@ Inputs are features from ``dit_jax.evaluators.inception`` (``pool`` [N, 2048], `
   in float64 (``scipy.linalg.sqrtm``; retried with 1e-6 on both diagonals if not finite; the
   real part kept, an imaginary diagonal above 1e-3 is an error);
 - Inception Score over contiguous splits of 5,000 (the last one may be shorter), no shuffle;
-- improved precision/recall with k = 3: distances in blocks of 10,000 computed in float16
-  (the whole block again in float32 if one is not finite), a point's radius its 4th smallest
-  distance to its own set (itself included), membership by ``<=``.
+- improved precision/recall with k = 3: distances in blocks of 10,000 computed in float16 as
+  ADM's TensorFlow graph does on a GPU (every square rounded to float16, sums accumulated in
+  float32, float16 norms and dot products; see ``_distance_block``), the whole block again in
+  float32 if one is not finite; a point's radius its 4th smallest distance to its own set
+  (itself included), membership by ``<=``. ``float16=False`` computes them in float32.
 """
 
 from __future__ import annotations
@@ -91,25 +93,43 @@ def inception_score(logits: np.ndarray, split_size: int = SPLIT_SIZE) -> float:
 # ----------------------------------------------------------------------------- precision / recall
 
 def _f16(x: jax.Array) -> jax.Array:
-    """Round to the nearest float16 value (ties to even; overflow -> inf), kept in ``x``'s dtype."""
-    return jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+    """Round float64 ``x`` to the nearest float16 value as IEEE float16 arithmetic does (ties to even,
+    overflow to inf, subnormals kept: ``reduce_precision`` alone flushes them to zero, and XLA's
+    float64 -> float16 conversion rounds twice, through float32), kept in float64."""
+    normal = jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+    subnormal = jnp.round(x * 2.0 ** 24) * 2.0 ** -24  # float16's subnormal step is 2^-24
+    return jnp.where(jnp.abs(x) < 2.0 ** -14, subnormal, normal)
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """Round float64 ``x`` to the nearest float32 value, kept in float64."""
+    return x.astype(jnp.float32).astype(jnp.float64)
 
 
 @functools.partial(jax.jit, static_argnames=("float16",))
 def _distance_block(u: jax.Array, v: jax.Array, *, float16: bool) -> jax.Array:
     """``max(|u|^2 - 2 u.v + |v|^2, 0)`` for rows ``u`` against rows ``v`` (ADM's orientation).
 
-    float16 (under x64): the inputs rounded to float16; the dot products and squared norms
-    summed in float64 (products of float16 values are exact there) and rounded once to
-    float16; then the subtraction and addition each rounded to float16, as float16 arithmetic
-    does (float64 holds those results exactly before the rounding). float32: the same formula
-    in float32 (sums at HIGHEST precision). Returns float32.
+    float16 (under x64) emulates ADM's TensorFlow graph on a GPU step by step, each float64
+    intermediate holding the exact result before its rounding: the inputs rounded to float16;
+    ``tf.square`` rounds every square to float16; ``reduce_sum`` accumulates those in float32
+    and keeps a float16 norm; the matmul multiplies float16 values exactly and accumulates in
+    float32 (cuBLAS), its result float16; then ``2 * dot`` (inf past 65504, which sends the
+    block to float32), the subtraction and the addition, each a float16 operation. The float32
+    accumulations are modelled as correctly rounded (an exact float64 sum rounded once): a GPU
+    sums in its own order, which can move a float32 result by an ulp or so and, rarely, its
+    float16 rounding. float32: the same formula in float32 (sums at HIGHEST precision).
+    ``tf.maximum(D, 0)`` (NaN propagating since TF 2.4, as ``jnp.maximum``) turns -inf into 0:
+    a ``2 * dot`` that overflows against finite norms gives distances of 0, still float16; only
+    +inf or NaN (norms past 65504, or two summing past it) send the block to float32.
+    Returns float32.
     """
     if float16:
         u, v = _f16(u.astype(jnp.float64)), _f16(v.astype(jnp.float64))
-        norm_u, norm_v = _f16(jnp.sum(u * u, axis=1)), _f16(jnp.sum(v * v, axis=1))
-        dot = _f16(jnp.dot(u, v.T, precision="highest"))
-        d = _f16(_f16(norm_u[:, None] - 2.0 * dot) + norm_v[None, :])
+        norm_u = _f16(_f32(jnp.sum(_f16(u * u), axis=1)))
+        norm_v = _f16(_f32(jnp.sum(_f16(v * v), axis=1)))
+        dot = _f16(_f32(jnp.dot(u, v.T, precision="highest")))
+        d = _f16(_f16(norm_u[:, None] - _f16(2.0 * dot)) + norm_v[None, :])
     else:
         u, v = u.astype(jnp.float32), v.astype(jnp.float32)
         norm_u, norm_v = jnp.sum(u * u, axis=1), jnp.sum(v * v, axis=1)
