@@ -222,9 +222,25 @@ def _quarantine(manager: ocp.CheckpointManager, names: list[str], quarantine_dir
             # A rename (on GCS: each object copied, then deleted; a kill part-way leaves parts in both places).
             (storage.path(str(manager.directory)) / name).rename(target)
             moved.append(os.fspath(target))
+        logging.warning("%s", quarantine_report(quarantine_dir))
     multihost_utils.sync_global_devices("dit_jax_checkpoint_quarantine")
     manager.reload()
     return moved
+
+
+def _tree_bytes(folder: Any) -> int:
+    """The bytes of the files under ``folder`` (an ``epath.Path``; no recursive glob: GCS refuses it)."""
+    return sum(_tree_bytes(p) if p.is_dir() else p.stat().length for p in folder.iterdir())
+
+
+def quarantine_report(quarantine_dir: str) -> str:
+    """One line: how many set-aside steps ``quarantine_dir`` holds and their size (they are never deleted)."""
+    folder = storage.path(quarantine_dir)
+    steps = [p for p in folder.iterdir() if p.is_dir()]
+    size = _tree_bytes(folder)
+    amount = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    return (f"{quarantine_dir} holds {len(steps)} set-aside checkpoint step(s), {amount} in all; they "
+            "are kept for inspection and never deleted: remove them when you no longer need them")
 
 
 def _set_aside_unfinished_writes(manager: ocp.CheckpointManager, quarantine_dir: str) -> None:

@@ -216,6 +216,8 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_pat
     assert step_20 and any("differ from the checksums recorded" in line or "cannot be read" in line
                            for line in step_20)
     assert f"{unfinished} is the unfinished write of checkpoint step 50" in messages
+    # The quarantine is never pruned, and says so with its size (the last report counts all 5 kept).
+    assert f"{tmp_path / 'checkpoints_corrupt'} holds 5 set-aside checkpoint step(s), " in messages
     assert summary["resumed_from_step"] == 10
     # Nothing is deleted: every unusable step, both copies of step 30 and the unfinished write are kept
     # aside, and retraining from 10 rebuilt step 30 exactly.
@@ -429,3 +431,12 @@ def test_a_checkpoint_of_another_number_of_processes_resumes_at_its_step(tmp_pat
     assert "written by 2 process(es), this run has 1" in caplog.text and "after batch 10" in caplog.text
     assert summary["resumed_from_step"] == 10
     assert losses(resumed) == losses(reference)
+
+
+def test_the_quarantine_says_how_many_steps_it_keeps_and_their_size(tmp_path):
+    for name, size in (("30", 3 * 2**20), ("30.1", 2**20), ("40", 0)):
+        (tmp_path / name / "state").mkdir(parents=True)
+        (tmp_path / name / "state" / "data").write_bytes(b"x" * size)
+    assert checkpointing.quarantine_report(str(tmp_path)) == (
+        f"{tmp_path} holds 3 set-aside checkpoint step(s), 4.0 MiB in all; they are kept for inspection and never "
+        "deleted: remove them when you no longer need them")
