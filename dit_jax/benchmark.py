@@ -338,23 +338,6 @@ def loader_benchmark(latents_dir: str, *, batch_size: int, batches: int, warmup:
             "batches": batches, "seconds": wall, "latents_per_sec": n / wall, "latents_per_cpu_sec": n / cpu}
 
 
-def random_inception_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    """Tensors of the FID InceptionV3's names and shapes: He-normal kernels, unit BatchNorm statistics (the
-    network's speed does not depend on the values; this keeps activations finite)."""
-    from dit_jax.evaluators import inception
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in inception.expected_weights().items():
-        if name.endswith(("running_var", "weight")) and len(shape) == 1:  # BatchNorm variance and scale
-            tensors[name] = np.ones(shape, np.float32)
-        elif len(shape) > 1:  # conv [out, in, h, w] and fc [out, in] kernels
-            tensors[name] = (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
-        else:
-            tensors[name] = np.zeros(shape, np.float32)
-    return tensors
-
-
 def inception_benchmark(weights: str | None, *, image_size: int, batch_size: int, batches: int,
                         warmup: int) -> dict[str, Any]:
     """Images/s of the evaluator's feature extractor (TF1 resize to 299 + InceptionV3, float32 HIGHEST) on
@@ -364,7 +347,7 @@ def inception_benchmark(weights: str | None, *, image_size: int, batch_size: int
     if image_size < 8 or batch_size < 1 or batches < 1 or warmup < 0:
         raise ValueError(f"image_size must be >= 8, batch_size and batches >= 1 and warmup >= 0, got {image_size}, "
                          f"{batch_size}, {batches}, {warmup}")
-    model = inception.create_inception(random_inception_weights() if weights is None else weights)
+    model = inception.create_inception(inception.random_weights() if weights is None else weights)
     features = inception.create_feature_fn(model, batch_size=batch_size)
     images = np.random.default_rng(0).integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8)
     seconds = timed(lambda: features(images), batches, warmup)

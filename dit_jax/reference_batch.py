@@ -323,7 +323,8 @@ def _define_flags() -> None:
                          "subset); the statistics use every image")
     flags.DEFINE_integer("seed", 0, "seed of the arr_0 subset")
     flags.DEFINE_string("inception_weights", None, "the FID InceptionV3 weights: pytorch-fid's or torch-fidelity's "
-                        f".pth, a .safetensors conversion, or a registry name (default {inception.DEFAULT_WEIGHTS})")
+                        f".pth, a .safetensors conversion, or a registry name (default {inception.DEFAULT_WEIGHTS}); "
+                        "random:SEED = random weights, for smoke tests only")
     flags.DEFINE_integer("batch_size", 256, "images read, cropped and sent through the network together")
     flags.DEFINE_integer("save_every", 20, "save the progress every this many batches")
     sharding.define_distributed_flags()
@@ -349,7 +350,10 @@ def main(argv: list[str]) -> None:
         summary = build(source, f.out, features, image_size=f.image_size, keep_images=f.keep_images, seed=f.seed,
                         batch_size=f.batch_size, save_every=f.save_every, workers=f.workers,
                         settings={"inception_weights": os.path.basename(weights),
-                                  "inception_sha256": storage.sha256_file(weights),
+                                  # evaluate compares it: the tensors' hash (the same in any container)
+                                  "inception_weights_sha256": inception.weights_sha256(tensors),
+                                  **({} if inception.random_seed(weights) is not None else
+                                     {"inception_sha256": storage.sha256_file(weights)}),
                                   "devices": jax.device_count()})  # the network's batch and its last bits
     except (ValueError, OSError, FloatingPointError, locking.LockHeldError) as err:
         sys.exit(f"error: {err}")

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from dit_jax import benchmark, torch_reference, train
+from dit_jax.evaluators import inception
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
 from tests.conftest import (BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config,
@@ -211,7 +212,7 @@ def test_inception_benchmark_checks_its_arguments():
 
 @pytest.mark.slow  # compiles the whole InceptionV3 (minutes on a loaded CPU)
 def test_inception_benchmark_times_the_feature_extractor():
-    tensors = benchmark.random_inception_weights()
+    tensors = inception.random_weights()
     assert all(np.isfinite(v).all() for v in tensors.values())  # (create_inception checks every name and shape)
     result = benchmark.inception_benchmark(None, image_size=32, batch_size=8, batches=2, warmup=1)
     assert result["batch"] == 8 and result["weights"] == "random"

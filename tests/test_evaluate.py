@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -156,3 +157,87 @@ def test_adm_readme_figures_with_the_real_files():
     assert result["sfid"] == pytest.approx(ADM_FIGURES["sfid"], rel=1e-3)
     assert result["precision"] == pytest.approx(ADM_FIGURES["precision"], abs=3e-3)
     assert result["recall"] == pytest.approx(ADM_FIGURES["recall"], abs=3e-3)
+
+
+# ------------------------------------------------------------------ trust: the weights' hash, the cache, random weights
+
+@pytest.fixture
+def counted_network(monkeypatch, tmp_path):
+    """evaluate with the cheap stand-in features (counting the images they see) and a cache in tmp_path."""
+    from tests.conftest import fake_features
+
+    seen = []
+    monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluate.inception, "create_inception", lambda weights, **_: None)
+    monkeypatch.setattr(evaluate.inception, "create_feature_fn",
+                        lambda model, **_: lambda images: (seen.append(len(images)), fake_features(images))[1])
+    return seen
+
+
+def test_a_second_evaluation_reads_the_reference_features_from_the_cache(tmp_path, counted_network):
+    np.savez(tmp_path / "samples.npz", arr_0=_images(0, 5, 16))
+    np.savez(tmp_path / "ref.npz", arr_0=_images(1, 7, 16))
+    run = functools.partial(evaluate.evaluate, str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
+                            progress=False)
+    first = run(inception_weights="random:0")
+    assert sum(counted_network) == 5 + 7 and "computed, kept in" in first["settings"]["reference_features"]
+    counted_network.clear()
+    second = run(inception_weights="random:0")
+    assert sum(counted_network) == 5  # the samples only: the reference's features came from the cache
+    assert second["settings"]["reference_features"].startswith("read from")
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        assert second[key] == first[key], key
+    counted_network.clear()
+    run(inception_weights="random:1")  # other weights: another entry
+    assert sum(counted_network) == 5 + 7
+    np.savez(tmp_path / "ref.npz", arr_0=_images(2, 7, 16))  # another file under the same name: another entry
+    counted_network.clear()
+    run(inception_weights="random:1")
+    assert sum(counted_network) == 5 + 7
+    counted_network.clear()
+    run(inception_weights="random:1", cache=False)
+    assert sum(counted_network) == 5 + 7
+    # A smoke test says so in its notes and settings.
+    assert "comparable with nothing" in first["notes"][0] and first["settings"]["smoke_test_random_weights"]
+    assert first["settings"]["inception_weights"] == "random:0"
+    assert first["settings"]["inception_weights_sha256"] == inception.weights_sha256(inception.random_weights(0))
+
+
+def _with_statistics(path, record=None, images=None):
+    arrays = dict(mu=np.zeros(inception.POOL_DIM), sigma=np.eye(inception.POOL_DIM))
+    if record is not None:
+        arrays["metadata"] = np.array(json.dumps({"settings": record}))
+    if images is not None:
+        arrays["arr_0"] = images
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_a_reference_records_its_weights_and_other_weights_are_refused(tmp_path):
+    real = evaluate.InceptionWeights({}, str(tmp_path / "fid.safetensors"), "a" * 64)
+    random = evaluate.InceptionWeights({}, "random:0", "b" * 64)
+    adm = _with_statistics(tmp_path / "adm.npz")  # ADM's batches record no weights
+    [note] = evaluate.check_reference_weights(evaluate.open_reference(adm), adm, real)
+    assert "records no Inception weights hash (ADM's reference batches record none)" in note
+    with pytest.raises(evaluate.BadBatch, match="records no Inception weights .* random weights"):
+        evaluate.check_reference_weights(evaluate.open_reference(adm), adm, random)
+    ours = _with_statistics(tmp_path / "ours.npz", {"inception_weights": "fid.pth", "inception_weights_sha256": "a" * 64})
+    assert evaluate.check_reference_weights(evaluate.open_reference(ours), ours, real) == []
+    with pytest.raises(evaluate.BadBatch, match=r"computed with other Inception weights \(fid.pth"):
+        evaluate.check_reference_weights(evaluate.open_reference(ours), ours, random)
+    images_only = str(tmp_path / "images.npz")  # everything computed here, with these weights: nothing to check
+    np.savez(images_only, arr_0=_images(3, 4, 16))
+    assert evaluate.check_reference_weights(evaluate.open_reference(images_only), images_only, random) == []
+
+
+def test_the_command_refuses_other_weights_in_one_line(tmp_path):
+    np.savez(tmp_path / "samples.npz", arr_0=_images(0, 4, 16))
+    ref = _with_statistics(tmp_path / "ref.npz", {"inception_weights": "pt_inception-2015-12-05-6726825d.pth",
+                                                   "inception_weights_sha256": "0" * 64}, _images(1, 4, 16))
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", "--reference", ref, "--samples",
+                           str(tmp_path / "samples.npz"), "--inception_weights", "random:0"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    [line] = [text for text in proc.stderr.splitlines() if text.startswith("error:")]  # (JAX's own INFO aside)
+    assert "computed with other Inception weights (pt_inception-2015-12-05-6726825d.pth" in line
+    assert "--inception_weights random:0" in line  # how to rebuild it for these weights

@@ -139,3 +139,18 @@ def test_weights_from_pth_and_safetensors(tmp_path, inception_state):
         inception.read_inception_weights(tmp_path / "bad.safetensors")
     with pytest.raises(FileNotFoundError, match="do not exist"):
         inception.read_inception_weights(tmp_path / "missing.pth")
+    # The weights' hash is the tensors', the same in either container (their files' hashes differ).
+    from_pth = inception.weights_sha256(inception.read_inception_weights(tmp_path / "w.pth")[0])
+    assert from_pth == inception.weights_sha256(tensors) == inception.weights_sha256(
+        {k: v.numpy() for k, v in inception_state.items()})
+    tensors["fc.bias"] = tensors["fc.bias"] + 1e-7
+    assert inception.weights_sha256(tensors) != from_pth
+
+
+def test_random_weights_by_seed():
+    tensors, source = inception.read_inception_weights("random:3")
+    assert source == "random:3" and set(tensors) == set(inception.expected_weights())
+    assert inception.weights_sha256(tensors) == inception.weights_sha256(inception.random_weights(3))
+    assert inception.weights_sha256(tensors) != inception.weights_sha256(inception.random_weights(4))
+    with pytest.raises(ValueError, match="random:SEED with a whole number"):
+        inception.read_inception_weights("random:x")

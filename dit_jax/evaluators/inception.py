@@ -41,6 +41,7 @@ SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of Mixed_6d's 192 1x1-branch chann
 DEFAULT_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 HIGHEST = lax.Precision.HIGHEST
+RANDOM_PREFIX = "random:"  # --inception_weights random:SEED: random weights of the right shapes (a smoke test)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -358,11 +359,52 @@ def _build(tensors: dict[str, np.ndarray], source: str, dtype: Any, zeros: bool 
     return model
 
 
+def random_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Tensors of the FID InceptionV3's names and shapes: He-normal kernels, unit BatchNorm statistics (for
+    speed measurements and smoke tests: finite activations, figures comparable with nothing)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_weights().items():
+        if name.endswith(("running_var", "weight")) and len(shape) == 1:  # BatchNorm variance and scale
+            tensors[name] = np.ones(shape, np.float32)
+        elif len(shape) > 1:  # conv [out, in, h, w] and fc [out, in] kernels
+            tensors[name] = (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
+        else:
+            tensors[name] = np.zeros(shape, np.float32)
+    return tensors
+
+
+def random_seed(weights: str | os.PathLike | None) -> int | None:
+    """The seed of ``random:SEED`` (random weights of the right shapes, a smoke test), else None."""
+    if weights is None or not os.fspath(weights).startswith(RANDOM_PREFIX):
+        return None
+    seed = os.fspath(weights)[len(RANDOM_PREFIX):]
+    if not seed.isdigit():
+        raise ValueError(f"--inception_weights {weights}: write random:SEED with a whole number, e.g. random:0")
+    return int(seed)
+
+
+def weights_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """The SHA-256 of the network's tensors (every expected name in order, its shape, its float32 values):
+    the same for pytorch-fid's and torch-fidelity's files and their ``.safetensors`` conversions, which hold
+    the same tensors in different containers (their files' hashes differ)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, shape in sorted(expected_weights().items()):
+        digest.update(f"{name}{tuple(shape)}".encode())
+        digest.update(np.ascontiguousarray(tensors[name], "<f4").tobytes())
+    return digest.hexdigest()
+
+
 def read_inception_weights(weights: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """The tensors of a ``.pth``/``.safetensors`` file, or of a registry name (fetched into the cache;
-    default ``DEFAULT_WEIGHTS``), and where they came from."""
+    """The tensors of a ``.pth``/``.safetensors`` file, of a registry name (fetched into the cache;
+    default ``DEFAULT_WEIGHTS``) or of ``random:SEED`` (``random_weights``), and where they came from."""
     from dit_jax import pretrained
 
+    seed = random_seed(weights)
+    if seed is not None:
+        return random_weights(seed), f"{RANDOM_PREFIX}{seed}"
     name = DEFAULT_WEIGHTS if weights is None else os.fspath(weights)
     path = pretrained.locate(name, WEIGHT_NAMES)
     if not os.path.isfile(path):
