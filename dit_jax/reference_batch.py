@@ -155,7 +155,8 @@ class _Progress:
 
     def __init__(self):
         self.moments = {"pool": RunningMoments(inception.POOL_DIM), "spatial": RunningMoments(inception.SPATIAL_DIM)}
-        self.meta: dict[str, Any] = {"next": 0, "skipped": [], "converted": {}, "kept_labels": []}
+        # kept_sources: the source index of each kept image, so a damaged block of them can be cropped again.
+        self.meta: dict[str, Any] = {"next": 0, "skipped": [], "converted": {}, "kept_labels": [], "kept_sources": []}
 
     def save(self, partial: str) -> None:
         arrays = {k: v for name, m in self.moments.items() for k, v in m.state(name).items()}
@@ -167,7 +168,7 @@ class _Progress:
         path = os.path.join(partial, STATE)
         try:
             with np.load(path) as state:
-                self.meta = json.loads(str(state["meta"]))
+                self.meta = {"kept_sources": None, **json.loads(str(state["meta"]))}  # None: saved by an older version
                 for name, m in self.moments.items():
                     m.restore(state, name)
         except Exception as err:
@@ -175,8 +176,9 @@ class _Progress:
                           f"{partial} to start again") from err
 
 
-def _resume(partial: str, record: dict[str, Any], progress: _Progress) -> None:
-    """Process 0: check (or write) the settings; load the saved progress and drop block files it does not cover."""
+def _resume(partial: str, record: dict[str, Any], progress: _Progress, source: images.ImageSource) -> None:
+    """Process 0: check (or write) the settings; load the saved progress, drop block files it does not cover,
+    set damaged ones aside and crop their images again (before any other work)."""
     path, blocks_dir = os.path.join(partial, SETTINGS), os.path.join(partial, BLOCKS)
     if not os.path.exists(path):
         if os.path.exists(os.path.join(partial, STATE)) or os.listdir(blocks_dir):
@@ -186,15 +188,33 @@ def _resume(partial: str, record: dict[str, Any], progress: _Progress) -> None:
     _refuse_other_settings(latents.read_json(path), record, f"the partial reference batch {partial}")
     if os.path.exists(os.path.join(partial, STATE)):
         progress.restore(partial)
-    kept = len(progress.meta["kept_labels"])
-    used = [(a, b) for a, b in sample.finished_prefix(blocks_dir)[1] if b <= kept]
-    if (used[-1][1] if used else 0) != kept:
-        raise OSError(f"{blocks_dir} does not hold the {kept} kept images its saved progress counts; delete "
-                      f"{partial} to start again")
-    names = {sample.block_name(a, b) for a, b in used}
+    kept, size = len(progress.meta["kept_labels"]), record["image_size"]
     for name in os.listdir(blocks_dir):  # written after the last saved state, or half-written: made again
-        if name not in names:
+        covered = sample.block_range(name)
+        if ".damaged" not in name and (covered is None or covered[1] > kept):
             os.remove(os.path.join(blocks_dir, name))
+    sample.set_aside_damaged_blocks(blocks_dir, (size, size, 3))
+    for start, stop in sample.missing_ranges(blocks_dir, kept):
+        _crop_kept_again(source, partial, progress.meta, start, stop, size)
+
+
+def _crop_kept_again(source: images.ImageSource, partial: str, meta: dict[str, Any], start: int, stop: int,
+                     size: int) -> None:
+    """Kept images ``start..stop-1`` (a damaged or missing block) cropped again from their source images."""
+    blocks_dir = os.path.join(partial, BLOCKS)
+    if meta["kept_sources"] is None:
+        raise OSError(f"{blocks_dir} lacks the kept images {start}..{stop - 1}, and progress saved by an older "
+                      f"version does not say which images they are; delete {partial} to start again")
+    crops = []
+    for index in meta["kept_sources"][start:stop]:
+        key, pixels, _, _ = images.crop_record(next(source.records(index, index + 1)), size=size)
+        if isinstance(pixels, str):
+            raise OSError(f"kept image {key} was read before and cannot be read now ({pixels}); restore it, or "
+                          f"delete {partial} to start again")
+        crops.append(pixels)
+    labels = np.asarray(meta["kept_labels"][start:stop], np.int64)
+    sample.write_block(blocks_dir, sample.Block(start, np.stack(crops), labels))
+    logging.info("kept images %d..%d cropped again into %s", start, stop - 1, blocks_dir)
 
 
 def _build_locked(source: images.ImageSource, out: str, partial: str, features: inception.FeatureFn,
@@ -207,7 +227,7 @@ def _build_locked(source: images.ImageSource, out: str, partial: str, features: 
     state, error = _Progress(), None
     if main:
         try:
-            _resume(partial, record, state)
+            _resume(partial, record, state, source)
         except (FileExistsError, OSError) as err:
             error = err
     start = -1 if error is not None else state.meta["next"]
@@ -243,6 +263,8 @@ def _build_locked(source: images.ImageSource, out: str, partial: str, features: 
                 if index in keep:
                     kept_images.append(pixels)
                     state.meta["kept_labels"].append(label)
+                    if state.meta["kept_sources"] is not None:
+                        state.meta["kept_sources"].append(index)
             crops = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
             feats = features(crops[len(crops) * me // count:len(crops) * (me + 1) // count])  # all shares, in order
             if not (np.isfinite(feats["pool"]).all() and np.isfinite(feats["spatial"]).all()):

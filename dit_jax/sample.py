@@ -340,10 +340,15 @@ def block_name(start: int, stop: int) -> str:
 _BLOCK_RE = re.compile(r"^(\d{8})-(\d{8})\.npz$")
 
 
+def block_range(name: str) -> tuple[int, int] | None:
+    """The samples ``(start, stop)`` a block file's name (``block_name``) covers; None for another name."""
+    match = _BLOCK_RE.match(name)
+    return (int(match[1]), int(match[2])) if match else None
+
+
 def finished_prefix(blocks_dir: str) -> tuple[int, list[tuple[int, int]]]:
     """How many samples the finished block files cover from index 0, and those blocks (start, stop)."""
-    names = [p.name for p in storage.path(blocks_dir).iterdir()]
-    ranges = sorted((int(m[1]), int(m[2])) for m in map(_BLOCK_RE.match, names) if m)
+    ranges = sorted(filter(None, (block_range(p.name) for p in storage.path(blocks_dir).iterdir())))
     end, used = 0, []
     for start, stop in ranges:
         if start == end:
@@ -358,6 +363,57 @@ def write_block(blocks_dir: str, block: Block) -> None:
     encoded = io.BytesIO()
     np.savez(encoded, images=block.images, labels=block.labels)
     storage.write_atomic(storage.path(blocks_dir) / block_name(block.start, stop), encoded.getvalue())
+
+
+def block_problem(path: Any, count: int, image_shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a block file (``write_block``) of ``count`` images, found without reading its data: a
+    truncated file (no zip directory, or less data on disk than the directory records) or other images."""
+    try:
+        with path.open("rb") as raw, zipfile.ZipFile(raw) as archive:
+            info = archive.getinfo("images.npy")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+            if path.stat().length < info.header_offset + info.compress_size:
+                return "truncated"
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as err:
+        return f"cannot be read ({type(err).__name__}: {err})"
+    if tuple(shape) != (count, *image_shape) or dtype != np.uint8:
+        return f"holds {dtype} {tuple(shape)}, expected uint8 {(count, *image_shape)}"
+    return None
+
+
+def set_aside_damaged_blocks(blocks_dir: str, image_shape: tuple[int, ...]) -> list[str]:
+    """Rename each damaged block file (``block_problem``) to ``<name>.damaged[-N]``, so its samples are made
+    again; returns the names set aside. Checked at the start of a run, not after all its work."""
+    damaged = []
+    for block in storage.path(blocks_dir).iterdir():
+        covered = block_range(block.name)
+        problem = covered and block_problem(block, covered[1] - covered[0], image_shape)
+        if problem:
+            aside, n = block.with_name(block.name + ".damaged"), 1
+            while aside.exists():
+                n += 1
+                aside = block.with_name(f"{block.name}.damaged-{n}")
+            block.rename(aside)
+            logging.warning("block file %s %s: set aside as %s; its samples are made again", block, problem,
+                            aside.name)
+            damaged.append(block.name)
+    return damaged
+
+
+def missing_ranges(blocks_dir: str, n: int) -> list[tuple[int, int]]:
+    """The sample ranges ``[a, b)`` of ``0..n-1`` that no chain of block files from 0 covers."""
+    ranges = sorted(filter(None, (block_range(p.name) for p in storage.path(blocks_dir).iterdir())))
+    gaps, end = [], 0
+    for start, stop in ranges:
+        if start > end:
+            gaps.append((end, start))
+        if start >= end:
+            end = stop
+    return gaps + ([(end, n)] if end < n else [])
 
 
 def write_adm_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tuple[int, ...],
@@ -397,8 +453,10 @@ def _settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def _prepare_out_dir(out_dir: str, record: dict[str, Any]) -> int:
-    """Process 0: check (or write) ``settings.json`` and return where to resume (-1: already complete)."""
+def _prepare_out_dir(out_dir: str, record: dict[str, Any],
+                     image_shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """Process 0: check (or write) ``settings.json``, set damaged blocks aside and return the sample ranges
+    still to make (None: already complete)."""
     out = storage.path(out_dir)
     path = out / SETTINGS_JSON
     if path.exists():
@@ -416,11 +474,12 @@ def _prepare_out_dir(out_dir: str, record: dict[str, Any]) -> int:
         write_json_atomic(path, record)
     (out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)  # only once the folder is this run's
     if (out / SAMPLES_NPZ).exists():
-        return -1
+        return None
     for block in (out / BLOCKS_DIR).iterdir():
         if block.name.endswith(".tmp"):  # a block a killed run was writing
             block.unlink()
-    return finished_prefix(os.fspath(out / BLOCKS_DIR))[0]
+    set_aside_damaged_blocks(os.fspath(out / BLOCKS_DIR), image_shape)
+    return missing_ranges(os.fspath(out / BLOCKS_DIR), record["settings"]["num_samples"])
 
 
 def write_samples(out_dir: str, image_sampler: ImageSampler, labels: np.ndarray, *, seed: int,
@@ -452,36 +511,44 @@ def _write_samples_locked(out_dir: str, image_sampler: ImageSampler, labels: np.
                           "processes": jax.process_count(), "block_size": image_sampler.block_size}}
     record = json.loads(json.dumps(record))  # as stored: tuples -> lists
     main = sharding.is_main_process()
-    start, error = 0, None
+    gaps, status, error = [], 0, None
     if main:
         try:
-            start = _prepare_out_dir(out_dir, record)
+            gaps = _prepare_out_dir(out_dir, record, image_sampler.image_shape)
+            status = -1 if gaps is None else len(gaps)
         except (ValueError, OSError) as err:
-            start, error = -2, err
-    if jax.process_count() > 1:  # every process learns where to start, or that process 0 refused
-        start = int(multihost_utils.broadcast_one_to_all(np.int64(start)))
-    if start == -2:
+            status, error = -2, err
+    if jax.process_count() > 1:  # every process learns what to make, or that process 0 refused
+        status = int(multihost_utils.broadcast_one_to_all(np.int64(status)))
+        if status > 0:
+            gaps = multihost_utils.broadcast_one_to_all(np.asarray(gaps if main else np.zeros((status, 2)), np.int64))
+    if status == -2:
         raise error if error is not None else ValueError(f"process 0 refused {out_dir}: see its log")
     npz = os.fspath(storage.path(out_dir) / SAMPLES_NPZ)
-    if start == -1:
+    if status == -1:
         logging.info("%s is complete; nothing to do", npz)
         return npz
-    if start:
-        logging.info("resuming %s at sample %d of %d", out_dir, start, len(labels))
+    gaps = [(int(a), int(b)) for a, b in gaps]
+    done = len(labels) - sum(b - a for a, b in gaps)
+    if done:
+        logging.info("resuming %s: %d of %d samples are made; making %s", out_dir, done, len(labels),
+                     ", ".join(f"{a}..{b - 1}" for a, b in gaps))
     blocks_dir = os.fspath(storage.path(out_dir) / BLOCKS_DIR)
     t0 = time.time()
-    with tqdm.tqdm(total=len(labels), initial=start, unit="img", desc="sampling", file=sys.stderr,
+    with tqdm.tqdm(total=len(labels), initial=done, unit="img", desc="sampling", file=sys.stderr,
                    disable=not (main and progress), smoothing=0.1) as bar:
-        for block in iterate_blocks(image_sampler, labels, seed=seed, start=start):
-            if main:
-                write_block(blocks_dir, block)
-            bar.update(len(block.labels))
+        for first, stop in gaps:  # only what is missing: a damaged block set aside is made again alone
+            for block in iterate_blocks(image_sampler, labels[:stop], seed=seed, start=first):
+                if main:
+                    write_block(blocks_dir, block)
+                bar.update(len(block.labels))
     if main:
         end, blocks = finished_prefix(blocks_dir)
         if end != len(labels):
             raise RuntimeError(f"{blocks_dir} covers samples 0..{end - 1} of {len(labels)} after the run")
         write_adm_npz(npz, blocks_dir, blocks, image_sampler.image_shape, labels)
-        record["run"] = {"seconds_this_run": time.time() - t0, "resumed_at": start}
+        record["run"] = {"seconds_this_run": time.time() - t0, "resumed_at": gaps[0][0] if gaps else len(labels),
+                         "made_this_run": gaps}
         write_json_atomic(storage.path(out_dir) / SETTINGS_JSON, record)
         for first, stop in blocks:
             (storage.path(blocks_dir) / block_name(first, stop)).unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import subprocess
@@ -114,6 +115,37 @@ def test_an_interrupted_build_resumes_to_the_same_file(image_tree, tmp_path, mon
     assert build(image_tree, tmp_path / "ref.npz")["complete_already"]
     with pytest.raises(FileExistsError, match="image_size: was 32, now 16"):
         build(image_tree, tmp_path / "ref.npz", image_size=16)
+
+
+def test_a_damaged_kept_image_block_is_found_at_the_start_and_only_it_is_cropped_again(image_tree, tmp_path):
+    build(image_tree, tmp_path / "whole.npz")
+    calls = {"n": 0}
+
+    def dies_at(batch: int):
+        def features_until(images_batch):
+            calls["n"] += 1
+            if calls["n"] == batch:
+                raise Killed
+            return features(images_batch)
+        return features_until
+
+    with pytest.raises(Killed):  # saved after the second batch: kept images 0..4 in one block
+        build(image_tree, tmp_path / "ref.npz", features=dies_at(4))
+    blocks = tmp_path / "ref.npz.partial" / "blocks"
+    block = blocks / "00000000-00000005.npz"
+    good = block.read_bytes()
+    block.write_bytes(good[:len(good) // 2])
+    calls["n"] = 0
+    with pytest.raises(Killed):  # dies at the first batch of the resumed run: the block was redone before it
+        build(image_tree, tmp_path / "ref.npz", features=dies_at(1))
+    assert sorted(os.listdir(blocks)) == ["00000000-00000005.npz", "00000000-00000005.npz.damaged"]
+    with np.load(block) as redone, np.load(io.BytesIO(good)) as original:
+        np.testing.assert_array_equal(redone["images"], original["images"])
+        np.testing.assert_array_equal(redone["labels"], original["labels"])
+    build(image_tree, tmp_path / "ref.npz")
+    whole, resumed = read(tmp_path / "whole.npz"), read(tmp_path / "ref.npz")
+    for key in whole:
+        np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
 
 
 def test_too_few_images_and_an_empty_folder_get_clear_errors(tmp_path):

@@ -201,6 +201,36 @@ def test_write_samples_resumes_across_device_counts_into_an_adm_npz(tmp_path, on
                              settings=settings)
 
 
+def test_a_truncated_block_is_found_at_the_start_set_aside_and_made_again_alone(tmp_path, one_device, latent_model,
+                                                                               tiny_vae, monkeypatch):
+    labels, out, n = fid_labels(8), tmp_path / "fid", 8
+    iterate_blocks, calls = sample.iterate_blocks, []
+
+    def killed_after_three_blocks(*args, **kwargs):
+        for i, block in enumerate(iterate_blocks(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield block
+
+    monkeypatch.setattr(sample, "iterate_blocks", killed_after_three_blocks)
+    with pytest.raises(KeyboardInterrupt):
+        sample.write_samples(str(out), engine(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED)
+    block = out / sample.BLOCKS_DIR / "00000002-00000004.npz"
+    block.write_bytes(block.read_bytes()[:-40])  # cut short (a full disk, a bad copy)
+
+    def recorded(image_sampler, block_labels, *, seed, start=0):
+        calls.append((start, len(block_labels)))
+        return iterate_blocks(image_sampler, block_labels, seed=seed, start=start)
+
+    monkeypatch.setattr(sample, "iterate_blocks", recorded)
+    path = sample.write_samples(str(out), engine(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED,
+                                progress=False)
+    assert calls == [(2, 4), (6, n)]  # the damaged block alone, then the samples never made
+    assert os.listdir(out / sample.BLOCKS_DIR) == ["00000002-00000004.npz.damaged"]
+    with np.load(path) as npz:
+        np.testing.assert_array_equal(npz["arr_0"], one_device[:n])
+
+
 def test_a_nan_sample_stops_before_its_block_is_written(tmp_path, latent_model, tiny_vae):
     broken = nnx.clone(latent_model)
     broken.final_layer.linear.bias[...] = broken.final_layer.linear.bias[...].at[5].set(jnp.nan)
