@@ -440,7 +440,7 @@ def _define_flags() -> None:
     flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS),
                       "jax.nn.dot_product_attention kernel (cudnn: NVIDIA GPUs, bfloat16; auto: cudnn where it works).")
     for field, modes in SWITCH_FIELDS.items():
-        flags.DEFINE_enum(field, modes[0], list(modes), "Compute switch (docs/compute_switches.md).")
+        flags.DEFINE_enum(field, None, list(modes), "Compute switch (docs/compute_switches.md); default: the config's.")
     flags.DEFINE_enum("remat", "none", list(REMAT_MODES), "Recompute block activations in the backward pass.")
     flags.DEFINE_bool("scan_blocks", False, "Stack the blocks' parameters and run them as one lax.scan.")
     flags.DEFINE_list("mesh", [], "Mesh axis sizes as axis=size (data, fsdp, tensor; one may be -1); "
@@ -492,7 +492,7 @@ def main(argv: list[str]) -> None:
     try:
         config = make_config(f.model, image_size=f.image_size, batch=f.batch, dtype=f.dtype, mesh=f.mesh,
                              attention=f.attention, remat=f.remat, scan_blocks=f.scan_blocks,
-                             **{field: f[field].value for field in SWITCH_FIELDS})
+                             **{field: f[field].value for field in SWITCH_FIELDS if f[field].value is not None})
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     if f.sample_torch:
