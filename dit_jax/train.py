@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax._src import config as jax_config  # threefry_gpu_kernel_lowering: a context manager only here
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_jax import (checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding,
@@ -144,7 +145,28 @@ def _on_mesh(config: ml_collections.ConfigDict, mesh: Mesh
     abstract_state = _place(abstract_state, mesh)
     fixed = jax.jit(lambda: init()[0], out_shardings=NamedSharding(mesh, PartitionSpec()))()
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
-    return graphdef, fixed, abstract_state, jax.jit(lambda: init()[1], out_shardings=shardings)
+    return graphdef, fixed, abstract_state, functools.partial(_run_initializer, lambda: init()[1], shardings)
+
+
+def _run_initializer(init: Callable[[], TrainState], shardings: Any) -> TrainState:
+    """``init`` jitted with ``shardings`` as its output layout and run; on NVIDIA GPUs with its random numbers
+    drawn by JAX's threefry kernel (``jax_threefry_gpu_kernel_lowering``).
+
+    The same threefry values either way; XLA otherwise expands every parameter's draw into its own
+    fusions, and compiling those few hundred kernels was most of DiT-XL/2's 48-52 s initialisation on an
+    H200. The kernel is one custom call that the SPMD partitioner cannot split, so it is used only where
+    every leaf is replicated (a data-parallel mesh); should the kernel be missing, the expanded form is
+    compiled instead, with one log line.
+    """
+    replicated = all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+    if jax.default_backend() == "gpu" and replicated:
+        try:
+            with jax_config.threefry_gpu_kernel_lowering(True):
+                return jax.jit(init, out_shardings=shardings)()
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            logging.warning("the GPU threefry kernel is unavailable (%s); initialising with XLA's expanded random "
+                            "numbers (a slower compile)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def create_train_state(config: ml_collections.ConfigDict,

@@ -429,3 +429,55 @@ def test_two_processes_match_one_device(setup):
 
 if __name__ == "__main__":
     run_process(int(sys.argv[1]), sys.argv[2])
+
+
+def test_gpu_initialiser_draws_the_same_values_and_falls_back_when_the_kernel_is_missing(monkeypatch, caplog):
+    """``train._run_initializer`` on a (faked) GPU: inside the threefry-kernel context the replicated state equals
+    the plain jit's; a kernel that fails to lower falls back to the expanded draw with one warning; a sharded
+    layout never enters the kernel's context (the partitioner cannot split its custom call)."""
+    import contextlib
+
+    from jax._src import config as jax_config
+
+    c = tiny_config()
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    mesh = mesh_of((8, 1, 1))
+    _, init, (_, abstract) = train._initializer(c)
+    shardings = jax.tree.map(lambda a: a.sharding, train._place(abstract, mesh))
+    plain = jax.jit(lambda: init()[1], out_shardings=shardings)()
+    values = lambda tree: [np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                                      else a) for a in jax.tree.leaves(tree)]
+    monkeypatch.setattr(train.jax, "default_backend", lambda: "gpu")
+    entered, original = [], jax_config.threefry_gpu_kernel_lowering
+
+    @contextlib.contextmanager
+    def kernel(on):
+        entered.append(on)
+        with original(on):
+            yield
+
+    monkeypatch.setattr(train.jax_config, "threefry_gpu_kernel_lowering", kernel)
+    for a, b in zip(values(train._run_initializer(lambda: init()[1], shardings)), values(plain)):
+        np.testing.assert_array_equal(a, b)
+    assert entered == [True]
+
+    @contextlib.contextmanager
+    def missing(on):
+        raise NotImplementedError("no cu_threefry2x32 here\nsecond line")
+        yield
+
+    monkeypatch.setattr(train.jax_config, "threefry_gpu_kernel_lowering", missing)
+    with caplog.at_level("WARNING"):
+        state = train._run_initializer(lambda: init()[1], shardings)
+    assert [r.getMessage() for r in caplog.records if "threefry" in r.getMessage()] == [
+        "the GPU threefry kernel is unavailable (no cu_threefry2x32 here); initialising with XLA's expanded random "
+        "numbers (a slower compile)"]
+    for a, b in zip(values(state), values(plain)):
+        np.testing.assert_array_equal(a, b)
+
+    entered.clear()
+    monkeypatch.setattr(train.jax_config, "threefry_gpu_kernel_lowering", kernel)
+    c.mesh.update(data=2, fsdp=2, tensor=2)
+    sharded = jax.tree.map(lambda a: a.sharding, train._place(abstract, mesh_of((2, 2, 2))))
+    train._run_initializer(lambda: init()[1], sharded)
+    assert entered == []
