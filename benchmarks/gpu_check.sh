@@ -63,7 +63,7 @@ if [ "$part" = train ] || [ "$part" = all ]; then
   read -r -a best <<<"$(best_flags)"
   echo "== start-up of the best row (${best[*]}) on the warm compilation cache"
   if [ "${TINY:-0}" = 1 ]; then best=(--batch=2); fi
-  "$py" -m dit_jax.benchmark "${bench_tiny[@]}" --dtype bfloat16 "${best[@]}" --steps 3 --warmup 1 --sample_steps 0 \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "$py" -m dit_jax.benchmark "${bench_tiny[@]}" --dtype bfloat16 "${best[@]}" --steps 3 --warmup 1 --sample_steps 0 \
       --compilation_cache "$cache" --json >"$out/startup_warm.json" 2>"$out/startup_warm.log"
   "$py" -c 'import json,sys; t=json.load(open(sys.argv[1]))["train"]; print(json.dumps({k: t.get(k) for k in ("step_seconds_median","images_per_sec","mfu","startup","compilation_cache","flops")}))' \
       "$out/startup_warm.json" || tail -n 5 "$out/startup_warm.log"

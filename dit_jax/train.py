@@ -163,7 +163,7 @@ def _run_initializer(init: Callable[[], TrainState], shardings: Any) -> TrainSta
         try:
             with jax_config.threefry_gpu_kernel_lowering(True):
                 return jax.jit(init, out_shardings=shardings)()
-        except (NotImplementedError, RuntimeError, ValueError) as e:
+        except (AttributeError, NotImplementedError, RuntimeError, ValueError) as e:
             logging.warning("the GPU threefry kernel is unavailable (%s); initialising with XLA's expanded random "
                             "numbers (a slower compile)", str(e).splitlines()[0] if str(e) else type(e).__name__)
     return jax.jit(init, out_shardings=shardings)()
