@@ -2,11 +2,15 @@
 # Issue 22's GPU measurements, prepared to run unattended on one lent GPU (an H200 here):
 #   train  the sweep (dit_jax.sweep's GPU_PLAN: the compute switches, batch 256/32, cuBLASLt) with a
 #          profile and time split of its fastest row, then the start-up of that row again in a fresh
-#          process on the compilation cache the sweep left warm;                        ~8 minutes
+#          process on the compilation cache the sweep left warm;   ~9 minutes (the sweep's --budget_s 480:
+#          `python -m dit_jax.sweep --plan` prints its rows and estimate)
 #   sample guided sampling, ours against PyTorch (bf16 autocast and float32+TF32) at per-device batch
 #          64/128/256, 50 DDPM steps, cfg 1.5, the VAE decode included, with the sweep's winning
-#          switches (read from OUT/sweep.json);                                         ~4 minutes
-# Usage: benchmarks/gpu_check.sh train|sample|all OUT
+#          switches (read from OUT/sweep.json, or given as SWITCHES="--qkv=split ...");   ~4 minutes (an estimate: 3 cold compiles of the chain with
+#          the VAE decode, and PyTorch's eager chains; SAMPLE_BATCHES=64 for a short lease)
+# Usage: benchmarks/gpu_check.sh train|sample|all OUT   (the device tool: two calls, `train` then `sample`,
+#        each as `... bash benchmarks/gpu_check.sh PART $OUT` after installing the carried wheels; see
+#        docs/performance.md "The next GPU lease")
 # TINY=1 runs the same commands on a tiny DiT (CPU-sized) to check the script itself.
 set -uo pipefail
 part=${1:?usage: benchmarks/gpu_check.sh train|sample|all OUT}
@@ -23,11 +27,11 @@ if [ "${TINY:-0}" = 1 ]; then
         --set model.patch_size=2 --set model.input_size=8)
   sweep_extra=(--budget_s 200 --row_timeout_s 120 --steps 2 --warmup 1 --profile_steps 1)
   bench_tiny=(--model DiT-S/8 --image_size 64)
-  sample=(--sample_batches 2,4 --sample_steps 2 --sample_repeats 1)
+  sample=(--sample_batches "2,4" --sample_steps 2 --sample_repeats 1)
 else
   model=(--model DiT-XL/2 --image_size 256)
   tiny=()
-  sweep_extra=(--budget_s "${SWEEP_BUDGET_S:-420}")
+  sweep_extra=(--budget_s "${SWEEP_BUDGET_S:-480}")
   bench_tiny=(--model DiT-XL/2 --image_size 256)
   sample=(--sample_batches "${SAMPLE_BATCHES:-64,128,256}" --sample_steps 50 --sample_repeats 1)
 fi
@@ -70,8 +74,13 @@ if [ "$part" = train ] || [ "$part" = all ]; then
 fi
 
 if [ "$part" = sample ] || [ "$part" = all ]; then
-  read -r -a best <<<"$(best_flags)"
-  switches=("${best[@]:0:${#best[@]}-1}")  # without --batch
+  # SWITCHES="--qkv=split ..." names them (a new call's $OUT no longer holds the sweep's JSON).
+  if [ -n "${SWITCHES:-}" ]; then
+    read -r -a switches <<<"$SWITCHES"
+  else
+    read -r -a best <<<"$(best_flags)"
+    switches=("${best[@]:0:${#best[@]}-1}")  # without --batch
+  fi
   if [ "${TINY:-0}" = 1 ]; then switches=(); fi
   echo "== sampling side by side (${switches[*]})"
   # PyTorch runs first in this process and frees its memory; JAX allocates as it goes.
