@@ -33,18 +33,19 @@ from typing import Any, NamedTuple
 import numpy as np
 from absl import logging
 
-from dit_jax import compilation_cache, pretrained, storage
+from dit_jax import compilation_cache, storage
 from dit_jax.evaluators import inception, metrics
+from dit_jax.weights import fetch
 
 FIGURES = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
            ("recall", "Recall"))
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 # Reference batches a user may name instead of a path (fetched into the cache): ADM's.
-REFERENCE_NAMES = tuple(name for name in pretrained.REGISTRY if name.endswith(".npz"))
+REFERENCE_NAMES = tuple(name for name in fetch.REGISTRY if name.endswith(".npz"))
 # What a reference batch records about the weights of its statistics (dit_jax.reference_batch's metadata):
 # the name, the SHA-256 of the tensors (inception.weights_sha256) and, for files, of the file.
 WEIGHT_RECORDS = ("inception_weights", "inception_weights_sha256", "inception_sha256")
-CACHE_FOLDER, CACHE_FORMAT = "reference_features", 1  # under pretrained.cache_dir()
+CACHE_FOLDER, CACHE_FORMAT = "reference_features", 1  # under weights.fetch.cache_dir()
 
 
 class BadBatch(ValueError):
@@ -233,7 +234,7 @@ def reference_identity(path: str) -> str:
 def feature_cache_path(path: str, weights_sha256: str) -> Path:
     """Where what is computed from ``path``'s images with these weights is kept (``reference_features``)."""
     key = json.dumps({"format": CACHE_FORMAT, "reference": reference_identity(path), "weights": weights_sha256})
-    return pretrained.cache_dir() / CACHE_FOLDER / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    return fetch.cache_dir() / CACHE_FOLDER / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
 
 def _read_cache(cache: Path | None) -> dict[str, np.ndarray] | None:
@@ -319,7 +320,7 @@ def evaluate(reference: str, samples: str, *, inception_weights: str | None = No
     import jax
 
     started = time.time()
-    samples, reference = storage.absolute(samples), pretrained.locate(reference, REFERENCE_NAMES)
+    samples, reference = storage.absolute(samples), fetch.locate(reference, REFERENCE_NAMES)
     sample_images = NpzImages(samples)
     ref = open_reference(reference)
     ref_stats, ref_images, _ = ref
@@ -405,7 +406,7 @@ def main(argv: list[str]) -> None:
             return
         result = evaluate(f.reference, f.samples, inception_weights=f.inception_weights, batch_size=f.batch_size,
                           pr_float16=not f.pr_float32, cache=f.reference_cache)
-    except (BadBatch, ValueError, FileNotFoundError, pretrained.DownloadError) as err:
+    except (BadBatch, ValueError, FileNotFoundError, fetch.DownloadError) as err:
         sys.exit(f"error: {err}")
     if not sharding.is_main_process():
         return

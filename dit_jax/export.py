@@ -3,7 +3,7 @@
     python -m dit_jax.export --ckpt=runs/xl2 --out=DiT-XL-2-finetuned.pt           # official state dict
     python -m dit_jax.export --ckpt=runs/xl2 --out=dit_diffusers --format=diffusers  # DiTTransformer2DModel
 
-``--ckpt`` is anything ``pretrained.load_dit`` reads (a workdir exports its newest EMA
+``--ckpt`` is anything ``weights.load.load_dit`` reads (a workdir exports its newest EMA
 weights). The official format is a plain ``state_dict`` with the names, layouts and float32
 dtype of the released ``DiT-XL-2-256x256.pt`` (``torch.load`` + ``DiT.load_state_dict`` in the
 official code); writing a ``.pt`` needs PyTorch, a ``.safetensors`` file of the same tensors
@@ -29,18 +29,20 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from dit_jax import convert, pretrained, storage
+from dit_jax import storage
+from dit_jax.weights import convert, diffusers
+from dit_jax.weights.load import LoadedDiT, load_dit
 
 FORMATS = ("official", "diffusers")
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def official_state_dict(loaded: pretrained.LoadedDiT) -> dict[str, np.ndarray]:
+def official_state_dict(loaded: LoadedDiT) -> dict[str, np.ndarray]:
     """The official ``state_dict`` of a loaded DiT, in the official module order, float32, contiguous."""
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in convert.to_official_state_dict(loaded.model).items()}
 
 
-def export_official(loaded: pretrained.LoadedDiT, path: str | os.PathLike) -> Path:
+def export_official(loaded: LoadedDiT, path: str | os.PathLike) -> Path:
     """Write the official-format state dict to ``path`` (``.pt``/``.pth`` via torch.save; ``.safetensors`` without torch)."""
     path = Path(path)
     state = official_state_dict(loaded)
@@ -58,14 +60,14 @@ def export_official(loaded: pretrained.LoadedDiT, path: str | os.PathLike) -> Pa
     return path
 
 
-def export_diffusers(loaded: pretrained.LoadedDiT, folder: str | os.PathLike) -> Path:
+def export_diffusers(loaded: LoadedDiT, folder: str | os.PathLike) -> Path:
     """Write a diffusers ``DiTTransformer2DModel`` folder (config.json + safetensors, no PyTorch needed)."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     arch = loaded.info["architecture"]
-    config = pretrained.diffusers_config(arch)
-    tensors = pretrained.official_to_diffusers(official_state_dict(loaded), depth=arch["depth"])
+    config = diffusers.diffusers_config(arch)
+    tensors = diffusers.official_to_diffusers(official_state_dict(loaded), depth=arch["depth"])
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     _atomic(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -85,10 +87,10 @@ def use_official_timesteps(model: Any) -> Any:
 
 
 def export(ckpt: str, out: str | os.PathLike, *, format: str = "official", **load_options) -> Path:
-    """Load ``ckpt`` (any ``pretrained.load_dit`` form) and write it to ``out`` in ``format``."""
+    """Load ``ckpt`` (any ``load_dit`` form) and write it to ``out`` in ``format``."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    loaded = pretrained.load_dit(ckpt, **load_options)
+    loaded = load_dit(ckpt, **load_options)
     return export_official(loaded, out) if format == "official" else export_diffusers(loaded, out)
 
 

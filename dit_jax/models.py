@@ -2,13 +2,14 @@
 
 Names follow the paper and the official PyTorch code (``x_embedder``, ``t_embedder``,
 ``y_embedder``, ``blocks``, ``adaLN_modulation``, ``final_layer``) so that official
-checkpoints map onto this model name by name (see ``convert.py``). Arrays are NHWC.
+checkpoints map onto this model name by name (see ``weights/convert.py``). Arrays are NHWC.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
@@ -607,6 +608,23 @@ SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 MODELS = {f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in SIZES.items() for p in (2, 4, 8)}
+# What a paper name fixes; ``model.name=''`` gives them explicitly.
+SIZE_FIELDS = ("patch_size", "hidden_size", "depth", "num_heads")
+
+
+def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``DiT`` keyword arguments of a run's ``config.model`` (a ConfigDict or its saved JSON dict):
+    the paper model ``name``'s sizes, or the explicit ``patch_size``/``hidden_size``/``depth``/``num_heads``
+    when ``name`` is empty. The one place that decides "a paper model by name, or explicit sizes"."""
+    m = dict(model)
+    name = m.get("name")
+    if name and name not in MODELS:
+        raise ValueError(f"unknown model {name!r} (model.name); choose one of {', '.join(MODELS)}, "
+                         "or set model.name='' and the sizes (model.patch_size, hidden_size, depth, num_heads)")
+    sizes = MODELS[name] if name else {k: m[k] for k in SIZE_FIELDS}
+    return dict(input_size=m["input_size"], in_channels=m["in_channels"], num_classes=m["num_classes"],
+                mlp_ratio=m["mlp_ratio"], class_dropout_prob=m["class_dropout_prob"], learn_sigma=m["learn_sigma"],
+                block_type=m["block_type"], guidance=m.get("guidance", "official"), **sizes)
 
 
 def compute_options(dtype: str, remat: str, attention: str, *, qkv: str = "fused", gelu_backward: str = "saved",

@@ -23,8 +23,9 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from dit_jax import convert, diffusion as gd
+from dit_jax import diffusion as gd
 from dit_jax.models import DiT
+from dit_jax.weights import convert
 
 TOLERANCE = 1e-4
 LOOP_TOLERANCE = 1e-3

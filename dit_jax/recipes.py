@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_to_keep = 3           # newest checkpoints kept in WORKDIR/checkpoints
     c.train.checkpoint_atomicity = "auto"  # how a step is committed: auto | rename | commit_file (gcsfuse mounts)
     c.train.profile_steps = 0         # profile this many steps (from 10 steps after the start) to WORKDIR; 0 = off
-    c.train.init_from = ""            # fine-tune: start from these weights (pretrained.load_dit forms), fresh optimiser
+    c.train.init_from = ""            # fine-tune: start from these weights (weights.load.load_dit forms), fresh optimiser
 
     # Evaluations of the EMA model (dit_jax/evaluators/<type>.py), each {type, every, its settings}:
     # every N > 0 steps and at the last step; 0 = the last step only; -1 = off.

@@ -48,6 +48,7 @@ from dit_jax import compilation_cache, diffusion as gd, locking, sharding, stora
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
+from dit_jax.weights.load import load_dit
 
 SAMPLERS = ("ddpm", "ddim")
 # The official sample.py's classes: 207 golden retriever, 360 otter, 387 red panda, 974 geyser,
@@ -591,7 +592,7 @@ def load_decoder(name: str) -> Any | None:
 
 
 def released_checkpoint(image_size: int) -> str:
-    """The registry name of the released DiT-XL/2 for ``image_size`` (256 or 512), fetched by ``pretrained.load_dit``."""
+    """The registry name of the released DiT-XL/2 for ``image_size`` (256 or 512), fetched by ``weights.load.load_dit``."""
     if image_size not in (256, 512):
         raise ValueError(f"the released DiT-XL/2 checkpoints are 256x256 and 512x512; got image size {image_size}")
     return f"DiT-XL-2-{image_size}x{image_size}.pt"
@@ -638,8 +639,6 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
     (``sample_ddp.py``); ``balanced``: labels ``j % classes`` instead of uniform random. Bad settings,
     checkpoints, labels and sizes raise ValueError (or FileNotFoundError) naming the problem.
     """
-    from dit_jax import pretrained
-
     fid_mode = out is not None
     if (num_samples is None) == fid_mode:
         raise ValueError("FID mode needs both --num_samples N and --out DIR; picture mode neither")
@@ -659,8 +658,7 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
     cfg_scale = cfg_scale if cfg_scale is not None else (1.5 if fid_mode else 4.0)
     vae = vae if vae is not None else ("ema" if fid_mode else "mse")
 
-    loaded = pretrained.load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype,
-                                attention=attention)
+    loaded = load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype, attention=attention)
     net = loaded.model
     net.guidance = guidance
     decoder = load_decoder(vae)
@@ -693,7 +691,7 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_string("ckpt", None, "DiT checkpoint: an official name (DiT-XL-2-256x256.pt, fetched once), a local "
-                        "official .pt, a diffusers DiT folder or hub id, or a dit_jax workdir (see pretrained.py).")
+                        "official .pt, a diffusers DiT folder or hub id, or a dit_jax workdir (see dit_jax/weights/load.py).")
     flags.DEFINE_string("model", None, "Paper model (e.g. DiT-XL/2) for checkpoints that do not carry their "
                         "architecture; checked against the shapes (default: the checkpoint's, else DiT-XL/2).")
     flags.DEFINE_integer("num_heads", None, "Attention heads of a plain state dict of a non-paper width.")

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax.models import MODELS
+from dit_jax.models import architecture
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -286,8 +286,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.train.batch_size % (data * fsdp):
         problems.append(f"train.batch_size {config.train.batch_size} must be divisible by data x fsdp = {data * fsdp}")
     if tensor > 1:
-        m = config.model
-        heads = MODELS[m.name]["num_heads"] if m.name in MODELS else m.num_heads
+        heads = architecture(config.model)["num_heads"]
         if heads % tensor:
             problems.append(f"model num_heads {heads} must be divisible by mesh.tensor {tensor}")
     if problems:

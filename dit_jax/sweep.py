@@ -194,10 +194,10 @@ def _run_group_here(spec: dict[str, Any]) -> None:
 
 def _tokens(config: ml_collections.ConfigDict) -> int:
     """Tokens per image of the config's model (its attention's sequence length)."""
-    from dit_jax.models import MODELS
+    from dit_jax.models import architecture
 
-    patch = MODELS[config.model.name]["patch_size"] if config.model.name else config.model.patch_size
-    return (config.model.input_size // patch) ** 2
+    arch = architecture(config.model)
+    return (arch["input_size"] // arch["patch_size"]) ** 2
 
 
 def _count_flops_here(spec: dict[str, Any]) -> dict[str, float]:

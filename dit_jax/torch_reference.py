@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from dit_jax import diffusion as gd
-from dit_jax.pretrained import config_architecture
+from dit_jax.models import architecture
 from dit_jax.timing import summary, timed
 
 
@@ -114,7 +114,7 @@ def _diffusers_dit(config: ml_collections.ConfigDict, device: Any) -> Any:
     """diffusers' ``DiTTransformer2DModel`` with ``config.model``'s patch, width, depth, heads, sigma and classes."""
     from diffusers import DiTTransformer2DModel
 
-    m, arch = config.model, config_architecture(config)
+    m, arch = config.model, architecture(config.model)
     if m.block_type != "adaln_zero" or m.mlp_ratio != 4.0 or m.class_dropout_prob != 0.1:
         raise ValueError("diffusers' DiT is adaLN-Zero with mlp_ratio 4 and label dropout 0.1; got block_type="
                          f"{m.block_type}, mlp_ratio={m.mlp_ratio}, class_dropout_prob={m.class_dropout_prob}")

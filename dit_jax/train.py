@@ -28,10 +28,11 @@ from flax import nnx
 from jax._src import config as jax_config  # threefry_gpu_kernel_lowering: a context manager only here
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import (checkpointing, diffusion as gd, flops, input_pipeline, locking, pretrained, run_log, sharding,
+from dit_jax import (checkpointing, diffusion as gd, flops, input_pipeline, locking, run_log, sharding,
                      storage)
 from dit_jax.evaluators import common as evaluators
-from dit_jax.models import DTYPES, SWITCH_FIELDS, DiT, count_params, compute_options, create_model
+from dit_jax.models import DTYPES, SWITCH_FIELDS, DiT, architecture, count_params, compute_options
+from dit_jax.weights import finetune
 
 @flax.struct.dataclass
 class TrainState:
@@ -46,16 +47,9 @@ class TrainState:
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> DiT:
     """The DiT that ``config.model`` describes (a paper model by name, or explicit sizes)."""
-    m = config.model
-    common = dict(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                  mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-                  block_type=m.block_type, guidance=m.guidance, scan_blocks=m.scan_blocks,
-                  **compute_options(config.dtype, config.remat, config.attention,
-                                    **{field: config[field] for field in SWITCH_FIELDS}))
-    if m.name:
-        return create_model(m.name, rngs=rngs, **common)
-    return DiT(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
-               rngs=rngs, **common)
+    return DiT(**architecture(config.model), scan_blocks=config.model.scan_blocks, rngs=rngs,
+               **compute_options(config.dtype, config.remat, config.attention,
+                                 **{field: config[field] for field in SWITCH_FIELDS}))
 
 
 def build_diffusion(config: ml_collections.ConfigDict, respacing: str = "") -> gd.Diffusion:
@@ -257,7 +251,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f"data.image_size ({config.data.image_size}) must equal model.input_size "
                         f"({config.model.input_size}) for pixel-space synthetic data")
     problems += checkpointing.atomicity_problems(t.checkpoint_atomicity)
-    problems += pretrained.init_from_problems(config.train.init_from)
+    problems += finetune.init_from_problems(config.train.init_from)
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     sharding.check_config(config, jax.device_count())
@@ -373,7 +367,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         state = checkpointing.restore_latest(manager, abstract_state, batches, config,
                                              quarantine_dir=os.fspath(storage.path(workdir) / "checkpoints_corrupt"))
         resumed = state is not None
-        state = state if resumed else pretrained.create_initial_state(config, init_state, workdir=workdir)
+        state = state if resumed else finetune.create_initial_state(config, init_state, workdir=workdir)
         start_step = int(state.step)
         if start_step > config.train.steps:
             raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax import pretrained
-from dit_jax.convert import load_checked
+from dit_jax.weights import fetch
+from dit_jax.weights.convert import load_checked, materialise
 
-HUB_VAES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")  # entries of pretrained.REGISTRY
-WEIGHT_FILES = pretrained.VAE_FILES["weights"]
+HUB_VAES = ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-mse")  # entries of weights.fetch.REGISTRY
+WEIGHT_FILES = fetch.VAE_FILES["weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,18 +266,17 @@ def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], 
 
 def resolve(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> str:
     """A local diffusers VAE folder for ``name_or_path``: a folder, or a hub id (``HUB_VAES``, or any other
-    diffusers VAE repository) fetched into ``pretrained.cache_dir()`` (or ``cache_dir``)."""
+    diffusers VAE repository) fetched into ``fetch.cache_dir()`` (or ``cache_dir``)."""
     if os.path.isdir(name_or_path):
         return name_or_path
-    if not pretrained.is_hub_id(name_or_path):
+    if not fetch.is_hub_id(name_or_path):
         what = ("is not a folder" if os.path.exists(name_or_path) else
                 f"does not exist (no such folder: {os.path.abspath(os.path.expanduser(name_or_path))})")
         raise FileNotFoundError(f"VAE {name_or_path!r} {what}: pass a folder with config.json and "
                                 f"{' or '.join(WEIGHT_FILES)}, or a Hugging Face hub id such as {HUB_VAES[0]!r}")
-    entry = pretrained.REGISTRY.get(name_or_path) or pretrained.HubFolder(name_or_path, "a diffusers VAE",
-                                                                          **pretrained.VAE_FILES)
+    entry = fetch.REGISTRY.get(name_or_path) or fetch.HubFolder(name_or_path, "a diffusers VAE", **fetch.VAE_FILES)
     try:
-        return str(pretrained.fetch_hub(entry, cache=cache_dir, offline=offline))
+        return str(fetch.fetch_hub(entry, cache=cache_dir, offline=offline))
     except FileNotFoundError as err:  # a mistyped folder reads like a hub id: say that none exists either
         raise FileNotFoundError(f"VAE {name_or_path!r}: there is no such local folder "
                                 f"({os.path.abspath(name_or_path)}), and as a hub id: {err}") from err
@@ -298,6 +297,6 @@ def load_vae(name_or_path: str, *, cache_dir: str | None = None, offline: bool |
     weights = weights_file(folder)
     with open(os.path.join(folder, "config.json")) as f:
         config = VAEConfig.from_diffusers(json.load(f))
-    model = pretrained.materialise(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
-    load_state_dict(model, pretrained.read_weights(weights), source=weights)
+    model = materialise(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
+    load_state_dict(model, fetch.read_weights(weights), source=weights)
     return model

@@ -388,7 +388,7 @@ def tiny_latent_dit(seed: int = 0):
 
 def write_official_checkpoint(path: Path, model) -> Path:
     """``model``'s weights as an official-format ``.pt`` (a plain state dict of torch tensors, as the release)."""
-    from dit_jax import convert
+    from dit_jax.weights import convert
 
     return save_torch(path, {k: np.array(v) for k, v in convert.to_official_state_dict(model).items()})
 

@@ -242,12 +242,12 @@ def test_fid_is_off_without_a_reference_and_checks_its_fields(tmp_path):
 
 
 def test_fid_fetches_a_reference_named_by_the_registry(tmp_path, fake_inception, file_server, monkeypatch):
-    from dit_jax import pretrained
+    from dit_jax.weights import fetch
 
     file_server.files["/VIRTUAL_imagenet256_labeled.npz"] = write_reference(tmp_path / "ref.npz", n=6).read_bytes()
-    monkeypatch.setenv(pretrained.MIRROR_ENV, file_server.url)
-    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(pretrained.OFFLINE_ENV, raising=False)
+    monkeypatch.setenv(fetch.MIRROR_ENV, file_server.url)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(fetch.OFFLINE_ENV, raising=False)
     evaluator = fid.Evaluator(settings(fid, reference="VIRTUAL_imagenet256_labeled.npz"), run_info(tmp_path),
                               name="fid")
     assert len(evaluator._reference.images) == 6

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import export, parity, pretrained
+from dit_jax import export, parity
+from dit_jax.weights.load import load_dit
 from tests.conftest import official_state, save_torch, tiny_torch_dit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +41,16 @@ def test_official_round_trip_is_exact_and_reproduces_the_reference(reference, of
     for name, value in original.items():
         assert written[name].dtype == torch.float32 and written[name].is_contiguous()
         np.testing.assert_array_equal(written[name].numpy(), value, err_msg=name)
-    assert forward_error(pretrained.load_dit(str(out), num_heads=4).model, reference) < 1e-5
+    assert forward_error(load_dit(str(out), num_heads=4).model, reference) < 1e-5
 
 
 def test_official_export_without_torch_says_so_and_safetensors_needs_none(official_pt, tmp_path, monkeypatch):
-    loaded = pretrained.load_dit(str(official_pt), num_heads=4)
+    loaded = load_dit(str(official_pt), num_heads=4)
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match="needs PyTorch.*safetensors"):
         export.export_official(loaded, tmp_path / "x.pt")
     path = export.export_official(loaded, tmp_path / "x.safetensors")
-    again = pretrained.load_dit(str(path), num_heads=4)
+    again = load_dit(str(path), num_heads=4)
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(loaded.model)), nnx.to_flat_state(nnx.state(again.model))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
 
@@ -58,7 +59,7 @@ def test_diffusers_export_loads_in_diffusers_and_computes_our_forward(official_p
     import torch
     from diffusers import DiTTransformer2DModel
 
-    loaded = pretrained.load_dit(str(official_pt), num_heads=4)
+    loaded = load_dit(str(official_pt), num_heads=4)
     with caplog.at_level(logging.WARNING):
         folder = export.export_diffusers(loaded, tmp_path / "dit")
     [warning] = [r.getMessage() for r in caplog.records if "downscale_freq_shift" in r.getMessage()]
@@ -97,9 +98,9 @@ def test_diffusers_round_trip_is_exact(tmp_path):
 
 
 def test_a_workdir_exports_its_ema(tiny_workdir, tmp_path):
-    loaded = pretrained.load_dit(str(tiny_workdir))
+    loaded = load_dit(str(tiny_workdir))
     path = export.export(str(tiny_workdir), tmp_path / "ema.pt")
-    again = pretrained.load_dit(str(path), num_heads=loaded.info["architecture"]["num_heads"])
+    again = load_dit(str(path), num_heads=loaded.info["architecture"]["num_heads"])
     assert again.info["architecture"] == {k: v for k, v in loaded.info["architecture"].items() if k != "guidance"}
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(loaded.model)), nnx.to_flat_state(nnx.state(again.model))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax.convert import load_official_state_dict, to_official_state_dict
+from dit_jax.weights.convert import load_official_state_dict, to_official_state_dict
 from dit_jax import diffusion as gd
 from dit_jax import models
 from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model, resolve_attention

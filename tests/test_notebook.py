@@ -74,9 +74,9 @@ def test_the_notebook_is_a_colab_tpu_notebook_without_outputs_whose_cells_call_t
                 while isinstance(func, ast.Attribute):
                     func = func.value
                 assert func.id in modules | {"print"}, ast.unparse(node)
-    assert {"sample", "pretrained", "imagenet_classes"} <= modules
+    assert {"sample", "load_dit", "imagenet_classes"} <= modules
     called = {ast.unparse(n.func) for c in rest for n in ast.walk(ast.parse(python_of(c))) if isinstance(n, ast.Call)}
-    assert {"pretrained.load_dit", "sample.load_decoder", "sample.sample_picture"} <= called
+    assert {"load_dit", "sample.load_decoder", "sample.sample_picture"} <= called
 
 
 def test_the_repository_url_is_a_form_field_that_must_be_set_before_installing(tmp_path, monkeypatch):
@@ -116,7 +116,8 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not a sampling requirement")
 sys.meta_path.insert(0, Block())
-from dit_jax import image_grid, imagenet_classes, pretrained, sample, vae
+from dit_jax import image_grid, imagenet_classes, sample, vae
+from dit_jax.weights import load
 """
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import convert, parity
+from dit_jax import parity
+from dit_jax.weights import convert
 from dit_jax.models import DiT
 
 from tests.conftest import REFERENCE_DIR

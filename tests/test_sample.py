@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from dit_jax import diffusion as gd, locking, pretrained, sample, sharding, vae
+from dit_jax import diffusion as gd, locking, sample, sharding, vae
+from dit_jax.weights import fetch
 from dit_jax.models import DiT
 from tests.conftest import (TINY_LATENT_DIT, persistent_compile_cache, sample_command, tiny_latent_dit,
                             write_official_checkpoint)
@@ -394,7 +395,7 @@ def test_the_command_names_bad_labels_checkpoints_and_sizes(tmp_path, tiny_ckpt,
     with pytest.raises(FileNotFoundError):
         sample.run(str(tmp_path / "missing.pt"), **common)
     assert [sample.released_checkpoint(s) for s in (256, 512)] == ["DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt"]
-    assert all(name in pretrained.REGISTRY for name in map(sample.released_checkpoint, (256, 512)))
+    assert all(name in fetch.REGISTRY for name in map(sample.released_checkpoint, (256, 512)))
     with pytest.raises(ValueError, match="256x256 and 512x512; got image size 128"):
         sample.released_checkpoint(128)
     for labels, message in [("207,x", "comma-separated"), ([1, 5], r"class labels must be in \[0, 4\]"),

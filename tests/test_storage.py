@@ -239,9 +239,9 @@ def test_a_run_in_a_bucket_killed_and_resumed_ends_with_the_losses_of_an_uninter
     import jax
     from flax import nnx
 
-    from dit_jax import pretrained
+    from dit_jax.weights.load import load_dit
 
-    loaded, local = pretrained.load_dit(os.fspath(run)), pretrained.load_dit(str(reference))
+    loaded, local = load_dit(os.fspath(run)), load_dit(str(reference))
     assert loaded.info["step"] == STEPS
     for x, y in zip(jax.tree.leaves(nnx.state(loaded.model)), jax.tree.leaves(nnx.state(local.model)), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -21,8 +21,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dit_jax import evaluate, pretrained, sample
+from dit_jax import evaluate, sample
 from dit_jax.evaluators import common, inception, metrics
+from dit_jax.weights import fetch
 
 DEFAULTS = dict(
     num_samples=10_000,     # samples scored (the paper's FID uses 50,000)
@@ -67,7 +68,7 @@ class Evaluator:
         self.vae = common.load_vae(name) if name else None
         try:
             # Checked now (a bad file is named now); a registry name is fetched now.
-            self._reference = evaluate.open_reference(pretrained.locate(settings.reference, evaluate.REFERENCE_NAMES))
+            self._reference = evaluate.open_reference(fetch.locate(settings.reference, evaluate.REFERENCE_NAMES))
         except evaluate.BadBatch as err:
             raise ValueError(f"reference: {err}") from err
         self.features = inception.create_feature_fn(inception.create_inception(settings.inception_weights or None))

@@ -33,11 +33,12 @@ from jax import lax
 from jax.experimental import multihost_utils
 
 from dit_jax import sharding
+from dit_jax.weights import fetch
 
 INPUT_SIZE = 299
 POOL_DIM, SPATIAL_DIM, NUM_LOGITS = 2048, 17 * 17 * 7, 1008
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of Mixed_6d's 192 1x1-branch channels
-# The registry names of the converted weights (dit_jax.pretrained); both hold the same tensors.
+# The registry names of the converted weights (dit_jax.weights.fetch); both hold the same tensors.
 DEFAULT_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 HIGHEST = lax.Precision.HIGHEST
@@ -400,18 +401,16 @@ def weights_sha256(tensors: dict[str, np.ndarray]) -> str:
 def read_inception_weights(weights: str | os.PathLike | None = None) -> tuple[dict[str, np.ndarray], str]:
     """The tensors of a ``.pth``/``.safetensors`` file, of a registry name (fetched into the cache;
     default ``DEFAULT_WEIGHTS``) or of ``random:SEED`` (``random_weights``), and where they came from."""
-    from dit_jax import pretrained
-
     seed = random_seed(weights)
     if seed is not None:
         return random_weights(seed), f"{RANDOM_PREFIX}{seed}"
     name = DEFAULT_WEIGHTS if weights is None else os.fspath(weights)
-    path = pretrained.locate(name, WEIGHT_NAMES)
+    path = fetch.locate(name, WEIGHT_NAMES)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path} do not exist; pass the .pth of pytorch-fid or "
                                 f"torch-fidelity (or its .safetensors conversion), or a registry name "
                                 f"({', '.join(WEIGHT_NAMES)})")
-    return pretrained.read_weights(path), os.fspath(path)
+    return fetch.read_weights(path), os.fspath(path)
 
 
 def create_inception(weights: str | os.PathLike | dict[str, np.ndarray] | None = None, *,

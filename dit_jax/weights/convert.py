@@ -5,7 +5,7 @@ and layouts: Linear weights ``[out, in]``, the patch conv ``[out, in, p, p]`` (N
 kernels are ``[in, out]`` and ``[p, p, in, out]`` (NHWC), and attention's fused projections
 ``[in, n, out]`` (``qkv``: n = 3) with biases ``[n, out]``. Names map one to one: our state
 path with ``layers`` (from ``nnx.Sequential``) dropped and ``kernel``/``embedding`` read as
-``weight``.
+``weight``. ``materialise`` gives a module zero arrays to load such weights into.
 """
 
 from __future__ import annotations
@@ -13,12 +13,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dit_jax.models import DiT
 
 _RENAMES = {"kernel": "weight", "embedding": "weight"}
+
+
+def materialise(abstract: nnx.Module) -> nnx.Module:
+    """Zero arrays in place of an ``nnx.eval_shape`` module's shapes: no random init for weights about to be loaded."""
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
 
 
 def official_name(path: tuple) -> str:

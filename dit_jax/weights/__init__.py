@@ -1,0 +1,1 @@
+"""Pretrained weights: the download registry (``fetch``), ``load_dit`` (``load``), diffusers names, fine-tuning, layouts."""
