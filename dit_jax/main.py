@@ -3,8 +3,10 @@ rerun the same command).
 
     python -m dit_jax.main --config configs/default.py --workdir runs/demo [--config.train.steps=100]
 
-A run stopped by SIGTERM (preemption) checkpoints and exits with status 143 (128 + SIGTERM),
-so a scheduler sees it did not finish and can rerun it. A user error (a bad flag or config
+A run stopped by SIGTERM (preemption) or Ctrl-C checkpoints its current step and exits with status
+143 or 130 (128 + the signal), so a scheduler sees it did not finish and can rerun it; a second
+Ctrl-C quits at once, leaving a checkpoint being written uncommitted (never used; set aside by the
+next run). A user error (a bad flag or config
 value, a missing file, a busy workdir, checkpoints of another model or none readable) prints
 one line and exits with status 2; a run that fails (non-finite numbers, a failed checkpoint
 write) prints one line and exits with status 1. ``--verbosity=1`` shows their tracebacks.
@@ -12,6 +14,7 @@ write) prints one line and exits with status 1. ``--verbosity=1`` shows their tr
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -115,8 +118,13 @@ def main(argv):
         if FLAGS.verbosity >= 1:
             raise
         fail(str(e), 1 if isinstance(e, RUN_FAILURES) else 2)
+    except KeyboardInterrupt:  # outside the training loop (which checkpoints on Ctrl-C itself)
+        if FLAGS.verbosity >= 1:
+            raise
+        fail("Ctrl-C outside the training loop: stopped; the committed checkpoints are kept (rerun the same command to "
+             "resume)", 128 + signal.SIGINT)
     if "preempted_at_step" in result:
-        raise SystemExit(143)
+        raise SystemExit(128 + result["stop_signal"])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -257,21 +258,53 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     sharding.check_config(config, jax.device_count())
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event set by SIGTERM (a preemption notice), so the loop can checkpoint and stop cleanly.
+# The signals that stop a run cleanly (checkpoint the current step, stop): a preemption notice and Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    Multi-process runs leave SIGTERM to JAX's preemption service (``manager.reached_preemption``).
+
+class StopRequest:
+    """Which stop signal arrived (``signum``; None: none yet), set from the signal handler."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
+def signal_name(request: StopRequest) -> str:
+    """How a stop is named in the log: Ctrl-C, or SIGTERM (also JAX's preemption notice of a multi-process run)."""
+    return "Ctrl-C" if request.signum == signal.SIGINT else "SIGTERM"
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[StopRequest]:
+    """A ``StopRequest`` set by SIGTERM (a preemption notice) or SIGINT (Ctrl-C), so the loop can checkpoint
+    the current step and stop cleanly.
+
+    A second Ctrl-C quits at once (status 130): a checkpoint being written then is never committed
+    (Orbax commits a step by one rename or a last commit file, only once all of it is written), and
+    the next run sets its partial write aside and resumes from the last committed step. Multi-process
+    runs leave SIGTERM to JAX's preemption service (``manager.reached_preemption``) and Ctrl-C to Python.
     """
-    event = threading.Event()
+    request = StopRequest()
     if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-        yield event
+        yield request
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+
+    def handler(signum: int, frame: Any) -> None:
+        if request.is_set() and signum == signal.SIGINT:
+            print("error: Ctrl-C again: quitting at once; a checkpoint being written is not committed and is set "
+                  "aside by the next run, which resumes from the last committed step", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGINT)
+        request.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        yield event
+        yield request
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
@@ -329,9 +362,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), evaluating the EMA model.
 
     Checkpoints go to ``workdir/checkpoints`` every ``train.checkpoint_every`` steps, before each
-    evaluation, at the end and on SIGTERM (then the run stops and returns
-    ``{"preempted_at_step": step}``). The ``config.evals`` entries (``dit_jax.evaluators``) run on the
-    EMA model every ``every`` steps and at the last step; an evaluation stopped by SIGTERM reruns on
+    evaluation, at the end and on SIGTERM or Ctrl-C (then the run stops and returns
+    ``{"preempted_at_step": step, "stop_signal": signum}``). The ``config.evals`` entries (``dit_jax.evaluators``)
+    run on the EMA model every ``every`` steps and at the last step; an evaluation stopped by a signal reruns on
     resume. Process 0 writes TensorBoard events, ``metrics.jsonl`` and, at the end, ``summary.json``
     (the training figures and the last step's evaluations).
     """
@@ -405,7 +438,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
                                                   profile_duration_ms=None, first_profile=start_step + 10,
                                                   every_secs=None))
-        sigterm = stack.enter_context(_stop_on_sigterm())
+        stop_request = stack.enter_context(_stop_on_signals())
         log = stack.enter_context(run_log.rewrite(metrics_path, history)) if is_main else None
         final: dict[str, dict[str, Any]] = {}
         eval_seconds = 0.0
@@ -416,7 +449,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             t0 = time.time()
             logging.info("evaluating step %d: %s", step, ", ".join(e.name for e in entries))
             ema = evaluators.EmaModel(nnx.merge(graphdef, state.ema_params, fixed), step, run_info,
-                                      stop_requested=lambda: sigterm.is_set() or manager.reached_preemption(step))
+                                      stop_requested=lambda: stop_request.is_set() or manager.reached_preemption(step))
             try:
                 results, stopped = evaluators.run_entries(entries, ema), False
             except evaluators.Interrupted as err:
@@ -427,13 +460,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             eval_seconds += time.time() - t0
             window_start += time.time() - t0  # evaluation time is not training time
             if stopped:
-                logging.warning("SIGTERM during the evaluations of step %d (checkpointed): stopping; %s rerun on "
-                                "resume", step, [e.name for e in entries if e.name not in results])
+                logging.warning("%s during the evaluations of step %d (checkpointed): stopping; %s rerun on "
+                                "resume", signal_name(stop_request), step, [e.name for e in entries if e.name not in results])
             return not stopped
 
         window_start, window, unchecked, pending_save = time.time(), [], [], False
         if pending and not evaluate(pending, start_step):
-            return {"preempted_at_step": start_step}
+            return {"preempted_at_step": start_step, "stop_signal": stop_request.signum or signal.SIGTERM}
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
             pending_save = checkpointing.check_saves(manager, pending_save)  # a failed save stops the run at once
@@ -441,7 +474,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             unchecked.append((step, metrics))
             for hook in hooks:
                 hook(step)
-            stop = sigterm.is_set() or manager.reached_preemption(step)
+            stop = stop_request.is_set() or manager.reached_preemption(step)
             due = [e for e in evals if e.due(step, config.train.steps)]
             # A step is saved before it is evaluated: a stop during the evaluation loses nothing.
             save = stop or bool(due) or step % config.train.checkpoint_every == 0 or step == config.train.steps
@@ -480,9 +513,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             if due and not stop and not evaluate(due, step):
                 stop = True
             if stop:
-                logging.warning("SIGTERM: stopped at step %d after checkpointing it; rerun the same command "
-                                "to resume", step)
-                return {"preempted_at_step": step}
+                logging.warning("%s: stopped at step %d after checkpointing it; rerun the same command to resume",
+                                signal_name(stop_request), step)
+                return {"preempted_at_step": step, "stop_signal": stop_request.signum or signal.SIGTERM}
     train_seconds = time.time() - start - eval_seconds
 
     losses = [h for h in history if "eval" not in h]

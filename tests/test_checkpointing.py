@@ -115,7 +115,7 @@ def start_and_signal_after_checkpoint(workdir: Path, env: dict, sig: int, after_
     return proc.returncode, stderr
 
 
-def test_sigkill_and_sigterm_then_rerun_match_an_uninterrupted_run(tmp_path, compile_once):
+def test_sigkill_sigterm_and_ctrl_c_then_rerun_match_an_uninterrupted_run(tmp_path, compile_once):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     env = {**os.environ, **compile_once}
     train.train_and_evaluate(tiny_config(STEPS), str(reference))
@@ -134,17 +134,41 @@ def test_sigkill_and_sigterm_then_rerun_match_an_uninterrupted_run(tmp_path, com
     assert "taking over the lock" in stderr and "no longer running" in stderr  # the killed run's lock
     stopped_at = max(committed_steps(interrupted))
     assert killed_at < stopped_at < STEPS
-    assert f"stopped at step {stopped_at}" in stderr
+    assert f"SIGTERM: stopped at step {stopped_at}" in stderr
+
+    # Ctrl-C: the same, exit 130 with one line and no traceback.
+    code, stderr = start_and_signal_after_checkpoint(interrupted, env, signal.SIGINT, after_step=stopped_at)
+    assert code == 130, stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in stderr
+    interrupted_at = max(committed_steps(interrupted))
+    assert stopped_at < interrupted_at < STEPS
+    assert f"] Ctrl-C: stopped at step {interrupted_at} after checkpointing it; rerun the same command to resume\n" \
+        in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
 
     proc = subprocess.run(main_command(interrupted), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from step {stopped_at}" in proc.stderr
+    assert f"resumed from step {interrupted_at}" in proc.stderr
 
     # Same losses at every step, bit for bit, and the same final state.
     assert losses(interrupted) == losses(reference)
     assert sorted(losses(reference)) == list(range(1, STEPS + 1))
     config = tiny_config(STEPS)
     assert_states_equal(restore_step(config, interrupted, STEPS), restore_step(config, reference, STEPS))
+
+
+def test_a_second_ctrl_c_quits_at_once(monkeypatch, capsys):
+    """The first Ctrl-C asks the loop to checkpoint and stop; a second one exits at once with status 130
+    (a save in progress stays uncommitted: Orbax commits a step only when it is complete)."""
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    with train._stop_on_signals() as request:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert request.signum == signal.SIGINT and not exits
+        os.kill(os.getpid(), signal.SIGINT)
+    assert exits == [130]
+    assert "Ctrl-C again: quitting at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_a_second_run_on_a_busy_workdir_refuses_at_once_naming_the_first(tmp_path, compile_once):

@@ -194,7 +194,7 @@ def test_sigterm_during_the_evaluations_checkpoints_and_reruns_them_on_resume(tm
         return result
 
     monkeypatch.setattr(grid.Evaluator, "run", run_then_sigterm)
-    assert train.train_and_evaluate(c, str(tmp_path)) == {"preempted_at_step": 4}
+    assert train.train_and_evaluate(c, str(tmp_path)) == {"preempted_at_step": 4, "stop_signal": signal.SIGTERM}
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [4]
     assert [(h["step"], h["eval"]) for h in read_log(tmp_path, evals=True)] == [(4, "samples")]
     assert not (tmp_path / "second").exists()
