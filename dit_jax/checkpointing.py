@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging as std_logging
 import os
 import re
 from collections.abc import Iterator
@@ -112,6 +113,34 @@ def fingerprint(tree: Any) -> tuple[dict[str, list[int]], bool]:
     return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}, bool(finite)
 
 
+# The largest root-mean-square parameter value a step may hold to be saved or restored. DiT's initialisation
+# (Xavier-uniform, 1/sqrt(width) for a square layer: 0.03-0.05 at the paper widths 384-1152; embeddings
+# N(0, 0.02); the adaLN and output layers zero) and healthy training stay far below 1, while AdamW
+# moves every weight by up to ~lr per step: a limit of 10 is over 100x any paper model's initial RMS,
+# reached only by a diverging run (lr=1e30: RMS 1e30 after one step, still finite), whose step is
+# then neither saved nor, if an older version saved it, restored.
+PARAM_RMS_LIMIT = 10.0
+
+
+@jax.jit
+def _rms(leaves: list[jax.Array]) -> jax.Array:
+    """The root-mean-square value of the floating-point ``leaves``, scaled by their largest magnitude first so
+    that it is exact where the squares would overflow float32 (inf or NaN only if a value is)."""
+    leaves = [x.astype(jnp.float32) for x in leaves]
+    scale = jnp.maximum(jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves])), jnp.finfo(jnp.float32).tiny)
+    total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
+    return scale * jnp.sqrt(total / sum(x.size for x in leaves))
+
+
+def exploded(params: Any) -> float | None:
+    """The RMS of ``params`` (a pytree) if it is not finite or above ``PARAM_RMS_LIMIT``, else None."""
+    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return None
+    rms = float(np.asarray(_rms(leaves).addressable_data(0)))
+    return None if rms <= PARAM_RMS_LIMIT else rms
+
+
 def atomicity_problems(atomicity: str) -> list[str]:
     """What is wrong with a ``train.checkpoint_atomicity`` value (nothing: ``[]``)."""
     if atomicity not in ATOMICITY:
@@ -177,6 +206,27 @@ def _reporting_failed_saves(manager: ocp.CheckpointManager) -> Iterator[None]:
         raise CheckpointSaveError(
             f"saving the checkpoint of {failed} failed: {reason}; {last}. Free space on that disk (or fix its "
             "permissions) and rerun the same command: it resumes from the last committed step.") from None
+
+
+class _OrbaxErrors(std_logging.Filter):
+    """Drops the ERROR records of Orbax's own modules (each with a traceback; a full disk made 38-205 of
+    them): every Orbax failure in a run is raised into this module, which reports it in one line
+    (``CheckpointSaveError``; a step that cannot be restored: its reason)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno >= std_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_ERRORS = _OrbaxErrors()
+
+
+def one_line_failures() -> None:
+    """From now on in this process, leave Orbax's error records to this module's one-line reports, unless
+    ``--verbosity`` is 1 or more (absl's; then they show with their tracebacks). For good, not while a
+    manager is open: Orbax's background threads still log after ``close`` has raised the failure."""
+    logger = logging.get_absl_logger()
+    if logging.get_verbosity() < 1 and _ORBAX_ERRORS not in logger.filters:
+        logger.addFilter(_ORBAX_ERRORS)
 
 
 def check_saves(manager: ocp.CheckpointManager, pending: bool) -> bool:
@@ -275,6 +325,11 @@ def _verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
                         "verified", step)
     if not finite:
         raise CorruptCheckpointError("it holds non-finite numbers (NaN or inf): it was saved by a run that diverged")
+    for name in ("params", "ema_params"):
+        rms = exploded(getattr(state, name, None))
+        if rms is not None:
+            raise CorruptCheckpointError(f"its {name} have exploded (RMS {rms:.3g}, over the limit "
+                                         f"{PARAM_RMS_LIMIT:g}): it was saved by a run that diverged")
 
 
 def error_line(error: Exception, limit: int = 500) -> str:

@@ -227,14 +227,19 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, f
                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
 
+# The largest train.lr accepted: AdamW's step is about lr per weight, and the weights are O(0.01-0.1).
+MAX_LR = 1.0
+
+
 def _check_config(config: ml_collections.ConfigDict) -> None:
     problems = []
     t = config.train
     if t.steps < 1 or t.batch_size < 1:
         problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
     float32_max = float(np.finfo(np.float32).max)  # the step computes in float32: 1e39 is inf there
-    if not 0 < t.lr <= float32_max:
-        problems.append(f"train.lr must be a finite number > 0, got {t.lr}")
+    if not 0 < t.lr <= MAX_LR:
+        problems.append(f"train.lr must be in (0, {MAX_LR:g}], got {t.lr}: AdamW moves every weight by up to about lr "
+                        "per step, so a larger one blows the weights up (the paper: 1e-4)")
     if not 0 <= t.weight_decay <= float32_max:
         problems.append(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
     if t.lr_schedule not in LR_SCHEDULES:
@@ -391,6 +396,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     checkpoint_dir = os.fspath(storage.path(workdir) / "checkpoints")
     # The model is built (abstractly) before any checkpoint is touched: a bad model config stops here.
     graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
+    checkpointing.one_line_failures()
     with contextlib.ExitStack() as stack:
         manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
                                                max_to_keep=config.train.max_to_keep,
@@ -507,6 +513,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 if not finite:
                     raise FloatingPointError(_diverged(f"non-finite parameters after step {step}", last_checkpoint,
                                                        checkpoint_dir))
+                for name in ("params", "ema_params"):  # finite but absurd (lr=1e30): not a good checkpoint either
+                    rms = checkpointing.exploded(getattr(state, name))
+                    if rms is not None:
+                        raise FloatingPointError(_diverged(
+                            f"the {name} exploded after step {step} (RMS {rms:.3g}, over the limit "
+                            f"{checkpointing.PARAM_RMS_LIMIT:g})", last_checkpoint, checkpoint_dir))
                 pending_save = checkpointing.save(manager, step, state, batches, config, checksums=checksums,
                                                   force=True)
                 last_checkpoint = step

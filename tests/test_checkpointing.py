@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -254,9 +255,35 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_pat
 EMA_KERNEL = "ema_params/blocks/0/mlp/fc1/kernel"
 
 
-def test_a_single_flipped_bit_in_one_ema_weight_is_caught(tmp_path, caplog):
-    """A step whose files hold one EMA weight with one bit flipped (written after its checksums were taken,
-    as a damaged disk would return it) is refused, naming the array, and the previous step is restored."""
+def flip_one_ema_bit(state: train.TrainState) -> tuple[train.TrainState, train.TrainState]:
+    """(step 2 with one EMA weight's bit flipped after its checksums were taken, as a damaged disk would return
+    it; the state whose checksums it records)."""
+    state2 = state.replace(step=state.step + 1)
+
+    def flip_one_bit(path, x):
+        if not jax.tree_util.keystr(path, simple=True, separator="/").startswith(EMA_KERNEL):
+            return x
+        x = np.array(x)
+        x.view(np.uint32)[3, 5] ^= 1 << 9  # one mantissa bit: a plausible, finite weight
+        return jax.numpy.asarray(x)
+
+    return jax.tree_util.tree_map_with_path(flip_one_bit, state2), state2
+
+
+def explode(state: train.TrainState) -> tuple[train.TrainState, train.TrainState]:
+    """(step 2 with finite but absurd weights, as an older version saved lr=1e30's step 1; itself)."""
+    exploded = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x * 1e30, state.params))
+    assert checkpointing.fingerprint(exploded)[1]  # finite
+    return exploded, exploded
+
+
+@pytest.mark.parametrize("damage, message", [
+    (flip_one_ema_bit, rf"checkpoint step 2 .*: 1 of its \d+ arrays differ .*\({EMA_KERNEL}/value\)"),
+    (explode, r"checkpoint step 2 .*: its params have exploded \(RMS 1.*e\+28, over the limit 10\)"),
+])
+def test_a_damaged_or_exploded_step_is_refused_and_the_previous_one_restored(tmp_path, caplog, damage, message):
+    """Step 2 with one flipped bit, or with weights a diverging run left finite but absurd (not "the last good
+    checkpoint"), is refused, saying why, and set aside; step 1 is restored."""
     config = tiny_config(10)
     _, _, state = train.create_train_state(config)
     iterator = input_pipeline.make_train_iterator(input_pipeline.create_source(config), batch_size=16, seed=0)
@@ -264,17 +291,8 @@ def test_a_single_flipped_bit_in_one_ema_weight_is_caught(tmp_path, caplog):
     try:
         checkpointing.save(manager, 1, state, iterator, config, checksums=checkpointing.fingerprint(state)[0],
                            force=True)
-        state2 = state.replace(step=state.step + 1)
-
-        def flip_one_bit(path, x):
-            if not jax.tree_util.keystr(path, simple=True, separator="/").startswith(EMA_KERNEL):
-                return x
-            x = np.array(x)
-            x.view(np.uint32)[3, 5] ^= 1 << 9  # one mantissa bit: a plausible, finite weight
-            return jax.numpy.asarray(x)
-
-        flipped = jax.tree_util.tree_map_with_path(flip_one_bit, state2)
-        checkpointing.save(manager, 2, flipped, iterator, config, checksums=checkpointing.fingerprint(state2)[0],
+        saved, summed = damage(state)
+        checkpointing.save(manager, 2, saved, iterator, config, checksums=checkpointing.fingerprint(summed)[0],
                            force=True)
         manager.wait_until_finished()
         with caplog.at_level(logging.WARNING):
@@ -282,16 +300,16 @@ def test_a_single_flipped_bit_in_one_ema_weight_is_caught(tmp_path, caplog):
                                                     iterator, config, quarantine_dir=str(tmp_path / "corrupt"))
     finally:
         manager.close()
-    assert "checkpoint step 2" in caplog.text
-    assert "1 of its" in caplog.text and EMA_KERNEL in caplog.text
+    assert re.search(message, caplog.text), caplog.text[-2000:]
     assert int(restored.step) == 0  # step 1 of the manager holds the initial state
     assert_states_equal(restored, state)
     assert [p.name for p in (tmp_path / "corrupt").iterdir()] == ["2"]
 
 
-def test_a_non_finite_state_is_never_saved(tmp_path):
+def test_a_non_finite_state_is_never_saved(tmp_path, monkeypatch):
     """An absurd weight decay overflows float32 in the first update (infinite parameters), while that
     step's loss and gradient are still finite: the state check before the save stops it."""
+    monkeypatch.setattr(train, "MAX_LR", float("inf"))  # past the config check, to reach the step's own guard
     config = tiny_config(5, checkpoint_every=1, lr=30.0, weight_decay=3e38)
     with pytest.raises(FloatingPointError, match="non-finite parameters after step 1.*no checkpoint was written"):
         train.train_and_evaluate(config, str(tmp_path))
@@ -333,6 +351,27 @@ def test_a_full_disk_is_reported_in_one_line_naming_the_step_and_the_last_commit
     assert committed[-1] == last < failed
     assert last_logged <= failed + 2  # reported by the next save at the latest, not at the end of the run
     assert unfinished == [f"{failed}.orbax-checkpoint-tmp"]  # kept for the next run to report
+
+
+def test_a_failed_save_is_one_line_without_orbax_tracebacks(tmp_path, monkeypatch, caplog):
+    """A full disk while Orbax writes step 4 (its JSON items fail with ENOSPC): one error naming the step and the
+    last committed one, and none of Orbax's own error records (each with a traceback) beside it."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+    write = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def full_from_step_4(self, x, directory):
+        if "/4.orbax-checkpoint-tmp/" in os.fspath(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(directory))
+        return await write(self, x, directory)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_from_step_4)
+    with caplog.at_level(logging.INFO), pytest.raises(checkpointing.CheckpointSaveError) as err:
+        train.train_and_evaluate(tiny_config(10, checkpoint_every=2), str(tmp_path))
+    assert re.fullmatch(r"saving the checkpoint of step 4 \(.*\) failed: no space left on device; the last committed "
+                        r"checkpoint is step 2\. Free space .*", str(err.value))
+    orbax_errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "/orbax/" in r.pathname]
+    assert not orbax_errors, [r.getMessage()[:200] for r in orbax_errors]
 
 
 def test_a_tensorstore_error_is_one_clean_line(tmp_path):
@@ -394,19 +433,35 @@ def test_a_checkpoint_of_another_model_or_past_the_last_step_is_refused_and_kept
         train.train_and_evaluate(tiny_config(5), str(tmp_path))
 
 
-def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path):
-    # An absurd learning rate blows the parameters up after the first update.
-    config = tiny_config(20, checkpoint_every=1, lr=1e30)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+).*last good checkpoint is step") as err:
+def test_an_absurd_lr_is_refused_and_exploded_weights_are_never_saved(tmp_path, monkeypatch):
+    """lr=1e30 is refused up front; past that check, its first update leaves finite but absurd weights
+    (RMS ~1e30), which are neither saved nor named as the last good checkpoint."""
+    with pytest.raises(ValueError, match=r"train.lr must be in \(0, 1\], got 1e\+30"):
+        train.train_and_evaluate(tiny_config(20, checkpoint_every=1, lr=1e30), str(tmp_path))
+    monkeypatch.setattr(train, "MAX_LR", float("inf"))
+    with pytest.raises(FloatingPointError, match=r"the params exploded after step 1 \(RMS .*, over the limit 10\); "
+                                                 "stopping: no checkpoint was written"):
+        train.train_and_evaluate(tiny_config(20, checkpoint_every=1, lr=1e30), str(tmp_path))
+    assert committed_steps(tmp_path) == []
+
+
+def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    """The loss goes non-finite at step 6 (an injected NaN batch): the run stops, naming step 5 as the last good
+    checkpoint, which holds finite numbers."""
+    real_step = train.train_step
+
+    def nan_at_step_6(state, batch, **kwargs):
+        batch = {**batch, "image": jax.numpy.where(state.step == 5, jax.numpy.nan, batch["image"])}
+        return real_step(state, batch, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", nan_at_step_6)
+    config = tiny_config(20, checkpoint_every=5)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 6; stopping: the last good checkpoint "
+                                                 "is step 5 in .* \(rerunning the same command resumes from it\)"):
         train.train_and_evaluate(config, str(tmp_path))
-    bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
-    steps = committed_steps(tmp_path)
-    assert f"checkpoint is step {max(steps)} " in str(err.value)
-    assert max(steps) == bad_step - 1
-    # Every checkpoint written holds finite numbers.
-    for step in steps:
-        state = restore_step(config, tmp_path, step)
-        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.ema_params)))
+    assert committed_steps(tmp_path) == [5]
+    state = restore_step(config, tmp_path, 5)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((state.params, state.ema_params)))
     assert not (tmp_path / "summary.json").exists()
 
 

@@ -163,9 +163,10 @@ def test_learning_rate_schedules(schedule, warmup, expected):
     ("data.source", "imagenet", "data.source='imagenet' is not available"),
     ("model.block_type", "film", "block_type"),
     ("train.checkpoint_every", 0, "checkpoint_every"),
-    ("train.lr", -1.0, "train.lr must be a finite number > 0"),
-    ("train.lr", float("nan"), "train.lr must be a finite number > 0"),
-    ("train.lr", float("inf"), "train.lr must be a finite number > 0"),
+    ("train.lr", -1.0, r"train.lr must be in \(0, 1\], got -1.0"),
+    ("train.lr", float("nan"), r"train.lr must be in \(0, 1\], got nan"),
+    ("train.lr", float("inf"), r"train.lr must be in \(0, 1\], got inf"),
+    ("train.lr", 1e30, r"train.lr must be in \(0, 1\], got 1e\+30: AdamW moves every weight by up to about lr"),
     ("train.weight_decay", -0.5, "train.weight_decay must be a finite number >= 0"),
 ])
 def test_bad_config_values_are_named(tmp_path, field, value, message):
