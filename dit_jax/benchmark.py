@@ -342,7 +342,7 @@ def inception_benchmark(weights: str | None, *, image_size: int, batch_size: int
                         warmup: int) -> dict[str, Any]:
     """Images/s of the evaluator's feature extractor (TF1 resize to 299 + InceptionV3, float32 HIGHEST) on
     random uint8 ``image_size`` images, ``batch_size`` per call over all devices; ``weights`` None: random."""
-    from dit_jax.evaluators import inception
+    from dit_jax.fid import inception
 
     if image_size < 8 or batch_size < 1 or batches < 1 or warmup < 0:
         raise ValueError(f"image_size must be >= 8, batch_size and batches >= 1 and warmup >= 0, got {image_size}, "

@@ -9,7 +9,7 @@ The file is what ADM's ``VIRTUAL_imagenet256_labeled.npz`` is, for your data: ``
 for precision/recall (``arr_1``: their labels; ``metadata``: JSON of the settings, the image count
 and every skipped file).
 Images get ADM's centre crop (``dit_jax.images``) and go through the FID InceptionV3
-(``dit_jax.evaluators.inception``). ``python -m dit_jax.evaluate --reference OUT`` reads it.
+(``dit_jax.fid.inception``). ``python -m dit_jax.evaluate --reference OUT`` reads it.
 
 It streams: only the float64 running sums (about 64 MB) and two batches of crops (one being
 decoded) are in memory; the kept images go to block files on disk. Every ``--save_every`` batches the sums and the
@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from dit_jax import images, latents, locking, sample, sharding, storage
-from dit_jax.evaluators import inception
+from dit_jax.fid import adm_npz, inception
 from dit_jax.extract_latents import plan_differences
 
 KEEP_IMAGES = 10_000  # ADM's reference batches hold 10,000 images for precision/recall
@@ -326,7 +326,8 @@ def _finish(source: images.ImageSource, out: str, partial: str, record: dict[str
     size = record["image_size"]
     blocks_dir = os.path.join(partial, BLOCKS)
     blocks = sample.finished_prefix(blocks_dir)[1]
-    sample.write_adm_npz(out, blocks_dir, blocks, (size, size, 3), np.asarray(meta["kept_labels"], np.int64), arrays)
+    adm_npz.write_adm_npz(out, sample.read_blocks(blocks_dir, blocks, (size, size, 3)), (size, size, 3),
+                          np.asarray(meta["kept_labels"], np.int64), arrays)
     shutil.rmtree(partial)
     return {"out": out, "num_images": readable, "num_kept": kept, "num_skipped": len(meta["skipped"]),
             "notes": notes}

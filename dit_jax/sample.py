@@ -30,7 +30,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax import compilation_cache, diffusion as gd, locking, sharding, storage
+from dit_jax.fid import adm_npz
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT, check_labels
@@ -417,36 +417,21 @@ def missing_ranges(blocks_dir: str, n: int) -> list[tuple[int, int]]:
     return gaps + ([(end, n)] if end < n else [])
 
 
-def write_adm_npz(path: str, blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tuple[int, ...],
-                  labels: np.ndarray, arrays: dict[str, np.ndarray] | None = None) -> None:
-    """ADM's format (``np.savez(path, arr_0=images, arr_1=labels, **arrays)``), ``arr_0`` streamed from the
-    block files (``write_block``) in order, written atomically (for a bucket: streamed into a local temporary
-    file, then uploaded as one object)."""
-    tmp = tempfile.mkstemp(suffix=".npz", prefix="dit_jax_samples_")[1] if storage.is_bucket(path) else path + ".tmp"
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(labels), *image_shape)}
-    with open(tmp, "wb") as raw:
-        with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(f, header)
-                for start, stop in blocks:
-                    name = storage.path(blocks_dir) / block_name(start, stop)
-                    try:
-                        with np.load(io.BytesIO(name.read_bytes())) as block:
-                            images = block["images"]
-                    except Exception as err:
-                        raise OSError(f"block file {name} cannot be read ({type(err).__name__}: {err}); delete it "
-                                      "and rerun the same command to sample those images again") from err
-                    if images.shape != (stop - start, *image_shape) or images.dtype != np.uint8:
-                        raise OSError(f"block file {name} holds {images.dtype} {images.shape}, expected uint8 "
-                                      f"{(stop - start, *image_shape)}; delete it and rerun the same command")
-                    f.write(np.ascontiguousarray(images).tobytes())
-            with archive.open("arr_1.npy", "w") as f:
-                np.lib.format.write_array(f, np.asarray(labels, np.int64))
-            for key, value in (arrays or {}).items():
-                with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
-    storage.publish(tmp, path)
+def read_blocks(blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """The images of the block files ``blocks`` (``write_block``) in order, each checked (``adm_npz.write_adm_npz``
+    streams them into ``arr_0``)."""
+    for start, stop in blocks:
+        name = storage.path(blocks_dir) / block_name(start, stop)
+        try:
+            with np.load(io.BytesIO(name.read_bytes())) as block:
+                images = block["images"]
+        except Exception as err:
+            raise OSError(f"block file {name} cannot be read ({type(err).__name__}: {err}); delete it "
+                          "and rerun the same command to sample those images again") from err
+        if images.shape != (stop - start, *image_shape) or images.dtype != np.uint8:
+            raise OSError(f"block file {name} holds {images.dtype} {images.shape}, expected uint8 "
+                          f"{(stop - start, *image_shape)}; delete it and rerun the same command")
+        yield images
 
 
 def _settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -547,7 +532,8 @@ def _write_samples_locked(out_dir: str, image_sampler: ImageSampler, labels: np.
         end, blocks = finished_prefix(blocks_dir)
         if end != len(labels):
             raise RuntimeError(f"{blocks_dir} covers samples 0..{end - 1} of {len(labels)} after the run")
-        write_adm_npz(npz, blocks_dir, blocks, image_sampler.image_shape, labels)
+        adm_npz.write_adm_npz(npz, read_blocks(blocks_dir, blocks, image_sampler.image_shape),
+                              image_sampler.image_shape, labels)
         record["run"] = {"seconds_this_run": time.time() - t0, "resumed_at": gaps[0][0] if gaps else len(labels),
                          "made_this_run": gaps}
         write_json_atomic(storage.path(out_dir) / SETTINGS_JSON, record)

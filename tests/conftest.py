@@ -168,13 +168,13 @@ def fake_features(images: np.ndarray, *, adm_sizes: bool = False) -> dict[str, n
     """A cheap stand-in for the Inception features (the wiring is tested with it; the network in test_inception).
 
     16 pool, 12 spatial and 6 logit values from pixel statistics; ``adm_sizes``: the same values
-    spread over the network's 2048 / 2023 / 1008 (what ``evaluate.read_statistics`` checks).
+    spread over the network's 2048 / 2023 / 1008 (what ``adm_npz.read_statistics`` checks).
     """
     x = images.astype(np.float64) / 255.0
     pool = np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2)), x[:, ::4, ::4].reshape(len(x), -1)[:, :10]], 1)
     feats = {"pool": pool, "spatial": x[:, ::2, ::2, 0].reshape(len(x), -1)[:, :12], "logits": pool[:, :6] * 5}
     if adm_sizes:
-        from dit_jax.evaluators import inception
+        from dit_jax.fid import inception
 
         sizes = {"pool": inception.POOL_DIM, "spatial": inception.SPATIAL_DIM, "logits": inception.NUM_LOGITS}
         feats = {k: (np.resize(v.T, (sizes[k], len(v))).T * np.linspace(1, 2, sizes[k])).astype(np.float32)
@@ -455,7 +455,7 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, Any]:
     calibrated on natural-looking images so every layer's activations stay healthy (not dead, not huge)."""
     import torch
 
-    from dit_jax.evaluators.inception import expected_weights
+    from dit_jax.fid.inception import expected_weights
 
     gen = torch.Generator().manual_seed(seed)
     state = {}

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from dit_jax import benchmark, torch_reference, train
-from dit_jax.evaluators import inception
+from dit_jax.fid import inception
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
 from tests.conftest import (BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dit_jax import evaluate
-from dit_jax.evaluators import inception, metrics
+from dit_jax.fid import adm_npz, features, inception, metrics
 from tests.conftest import natural_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +35,9 @@ def test_evaluate_streams_the_files_and_computes_the_five_figures(tmp_path, ince
     result = evaluate.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
                                inception_weights=str(tmp_path / "inception.pth"), batch_size=8, progress=False)
     # The same figures straight from the library.
-    features = inception.create_feature_fn(
+    feature_fn = inception.create_feature_fn(
         inception.create_inception({k: v.numpy() for k, v in inception_state.items()}), batch_size=8)
-    s, r = features(samples), features(reference)
+    s, r = feature_fn(samples), feature_fn(reference)
     expected, _ = metrics.compute_metrics(s, {"pool": r["pool"], "spatial": r["spatial"]})
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         assert result[key] == pytest.approx(expected[key], rel=1e-6), key
@@ -52,36 +52,36 @@ def test_npz_images_read_in_chunks_from_stored_and_deflated_files(tmp_path):
     np.savez(tmp_path / "a.npz", arr_0=images)
     np.savez_compressed(tmp_path / "b.npz", arr_0=images)
     for name in ("a.npz", "b.npz"):
-        reader = evaluate.NpzImages(str(tmp_path / name))
+        reader = adm_npz.NpzImages(str(tmp_path / name))
         assert len(reader) == 7
         np.testing.assert_array_equal(np.concatenate(list(reader.chunks(2, 7, 2))), images[2:])
 
 
 def test_bad_batches_get_clear_errors(tmp_path):
     np.savez(tmp_path / "labels.npz", arr_1=np.zeros(3))
-    with pytest.raises(evaluate.BadBatch, match="no 'arr_0'"):
-        evaluate.NpzImages(str(tmp_path / "labels.npz"))
+    with pytest.raises(adm_npz.BadBatch, match="no 'arr_0'"):
+        adm_npz.NpzImages(str(tmp_path / "labels.npz"))
     np.savez(tmp_path / "float.npz", arr_0=np.full((2, 8, 8, 3), np.nan, np.float32))
-    with pytest.raises(evaluate.BadBatch, match="not uint8"):
-        evaluate.NpzImages(str(tmp_path / "float.npz"))
+    with pytest.raises(adm_npz.BadBatch, match="not uint8"):
+        adm_npz.NpzImages(str(tmp_path / "float.npz"))
     np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
-    with pytest.raises(evaluate.BadBatch, match=r"\[N, H, W, 3\]"):
-        evaluate.NpzImages(str(tmp_path / "nchw.npz"))
+    with pytest.raises(adm_npz.BadBatch, match=r"\[N, H, W, 3\]"):
+        adm_npz.NpzImages(str(tmp_path / "nchw.npz"))
     (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(evaluate.BadBatch, match="not a readable .npz"):
-        evaluate.NpzImages(str(tmp_path / "corrupt.npz"))
+    with pytest.raises(adm_npz.BadBatch, match="not a readable .npz"):
+        adm_npz.NpzImages(str(tmp_path / "corrupt.npz"))
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.full((2048, 2048), np.nan))
-    with pytest.raises(evaluate.BadBatch, match="sigma contains NaN"):
-        evaluate.read_statistics(str(tmp_path / "stats.npz"))
+    with pytest.raises(adm_npz.BadBatch, match="sigma contains NaN"):
+        adm_npz.read_statistics(str(tmp_path / "stats.npz"))
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(evaluate.BadBatch, match="another network"):
-        evaluate.read_statistics(str(tmp_path / "small.npz"))
+    with pytest.raises(adm_npz.BadBatch, match="another network"):
+        adm_npz.read_statistics(str(tmp_path / "small.npz"))
     full = np.zeros((4, 8, 8, 3), np.uint8)
     np.savez(tmp_path / "truncated.npz", arr_0=full)
     data = (tmp_path / "truncated.npz").read_bytes()
     (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
-    with pytest.raises(evaluate.BadBatch):
-        evaluate.NpzImages(str(tmp_path / "truncated.npz"))
+    with pytest.raises(adm_npz.BadBatch):
+        adm_npz.NpzImages(str(tmp_path / "truncated.npz"))
 
 
 def test_a_damaged_stored_or_compressed_npz_is_named(tmp_path):
@@ -91,8 +91,8 @@ def test_a_damaged_stored_or_compressed_npz_is_named(tmp_path):
         data = bytearray((tmp_path / name).read_bytes())
         data[len(data) // 2] ^= 0xFF  # one byte inside arr_0's data: a CRC (stored) or deflate error
         (tmp_path / name).write_bytes(bytes(data))
-        reader = evaluate.NpzImages(str(tmp_path / name))
-        with pytest.raises(evaluate.BadBatch, match=f"{tmp_path / name}: arr_0 is damaged"):
+        reader = adm_npz.NpzImages(str(tmp_path / name))
+        with pytest.raises(adm_npz.BadBatch, match=f"{tmp_path / name}: arr_0 is damaged"):
             list(reader.chunks(0, 6, 2))
 
 
@@ -104,7 +104,7 @@ def test_a_damaged_stored_or_compressed_npz_is_named(tmp_path):
 def test_batches_too_small_for_the_figures_are_refused_before_any_work(tmp_path, samples, reference, message):
     np.savez(tmp_path / "samples.npz", arr_0=np.zeros((samples, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((reference, 8, 8, 3), np.uint8))
-    with pytest.raises(evaluate.BadBatch, match=message):  # weights that do not exist: refused before they are read
+    with pytest.raises(adm_npz.BadBatch, match=message):  # weights that do not exist: refused before they are read
         evaluate.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz"),
                           inception_weights=str(tmp_path / "no_weights.pth"), progress=False)
 
@@ -168,8 +168,8 @@ def counted_network(monkeypatch, tmp_path):
 
     seen = []
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(evaluate.inception, "create_inception", lambda weights, **_: None)
-    monkeypatch.setattr(evaluate.inception, "create_feature_fn",
+    monkeypatch.setattr(inception, "create_inception", lambda weights, **_: None)
+    monkeypatch.setattr(inception, "create_feature_fn",
                         lambda model, **_: lambda images: (seen.append(len(images)), fake_features(images))[1])
     return seen
 
@@ -214,20 +214,20 @@ def _with_statistics(path, record=None, images=None):
 
 
 def test_a_reference_records_its_weights_and_other_weights_are_refused(tmp_path):
-    real = evaluate.InceptionWeights({}, str(tmp_path / "fid.safetensors"), "a" * 64)
-    random = evaluate.InceptionWeights({}, "random:0", "b" * 64)
+    real = features.InceptionWeights({}, str(tmp_path / "fid.safetensors"), "a" * 64)
+    random = features.InceptionWeights({}, "random:0", "b" * 64)
     adm = _with_statistics(tmp_path / "adm.npz")  # ADM's batches record no weights
-    [note] = evaluate.check_reference_weights(evaluate.open_reference(adm), adm, real)
+    [note] = features.check_reference_weights(adm_npz.open_reference(adm), adm, real)
     assert "records no Inception weights hash (ADM's reference batches record none)" in note
-    with pytest.raises(evaluate.BadBatch, match="records no Inception weights .* random weights"):
-        evaluate.check_reference_weights(evaluate.open_reference(adm), adm, random)
+    with pytest.raises(adm_npz.BadBatch, match="records no Inception weights .* random weights"):
+        features.check_reference_weights(adm_npz.open_reference(adm), adm, random)
     ours = _with_statistics(tmp_path / "ours.npz", {"inception_weights": "fid.pth", "inception_weights_sha256": "a" * 64})
-    assert evaluate.check_reference_weights(evaluate.open_reference(ours), ours, real) == []
-    with pytest.raises(evaluate.BadBatch, match=r"computed with other Inception weights \(fid.pth"):
-        evaluate.check_reference_weights(evaluate.open_reference(ours), ours, random)
+    assert features.check_reference_weights(adm_npz.open_reference(ours), ours, real) == []
+    with pytest.raises(adm_npz.BadBatch, match=r"computed with other Inception weights \(fid.pth"):
+        features.check_reference_weights(adm_npz.open_reference(ours), ours, random)
     images_only = str(tmp_path / "images.npz")  # everything computed here, with these weights: nothing to check
     np.savez(images_only, arr_0=_images(3, 4, 16))
-    assert evaluate.check_reference_weights(evaluate.open_reference(images_only), images_only, random) == []
+    assert features.check_reference_weights(adm_npz.open_reference(images_only), images_only, random) == []
 
 
 def test_the_command_refuses_other_weights_in_one_line(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dit_jax.evaluators import inception
+from dit_jax.fid import inception
 from tests.conftest import natural_image, torch_fidelity_features
 
 SIZES = [(32, 32), (64, 64), (256, 256), (512, 512), (37, 91), (300, 200)]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dit_jax.evaluators import metrics
+from dit_jax.fid import metrics
 
 
 # ------------------------------------------------------------------ the oracle (from the spec, not the code)

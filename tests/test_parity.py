@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from dit_jax import parity
-from dit_jax.weights import convert
 from dit_jax.models import DiT
+from dit_jax.weights import convert
 
 from tests.conftest import REFERENCE_DIR
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dit_jax import evaluate, images, reference_batch
-from dit_jax.evaluators import metrics
+from dit_jax.fid import adm_npz, metrics
 from tests.conftest import ODD_FILES, fake_features, natural_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +64,9 @@ def test_streamed_statistics_equal_one_pass_and_evaluate_reads_the_file(image_tr
     assert sorted(s["key"] for s in metadata["skipped"]) == sorted(k for k, v in ODD_FILES.items() if v == "skip")
     assert summary["num_images"] == len(crops) == metadata["num_images"] and summary["num_skipped"] == 2
     # What evaluate reads: the statistics (checked shapes, no NaN) and arr_0 streamed.
-    stats = evaluate.read_statistics(str(tmp_path / "ref.npz"))
+    stats = adm_npz.read_statistics(str(tmp_path / "ref.npz"))
     np.testing.assert_array_equal(stats["sigma_s"], ref["sigma_s"])
-    reader = evaluate.NpzImages(str(tmp_path / "ref.npz"))
+    reader = adm_npz.NpzImages(str(tmp_path / "ref.npz"))
     np.testing.assert_array_equal(np.concatenate(list(reader.chunks(0, len(reader), 3))), ref["arr_0"])
     assert not (tmp_path / "ref.npz.partial").exists()
 

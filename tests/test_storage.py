@@ -20,7 +20,8 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from PIL import Image
 
-from dit_jax import checkpointing, evaluate, image_grid, latents, locking, run_log, sample, storage, train
+from dit_jax import checkpointing, image_grid, latents, locking, run_log, sample, storage, train
+from dit_jax.fid import adm_npz
 from tests.conftest import TINY_RUN, flat_fields, read_log, tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,12 +119,12 @@ def test_run_logs_latents_and_evaluation_inputs_on_gs(gcs, tmp_path):
     for start, stop in ((0, 2), (2, 3)):
         sample.write_block(blocks, sample.Block(start, images[start:stop], labels[start:stop]))
     assert sample.finished_prefix(blocks) == (3, [(0, 2), (2, 3)])
-    sample.write_adm_npz(os.fspath(run / "samples.npz"), blocks, [(0, 2), (2, 3)], (8, 8, 3), labels,
-                         {"mu": np.zeros(3)})
-    batch = evaluate.NpzImages(os.fspath(run / "samples.npz"))
+    adm_npz.write_adm_npz(os.fspath(run / "samples.npz"), sample.read_blocks(blocks, [(0, 2), (2, 3)], (8, 8, 3)),
+                          (8, 8, 3), labels, {"mu": np.zeros(3)})
+    batch = adm_npz.NpzImages(os.fspath(run / "samples.npz"))
     np.testing.assert_array_equal(np.concatenate(list(batch.chunks(0, 3, 2))), images)
-    with pytest.raises(evaluate.BadBatch, match="has mu without sigma"):  # read from the bucket, then checked
-        evaluate.read_statistics(os.fspath(run / "samples.npz"))
+    with pytest.raises(adm_npz.BadBatch, match="has mu without sigma"):  # read from the bucket, then checked
+        adm_npz.read_statistics(os.fspath(run / "samples.npz"))
     image_grid.save_image(run / "grid.png", images[0])
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO((run / "grid.png").read_bytes()))), images[0])
 

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from dit_jax import classifier, synthetic
-from dit_jax.evaluators import common, metrics
+from dit_jax.evaluators import common
+from dit_jax.fid import metrics
 
 DEFAULTS = dict(
     per_class=30,                 # samples of each class judged

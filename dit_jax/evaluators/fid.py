@@ -3,9 +3,9 @@
 ``num_samples`` images (labels uniform at random as DiT's ``sample_ddp.py`` draws them; sample
 ``j`` depends only on (``seed``, ``j``)) come from the sharded sampling engine
 (``dit_jax.sample``), decoded through the latents' VAE on a latent run. Block by block they go
-through the FID InceptionV3 (``dit_jax.evaluators.inception``), keeping only features, and are
+through the FID InceptionV3 (``dit_jax.fid.inception``), keeping only features, and are
 compared with ``reference`` (ADM's ``VIRTUAL_imagenet256_labeled.npz``, or a batch built by
-``python -m dit_jax.reference_batch``; read by ``dit_jax.evaluate``) by ``dit_jax.evaluators.metrics``.
+``python -m dit_jax.reference_batch``; read by ``dit_jax.fid.adm_npz``) by ``dit_jax.fid.metrics``.
 The metric names carry the settings: ``fid10k_cfg1.5``, ``sfid10k_cfg1.5``, ``is10k_cfg1.5``,
 ``precision10k_cfg1.5``, ``recall10k_cfg1.5`` (with e.g. ``_ddim50`` when the chain is not the paper's DDPM-250).
 
@@ -21,8 +21,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dit_jax import evaluate, sample
-from dit_jax.evaluators import common, inception, metrics
+from dit_jax import sample
+from dit_jax.evaluators import common
+from dit_jax.fid import adm_npz, features, inception, metrics
 from dit_jax.weights import fetch
 
 DEFAULTS = dict(
@@ -68,8 +69,8 @@ class Evaluator:
         self.vae = common.load_vae(name) if name else None
         try:
             # Checked now (a bad file is named now); a registry name is fetched now.
-            self._reference = evaluate.open_reference(fetch.locate(settings.reference, evaluate.REFERENCE_NAMES))
-        except evaluate.BadBatch as err:
+            self._reference = adm_npz.open_reference(fetch.locate(settings.reference, adm_npz.REFERENCE_NAMES))
+        except adm_npz.BadBatch as err:
             raise ValueError(f"reference: {err}") from err
         self.features = inception.create_feature_fn(inception.create_inception(settings.inception_weights or None))
         self._reference_features: dict[str, Any] | None = None
@@ -77,7 +78,7 @@ class Evaluator:
     def run(self, ema: common.EmaModel) -> dict[str, Any]:
         s = self.settings
         if self._reference_features is None:  # the reference images' features, computed once
-            self._reference_features = evaluate.reference_features(self._reference, self.features, progress=False)
+            self._reference_features = features.reference_features(self._reference, self.features, progress=False)
         labels = sample.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
         engine = sample.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
                                              sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)

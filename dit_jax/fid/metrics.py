@@ -1,6 +1,6 @@
 """The metrics of ADM's evaluator (FID, sFID, Inception Score, precision, recall), as pure functions.
 
-Inputs are features from ``dit_jax.evaluators.inception`` (``pool`` [N, 2048], ``spatial``
+Inputs are features from ``dit_jax.fid.inception`` (``pool`` [N, 2048], ``spatial``
 [N, 2023], ``logits`` [N, 1008]) or precomputed statistics. What decides exactness (see
 ``shared/specs/evaluator.md``):
 
