@@ -47,6 +47,7 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dit_jax import console
 from dit_jax import compilation_cache, flops, input_pipeline, latents, sample, sharding, torch_reference, train
 from dit_jax.timing import summary, timed
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, SWITCH_FIELDS, count_params
@@ -469,6 +470,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from dit_jax import console
 from dit_jax import compilation_cache, storage
 from dit_jax.fid import inception, metrics
 from dit_jax.fid.adm_npz import REFERENCE_NAMES, BadBatch, NpzImages, check_batch_sizes, open_reference
@@ -119,6 +120,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     from absl import flags
 
     from dit_jax import sharding

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from dit_jax import console
 from dit_jax import storage
 from dit_jax.weights import convert, diffusers
 from dit_jax.weights.load import LoadedDiT, load_dit
@@ -114,6 +115,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS

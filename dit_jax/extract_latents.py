@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dit_jax import console
 from dit_jax import images, latents, locking, sharding, storage
 from dit_jax import vae as vae_lib
 
@@ -368,6 +369,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS

@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpointing, compilation_cache, locking, recipes, sharding, storage, train
+from dit_jax import checkpointing, compilation_cache, console, locking, recipes, sharding, storage, train
 
 FLAGS = flags.FLAGS
 
@@ -106,6 +106,7 @@ def load_config():
 
 
 def main(argv):
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = load_config()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from dit_jax import console
 from dit_jax.diffusion import create_diffusion, training_losses
 from dit_jax.flops import xla_gflops
 from dit_jax.models import MODELS, count_params, create_model
@@ -130,6 +131,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from dit_jax import console
 from dit_jax import diffusion as gd
 from dit_jax.models import DiT
 from dit_jax.weights import convert
@@ -164,6 +165,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) != 2:
         raise app.UsageError("usage: python -m dit_jax.parity REFERENCE.npz [--config CONFIG.json]")
     sys.exit(report(argv[1], flags.FLAGS.config))

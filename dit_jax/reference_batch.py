@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from dit_jax import console
 from dit_jax import images, latents, locking, sample, sharding, storage
 from dit_jax.fid import adm_npz, inception
 from dit_jax.extract_latents import plan_differences
@@ -354,6 +355,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     from absl import app, flags
 
     if len(argv) > 1:

@@ -43,6 +43,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dit_jax import console
 from dit_jax import compilation_cache, diffusion as gd, locking, sharding, storage
 from dit_jax.fid import adm_npz
 from dit_jax.image_grid import save_grid, to_uint8
@@ -721,6 +722,7 @@ _RUN_FLAGS = {**{name: name for name in ("ckpt", "model", "image_size", "num_hea
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     from absl import app, flags
 
     if len(argv) > 1:

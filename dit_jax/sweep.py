@@ -52,6 +52,7 @@ from typing import Any
 
 import ml_collections
 
+from dit_jax import console
 from dit_jax import storage
 
 # One row of the sweep: a name, the batch, ``set`` (config field -> value, top-level or dotted)
@@ -696,6 +697,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     from absl import app, flags
 
     if len(argv) > 1:

@@ -352,6 +352,17 @@ def _diverged(what: str, last_checkpoint: int | None, checkpoint_dir: str) -> st
     return f"{what}; stopping: {where}. Lower train.lr or check the data."
 
 
+def progress_line(record: dict[str, Any], total_steps: int, seconds: float, steps_done: int) -> str:
+    """The console's line for one log window: step, loss, the window's steps/s and img/s (the figures in
+    ``metrics.jsonl``), and the time left at this invocation's mean pace so far."""
+    left = (total_steps - record["step"]) * seconds / steps_done if steps_done else 0.0
+    line = (f"step {record['step']}/{total_steps}: loss {record['loss']:.4f}, {record['steps_per_sec']:.3g} steps/s, "
+            f"{record['images_per_sec']:.4g} img/s")
+    if "mfu" in record:
+        line += f", MFU {100 * record['mfu']:.1f}%"
+    return line + f", {time.strftime('%H:%M:%S', time.gmtime(left))} left"
+
+
 def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pipeline.Source) -> evaluators.RunInfo:
     """What the evaluators may know about this run (``evaluators.RunInfo``)."""
     metadata = getattr(source, "metadata", None)
@@ -436,10 +447,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             start_step == config.train.steps or not any(h.get("eval") == e.name and h["step"] == start_step
                                                         for h in history))]
         history = [h for h in history if not (h["step"] == start_step and h.get("eval") in {e.name for e in pending})]
-        writer = metric_writers.create_default_writer(workdir if is_main else None, just_logging=not is_main)
+        # TensorBoard only: the console gets one line per log window (``progress_line``) and per evaluation.
+        writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)] if is_main else [])
         stack.callback(writer.close)
-        hooks = [periodic_actions.ReportProgress(num_train_steps=config.train.steps,
-                                                 every_steps=config.train.log_every)]
+        hooks = []
         if is_main and config.train.profile_steps:
             hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
                                                   profile_duration_ms=None, first_profile=start_step + 10,
@@ -461,6 +472,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             except evaluators.Interrupted as err:
                 results, stopped = err.completed, True
             history.extend(evaluators.log_entries(results, step, writer, log))
+            for name, result in results.items():
+                logging.info("step %d, %s: %s", step, name, ", ".join(
+                    f"{k} {float(v):.4g}" for k, v in result.items() if evaluators.is_scalar(v)) or "done")
             if step == config.train.steps:
                 final.update(results)
             eval_seconds += time.time() - t0
@@ -471,6 +485,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             return not stopped
 
         window_start, window, unchecked, pending_save = time.time(), [], [], False
+        start_time, trained_steps, train_seconds = time.time(), 0, 0.0
         if pending and not evaluate(pending, start_step):
             return {"preempted_at_step": start_step, "stop_signal": stop_request.signum or signal.SIGTERM}
         for step in range(start_step + 1, config.train.steps + 1):
@@ -506,6 +521,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 history.append(record)
+                logging.info("%s", progress_line(record, config.train.steps, time.time() - start_time - eval_seconds,
+                                                 step - start_step))
+                trained_steps += len(window)
+                train_seconds += elapsed
                 window_start, window = time.time(), []
             if save:
                 # Never save (or name as good) a state that is not finite, though its loss was.
@@ -528,7 +547,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 logging.warning("%s: stopped at step %d after checkpointing it; rerun the same command to resume",
                                 signal_name(stop_request), step)
                 return {"preempted_at_step": step, "stop_signal": stop_request.signum or signal.SIGTERM}
-    train_seconds = time.time() - start - eval_seconds
 
     losses = [h for h in history if "eval" not in h]
     summary: dict[str, Any] = {
@@ -540,8 +558,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         # Means over the first and last log windows (unknown if metrics.jsonl of a finished run was lost).
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
-        "train_seconds": train_seconds,  # this invocation's training steps only
-        "steps_per_sec": (config.train.steps - start_step) / train_seconds,
+        "train_seconds": train_seconds,  # this invocation's training steps only (compilation included)
+        # The steps this invocation trained over their seconds; None if it trained none (a finished run rerun).
+        "steps_per_sec": trained_steps / train_seconds if trained_steps else None,
     }
     # The last step's evaluations, images left out (they are PNG files and TensorBoard images).
     summary["evals"] = {name: {k: evaluators.jsonable(v) for k, v in result.items() if not evaluators.is_image(v)}

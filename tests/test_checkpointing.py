@@ -143,13 +143,22 @@ def test_sigkill_sigterm_and_ctrl_c_then_rerun_match_an_uninterrupted_run(tmp_pa
     assert f"resumed from step {stopped_at}" in stderr
     interrupted_at = max(committed_steps(interrupted))
     assert stopped_at < interrupted_at < STEPS
-    assert f"] Ctrl-C: stopped at step {interrupted_at} after checkpointing it; rerun the same command to resume\n" \
-        in stderr, stderr[-3000:]
+    assert re.search(rf"\] Ctrl-C: stopped at step {interrupted_at} after checkpointing it; rerun the same command to "
+                     r"resume\n$", stderr), stderr[-3000:]  # the last line
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
 
     proc = subprocess.run(main_command(interrupted), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from step {interrupted_at}" in proc.stderr
+    # The console: one line per log window with one steps/s figure, and no library INFO chatter (Orbax's ~40
+    # lines per checkpoint, CLU's progress notes).
+    lines = [line for line in proc.stderr.splitlines() if re.match(r"[IWEF]\d{4} ", line)]
+    progress = [line for line in lines if "steps/s" in line]
+    assert [int(re.search(r"\] step (\d+)/80: loss [0-9.]+, [0-9.e+]+ steps/s, [0-9.e+]+ img/s, "
+                          r"\d\d:\d\d:\d\d left$", line)[1]) for line in progress] == list(range(interrupted_at + 1, 81))
+    assert all(line.count("steps/s") == 1 for line in progress)
+    assert not [line for line in lines if line.startswith("I") and not re.search(r" (main|train)\.py:\d+\]", line)]
+    assert json.loads((interrupted / "summary.json").read_text())["steps_per_sec"] > 0  # after a resume
 
     # Same losses at every step, bit for bit, and the same final state.
     assert losses(interrupted) == losses(reference)
@@ -407,6 +416,7 @@ def test_the_logs_are_derived_data_rewound_to_the_restored_step(tmp_path, caplog
     with caplog.at_level(logging.WARNING):
         summary = train.train_and_evaluate(resumed, str(tmp_path))
     assert summary["resumed_from_step"] == 4
+    assert summary["steps_per_sec"] > 0 and summary["train_seconds"] > 0  # steps 5 and 6 over their seconds
     assert "dropping its last line, which is damaged" in caplog.text
     assert "train.batch_size changes from 16 to 8 at step 4" in caplog.text and "at example 32" in caplog.text
     assert [h["step"] for h in read_log(tmp_path)] == list(range(1, 7))
@@ -415,6 +425,7 @@ def test_the_logs_are_derived_data_rewound_to_the_restored_step(tmp_path, caplog
     (tmp_path / "metrics.jsonl").unlink()
     summary = train.train_and_evaluate(resumed, str(tmp_path))
     assert summary["resumed_from_step"] == 6 and summary["first_loss"] is None
+    assert summary["steps_per_sec"] is None  # no step trained in this invocation
 
 
 def test_a_checkpoint_of_another_model_or_past_the_last_step_is_refused_and_kept(tmp_path):
