@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import time
 
 from absl import logging
 
@@ -36,3 +37,31 @@ def quiet_libraries() -> None:
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
         handler.addFilter(_OwnInfoOnly())
+
+
+def clock(seconds: float) -> str:
+    """``seconds`` as H:MM:SS."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog:
+    """Log lines ``what: done/total unit, rate, time left`` for a long loop where a bar does not suit (a training
+    log): at most one every ``every_seconds`` (30: a line at least twice a minute while work goes on), and the last."""
+
+    def __init__(self, what: str, total: int, unit: str, every_seconds: float = 30.0) -> None:
+        self.what, self.total, self.unit, self.every_seconds = what, total, unit, every_seconds
+        self.start = self.last = time.time()
+        self.done = 0
+        logging.info("%s: %d %s to do", what, total, unit)
+
+    def update(self, count: int) -> None:
+        """``count`` more done; logs a line if ``every_seconds`` have passed since the last one, or all are done."""
+        self.done += count
+        now = time.time()
+        if now - self.last < self.every_seconds and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        logging.info("%s: %d/%d %s, %.3g %s/s, %s left", self.what, self.done, self.total, self.unit, rate, self.unit,
+                     clock((self.total - self.done) / rate))

@@ -43,8 +43,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dit_jax import console
-from dit_jax import compilation_cache, diffusion as gd, locking, sharding, storage
+from dit_jax import compilation_cache, console, diffusion as gd, locking, sharding, storage
 from dit_jax.fid import adm_npz
 from dit_jax.image_grid import save_grid, to_uint8
 from dit_jax.latents import write_json_atomic
@@ -305,7 +304,13 @@ def sample_uint8(model: DiT, diffusion: gd.Diffusion, labels: np.ndarray, *, see
     labels = _check_labels(labels, model.num_classes)
     engine = create_image_sampler(model, diffusion, cfg_scale=cfg_scale, sampler=sampler, eta=eta, vae=vae,
                                   per_device_batch=per_device_batch, mesh=mesh)
-    return np.concatenate([b.images for b in iterate_blocks(engine, labels, seed=seed)])
+    progress = console.ProgressLog(f"sampling ({len(diffusion.timestep_map)} {sampler} steps a block)", len(labels),
+                                   "images")
+    blocks = []
+    for block in iterate_blocks(engine, labels, seed=seed):
+        blocks.append(block.images)
+        progress.update(len(block.images))
+    return np.concatenate(blocks)
 
 
 # ---------------------------------------------------------------- FID mode: resumable blocks -> ADM npz

@@ -4,6 +4,7 @@ class consistency, validation before training, and a stop (SIGTERM) during an ev
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 
@@ -255,14 +256,20 @@ def test_fid_fetches_a_reference_named_by_the_registry(tmp_path, fake_inception,
 
 
 @pytest.mark.slow  # a training run with a fid entry; the fid name and field tests are the fast ones
-def test_fid_in_a_tiny_run_is_logged_under_its_settings(tmp_path, fake_inception):
+def test_fid_in_a_tiny_run_is_logged_under_its_settings(tmp_path, fake_inception, caplog):
     c = tiny_config()
     c.train.update(steps=2, log_every=1)
     c.evals.samples.every = -1
     c.evals.fid = dict(type="fid", every=0, **{**fid.DEFAULTS, "num_samples": 16, "respacing": "2",
                                                  "per_device_batch": 1,
                                                  "reference": str(write_reference(tmp_path / "ref.npz"))})
-    summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+    with caplog.at_level(logging.INFO):
+        summary = train.train_and_evaluate(c, str(tmp_path / "run"))
+    # Progress while it runs: the reference features, then the sampled blocks (a line at least every 30 s).
+    messages = [r.getMessage() for r in caplog.records]
+    assert "fid: the Inception features of the reference batch (once per run)" in messages
+    assert "fid at step 2: sampled and featurised: 16 images to do" in messages
+    assert any(m.startswith("fid at step 2: sampled and featurised: 16/16 images, ") for m in messages)
     names = {f"{m}16_cfg1.5_ddpm2" for m in ("fid", "sfid", "is", "precision", "recall")}
     [line] = read_log(tmp_path / "run", evals=True)
     assert line["step"] == 2 and line["eval"] == "fid" and names <= set(line)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -298,6 +299,10 @@ def test_picture_mode_writes_the_official_grid(tmp_path, tiny_ckpt, tiny_vae_dir
                                          "--png", str(png)),
                           cwd=ROOT, env={**os.environ, **compile_cache}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Progress: a line when sampling starts and per block (at most every 30 s); no library INFO chatter.
+    assert re.search(r"\] sampling \(\d+ ddpm steps a block\): 5 images to do\n", proc.stderr), proc.stderr[-3000:]
+    assert re.search(r"\] sampling \(\d+ ddpm steps a block\): 5/5 images, .* left\n", proc.stderr)
+    assert not re.search(r"^I\d{4} .* (checkpoint_manager|composite_checkpoint_handler|local)\.py", proc.stderr, re.M)
     grid = np.asarray(Image.open(png))
     assert grid.shape == (2 + 2 * 18, 2 + 4 * 18, 3)  # 4 a row as the official save_image, 2 px padding
     expected = sample.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), np.array([1, 2, 3, 4, 0]),

@@ -16,12 +16,14 @@ fetched into the download cache when the run starts).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
-from dit_jax import sample
+from dit_jax import console, sample
 from dit_jax.evaluators import common
 from dit_jax.fid import adm_npz, features, inception, metrics
 from dit_jax.weights import fetch
@@ -59,14 +61,14 @@ class Evaluator:
             if settings[field] < 1:
                 problems.append(f"{field} must be >= 1, got {settings[field]}")
         common.check(problems)
-        self.settings, self.run_info = settings, run
+        self.settings, self.run_info, self.name = settings, run, name
         self.off = None if settings.reference else ("no reference batch: set reference to a .npz (ADM's "
                                                     "VIRTUAL_imagenet256_labeled.npz or the output of `python -m "
                                                     "dit_jax.reference_batch`) to score FID during training")
         if self.off:
             return
-        name = common.vae_name(run, settings.vae)
-        self.vae = common.load_vae(name) if name else None
+        vae = common.vae_name(run, settings.vae)
+        self.vae = common.load_vae(vae) if vae else None
         try:
             # Checked now (a bad file is named now); a registry name is fetched now.
             self._reference = adm_npz.open_reference(fetch.locate(settings.reference, adm_npz.REFERENCE_NAMES))
@@ -78,14 +80,19 @@ class Evaluator:
     def run(self, ema: common.EmaModel) -> dict[str, Any]:
         s = self.settings
         if self._reference_features is None:  # the reference images' features, computed once
+            t0 = time.time()
+            logging.info("%s: the Inception features of the reference batch (once per run)", self.name)
             self._reference_features = features.reference_features(self._reference, self.features, progress=False)
+            logging.info("%s: reference features done in %.0f s", self.name, time.time() - t0)
         labels = sample.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
         engine = sample.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
                                              sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)
         feats: dict[str, list[np.ndarray]] = {}
+        progress = console.ProgressLog(f"{self.name} at step {ema.step}: sampled and featurised", len(labels), "images")
         for block in sample.iterate_blocks(engine, labels, seed=s.seed):
             for key, value in self.features(block.images).items():
                 feats.setdefault(key, []).append(value)
+            progress.update(len(block.images))
             ema.raise_if_stopped()
         figures, notes = metrics.compute_metrics({k: np.concatenate(v) for k, v in feats.items()},
                                                  self._reference_features)

@@ -1,0 +1,55 @@
+"""The console: library INFO chatter kept off it, and progress lines for long loops."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import logging
+
+from dit_jax import console
+
+
+def record(path: str, level: int) -> std_logging.LogRecord:
+    return std_logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+
+def test_library_info_is_dropped_and_our_own_kept(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    handler = logging.get_absl_handler()
+    monkeypatch.setattr(handler, "filters", [])
+    console.quiet_libraries()
+    console.quiet_libraries()  # idempotent
+    assert len(handler.filters) == 1 and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+    orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    assert not handler.filter(record(orbax, std_logging.INFO))
+    assert handler.filter(record(orbax, std_logging.WARNING))
+    assert handler.filter(record(os.path.join(console.PACKAGE_DIR, "train.py"), std_logging.INFO))
+
+
+def test_verbosity_1_keeps_everything_and_a_users_setting_wins(monkeypatch):
+    handler = logging.get_absl_handler()
+    monkeypatch.setattr(handler, "filters", [])
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    console.quiet_libraries()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    monkeypatch.setattr(handler, "filters", [])
+    monkeypatch.setattr(logging, "get_verbosity", lambda: 1)
+    console.quiet_libraries()
+    assert handler.filters == []
+
+
+def test_a_progress_line_every_30_seconds_and_at_the_end(monkeypatch, caplog):
+    now = [1000.0]
+    monkeypatch.setattr(console.time, "time", lambda: now[0])
+    with caplog.at_level(std_logging.INFO):
+        progress = console.ProgressLog("fid at step 5", 100, "images")
+        for _ in range(10):  # 10 blocks of 10 images, 10 s each
+            now[0] += 10
+            progress.update(10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "fid at step 5: 100 images to do",
+        "fid at step 5: 30/100 images, 1 images/s, 0:01:10 left",
+        "fid at step 5: 60/100 images, 1 images/s, 0:00:40 left",
+        "fid at step 5: 90/100 images, 1 images/s, 0:00:10 left",
+        "fid at step 5: 100/100 images, 1 images/s, 0:00:00 left"]
