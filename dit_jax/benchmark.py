@@ -4,7 +4,7 @@
 the project's real jitted train step (``train.make_train_step``: hybrid loss, label dropout,
 AdamW, EMA) on a fixed on-device batch of random latents, so no input pipeline is measured,
 with the state and batch laid out on a device mesh (``sharding.py``; ``--mesh``), then a
-guided DDPM run (``sample.generate``, 250 steps unless ``--sample_steps``). Each timed call
+guided DDPM run (``engine.generate``, 250 steps unless ``--sample_steps``). Each timed call
 ends with ``block_until_ready``; warm-up calls (compilation included) are not timed.
 
 Train FLOPs come from XLA's cost analysis of the step (see ``flops.py``: a multiply-add is
@@ -47,11 +47,12 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import console
-from dit_jax import compilation_cache, flops, input_pipeline, latents, sample, sharding, torch_reference, train
-from dit_jax.timing import summary, timed
+from dit_jax import compilation_cache, console, flops, input_pipeline, latents, sharding, torch_reference, train
 from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, MODELS, REMAT_MODES, SWITCH_FIELDS, count_params
 from dit_jax.recipes import paper_config
+from dit_jax.sampling import engine
+from dit_jax.timing import summary, timed
+
 
 def random_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
     """A batch of standard-normal latents and uniform labels, shaped as ``config`` says."""
@@ -195,7 +196,7 @@ def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_s
     labels = jax.device_put(np.arange(n, dtype=np.int32) % config.model.num_classes, sharding.batch_sharding(mesh))
 
     def call():
-        return sample.generate(model, diffusion, labels, jax.random.key(config.seed), cfg_scale=cfg_scale)
+        return engine.generate(model, diffusion, labels, jax.random.key(config.seed), cfg_scale=cfg_scale)
 
     graphdef, state = nnx.split(model)
     m = config.model
@@ -218,7 +219,7 @@ def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, c
     images in all; with ``decode`` the program ends with the SD-VAE decode to pixels, as in sampling
     (``vae.AutoencoderKL`` randomly initialised: the speed does not depend on the weights).
 
-    One program per block (``sample.create_image_sampler``, the whole chain one ``lax.scan``);
+    One program per block (``engine.create_image_sampler``, the whole chain one ``lax.scan``);
     the first call compiles and is not timed, then ``repeats`` timed calls of one batch.
     """
     from dit_jax import vae
@@ -229,10 +230,10 @@ def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, c
     model = train.build_model(config, rngs=nnx.Rngs(config.seed))
     diffusion = train.build_diffusion(config, str(num_steps))
     decoder = vae.AutoencoderKL(vae.VAEConfig(), rngs=nnx.Rngs(0)) if decode else None
-    engine = sample.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,
-                                         mesh=sharding.create_mesh({"data": -1}), vae=decoder)
+    image_sampler = engine.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,
+                                                mesh=sharding.create_mesh({"data": -1}), vae=decoder)
     labels = np.arange(n, dtype=np.int32) % config.model.num_classes
-    seconds = timed(lambda: engine.dispatch(config.seed, 0, labels), repeats, 1)
+    seconds = timed(lambda: image_sampler.dispatch(config.seed, 0, labels), repeats, 1)
     return {"num_params": count_params(model), "device_kind": jax.devices()[0].device_kind, "num_devices": devices,
             "vae_decode": decode, "images": n, "seconds": seconds, "seconds_median": statistics.median(seconds),
             "images_per_sec": n / statistics.median(seconds)}

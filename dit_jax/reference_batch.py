@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from dit_jax import console
-from dit_jax import images, latents, locking, sample, sharding, storage
+from dit_jax import console, images, latents, locking, sharding, storage
 from dit_jax.fid import adm_npz, inception
 from dit_jax.extract_latents import plan_differences
+from dit_jax.sampling import blocks as sample_blocks, engine
 
 KEEP_IMAGES = 10_000  # ADM's reference batches hold 10,000 images for precision/recall
 STATE, SETTINGS, BLOCKS = "state.npz", "settings.json", "blocks"
@@ -191,11 +191,11 @@ def _resume(partial: str, record: dict[str, Any], progress: _Progress, source: i
         progress.restore(partial)
     kept, size = len(progress.meta["kept_labels"]), record["image_size"]
     for name in os.listdir(blocks_dir):  # written after the last saved state, or half-written: made again
-        covered = sample.block_range(name)
+        covered = sample_blocks.block_range(name)
         if ".damaged" not in name and (covered is None or covered[1] > kept):
             os.remove(os.path.join(blocks_dir, name))
-    sample.set_aside_damaged_blocks(blocks_dir, (size, size, 3))
-    for start, stop in sample.missing_ranges(blocks_dir, kept):
+    sample_blocks.set_aside_damaged_blocks(blocks_dir, (size, size, 3))
+    for start, stop in sample_blocks.missing_ranges(blocks_dir, kept):
         _crop_kept_again(source, partial, progress.meta, start, stop, size)
 
 
@@ -214,7 +214,7 @@ def _crop_kept_again(source: images.ImageSource, partial: str, meta: dict[str, A
                           f"delete {partial} to start again")
         crops.append(pixels)
     labels = np.asarray(meta["kept_labels"][start:stop], np.int64)
-    sample.write_block(blocks_dir, sample.Block(start, np.stack(crops), labels))
+    sample_blocks.write_block(blocks_dir, engine.Block(start, np.stack(crops), labels))
     logging.info("kept images %d..%d cropped again into %s", start, stop - 1, blocks_dir)
 
 
@@ -295,7 +295,7 @@ def _save(partial: str, blocks_dir: str, state: _Progress, kept_images: list[np.
     if kept_images:
         labels = np.asarray(state.meta["kept_labels"][-len(kept_images):], np.int64)
         start = len(state.meta["kept_labels"]) - len(kept_images)
-        sample.write_block(blocks_dir, sample.Block(start, np.stack(kept_images), labels))
+        sample_blocks.write_block(blocks_dir, engine.Block(start, np.stack(kept_images), labels))
     state.save(partial)
 
 
@@ -326,8 +326,8 @@ def _finish(source: images.ImageSource, out: str, partial: str, record: dict[str
     arrays["metadata"] = np.array(json.dumps(metadata))
     size = record["image_size"]
     blocks_dir = os.path.join(partial, BLOCKS)
-    blocks = sample.finished_prefix(blocks_dir)[1]
-    adm_npz.write_adm_npz(out, sample.read_blocks(blocks_dir, blocks, (size, size, 3)), (size, size, 3),
+    blocks = sample_blocks.finished_prefix(blocks_dir)[1]
+    adm_npz.write_adm_npz(out, sample_blocks.read_blocks(blocks_dir, blocks, (size, size, 3)), (size, size, 3),
                           np.asarray(meta["kept_labels"], np.int64), arrays)
     shutil.rmtree(partial)
     return {"out": out, "num_images": readable, "num_kept": kept, "num_skipped": len(meta["skipped"]),

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from dit_jax import latents, sample, synthetic, train, vae
+from dit_jax import latents, synthetic, train, vae
 from dit_jax.evaluators import class_consistency, common, fid, grid
 from dit_jax.models import DiT
+from dit_jax.sampling import engine
 from tests.conftest import fake_features, latent_config, read_log
 from tests.conftest import tiny_train_config as tiny_config
 
@@ -85,8 +86,8 @@ def test_a_bad_eval_field_stops_the_run_before_training(tmp_path):
 def test_pixel_grid_holds_the_guided_samples_and_shares_them(tmp_path, monkeypatch):
     run = run_info(tmp_path)
     evaluator = grid.Evaluator(settings(grid, per_class=3, num_classes=2, respacing="3"), run, name="pics")
-    calls, generate = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    calls, generate = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
     ema = common.EmaModel(random_dit(input_size=16, in_channels=3, num_classes=4), step=5, run=run)
     result = evaluator.run(ema)
     assert result["png"] == os.path.join("pics", "step_00000005.png") and not (tmp_path / "pics.png").exists()

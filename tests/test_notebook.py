@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from dit_jax import diffusion as gd, imagenet_classes, sample, vae
+from dit_jax.sampling import engine
 from tests.conftest import execute_notebook, tiny_latent_dit, write_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,8 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{name} is not a sampling requirement")
 sys.meta_path.insert(0, Block())
-from dit_jax import image_grid, imagenet_classes, sample, vae
+from dit_jax import imagenet_classes, sample, vae
+from dit_jax.sampling import image_grid
 from dit_jax.weights import load
 """
 
@@ -237,7 +239,7 @@ def tiny_parameters(tiny_ckpt, tiny_vae_dir, tmp_path, **changes):
 def test_the_notebook_writes_and_shows_the_librarys_picture(tmp_path, offline, tiny_model, tiny_ckpt, tiny_vae_dir):
     executed = execute_notebook(NOTEBOOK, tmp_path, **tiny_parameters(tiny_ckpt, tiny_vae_dir, tmp_path))
     # The library's own sampling: the engine with the labels' per-device batch (5 labels on 8 devices: 1).
-    images = sample.sample_uint8(tiny_model, gd.create_diffusion(str(STEPS)), np.array(LABELS), seed=SEED,
+    images = engine.sample_uint8(tiny_model, gd.create_diffusion(str(STEPS)), np.array(LABELS), seed=SEED,
                                  cfg_scale=4.0, vae=vae.load_vae(str(tiny_vae_dir)), per_device_batch=1)
     sample.save_picture_grid(str(tmp_path / "expected.png"), images)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")),

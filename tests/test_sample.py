@@ -19,8 +19,9 @@ from flax import nnx
 from PIL import Image
 
 from dit_jax import diffusion as gd, locking, sample, sharding, vae
-from dit_jax.weights import fetch
 from dit_jax.models import DiT
+from dit_jax.sampling import blocks as sample_blocks, engine
+from dit_jax.weights import fetch
 from tests.conftest import (TINY_LATENT_DIT, persistent_compile_cache, sample_command, tiny_latent_dit,
                             write_official_checkpoint)
 
@@ -39,9 +40,9 @@ def model():
 def test_samples_have_the_model_shape_and_are_deterministic(model):
     chain = gd.create_diffusion("5")
     labels = jnp.array([0, 1, 4])
-    a = sample.generate(model, chain, labels, jax.random.key(0), cfg_scale=2.0)
-    b = sample.generate(model, chain, labels, jax.random.key(0), cfg_scale=2.0)
-    c = sample.generate(model, chain, labels, jax.random.key(1), cfg_scale=2.0)
+    a = engine.generate(model, chain, labels, jax.random.key(0), cfg_scale=2.0)
+    b = engine.generate(model, chain, labels, jax.random.key(0), cfg_scale=2.0)
+    c = engine.generate(model, chain, labels, jax.random.key(1), cfg_scale=2.0)
     assert a.shape == (3, 8, 8, 3) and np.all(np.isfinite(a))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
@@ -51,7 +52,7 @@ def test_generate_is_the_guided_ddim_loop(model):
     chain = gd.create_diffusion("ddim5")
     labels = jnp.array([2, 3])
     key = jax.random.key(7)
-    ours = sample.generate(model, chain, labels, key, cfg_scale=3.0, sampler="ddim")
+    ours = engine.generate(model, chain, labels, key, cfg_scale=3.0, sampler="ddim")
     noise = jax.random.normal(jax.random.split(key)[0], (2, 8, 8, 3))
     y = jnp.concatenate([labels, jnp.full_like(labels, TINY["num_classes"])])
     loop = gd.ddim_sample_loop(chain, lambda x, t: model.forward_with_cfg(x, t, y, 3.0),
@@ -62,8 +63,8 @@ def test_generate_is_the_guided_ddim_loop(model):
 def test_guidance_scale_changes_samples(model):
     chain = gd.create_diffusion("ddim5")
     labels = jnp.array([0, 1])
-    one = sample.generate(model, chain, labels, jax.random.key(0), cfg_scale=1.0, sampler="ddim")
-    four = sample.generate(model, chain, labels, jax.random.key(0), cfg_scale=4.0, sampler="ddim")
+    one = engine.generate(model, chain, labels, jax.random.key(0), cfg_scale=1.0, sampler="ddim")
+    four = engine.generate(model, chain, labels, jax.random.key(0), cfg_scale=4.0, sampler="ddim")
     assert not np.allclose(one, four)
 
 
@@ -75,13 +76,13 @@ def test_guidance_scale_changes_samples(model):
 ])
 def test_bad_requests_are_named(model, labels, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sample.generate(model, gd.create_diffusion("5"), labels, jax.random.key(0), **kwargs)
+        engine.generate(model, gd.create_diffusion("5"), labels, jax.random.key(0), **kwargs)
 
 
 def test_guidance_needs_a_null_label():
     m = DiT(**TINY, class_dropout_prob=0.0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="class_dropout_prob=0"):
-        sample.generate(m, gd.create_diffusion("5"), jnp.array([0]), jax.random.key(0))
+        engine.generate(m, gd.create_diffusion("5"), jnp.array([0]), jax.random.key(0))
 
 
 # ---------------------------------------------------------------- the sampling engine (python -m dit_jax.sample)
@@ -114,19 +115,19 @@ def one_device_mesh():
     return sharding.create_mesh({"data": 1}, jax.devices()[:1])
 
 
-def engine(model, tiny_vae, *, mesh=None, cfg_scale=1.5):
-    return sample.create_image_sampler(model, gd.create_diffusion(ENGINE_CHAIN), cfg_scale=cfg_scale, vae=tiny_vae,
+def tiny_sampler(model, tiny_vae, *, mesh=None, cfg_scale=1.5):
+    return engine.create_image_sampler(model, gd.create_diffusion(ENGINE_CHAIN), cfg_scale=cfg_scale, vae=tiny_vae,
                                        per_device_batch=PER_DEVICE, mesh=mesh)
 
 
 def fid_labels(n: int) -> np.ndarray:
-    return sample.random_labels(SEED, n, TINY_LATENT_DIT["num_classes"])
+    return engine.random_labels(SEED, n, TINY_LATENT_DIT["num_classes"])
 
 
 @pytest.fixture(scope="module")
 def one_device(latent_model, tiny_vae, compile_cache):
     """N samples on one device, block by block: what every other run must equal byte for byte."""
-    blocks = list(sample.iterate_blocks(engine(latent_model, tiny_vae, mesh=one_device_mesh()), fid_labels(N),
+    blocks = list(engine.iterate_blocks(tiny_sampler(latent_model, tiny_vae, mesh=one_device_mesh()), fid_labels(N),
                                         seed=SEED))
     assert [b.start for b in blocks] == list(range(0, N, PER_DEVICE))
     return np.concatenate([b.images for b in blocks])
@@ -135,16 +136,16 @@ def one_device(latent_model, tiny_vae, compile_cache):
 @pytest.fixture(scope="module")
 def eight_devices(latent_model, tiny_vae, compile_cache):
     """N_KILL samples on the 8 devices (the first N are tested equal to ``one_device``)."""
-    return sample.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), fid_labels(N_KILL), seed=SEED,
+    return engine.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), fid_labels(N_KILL), seed=SEED,
                                cfg_scale=1.5, vae=tiny_vae, per_device_batch=PER_DEVICE)
 
 
 def test_labels_depend_only_on_seed_and_index():
-    labels = sample.random_labels(0, 2000, 7)
-    np.testing.assert_array_equal(sample.random_labels(0, 30, 7), labels[:30])
+    labels = engine.random_labels(0, 2000, 7)
+    np.testing.assert_array_equal(engine.random_labels(0, 30, 7), labels[:30])
     assert labels.dtype == np.int32 and set(labels.tolist()) == set(range(7))
-    assert not np.array_equal(sample.random_labels(1, 30, 7), labels[:30])
-    assert np.bincount(sample.balanced_labels(50_000, 1000)).tolist() == [50] * 1000
+    assert not np.array_equal(engine.random_labels(1, 30, 7), labels[:30])
+    assert np.bincount(engine.balanced_labels(50_000, 1000)).tolist() == [50] * 1000
 
 
 def test_eight_devices_give_the_bytes_of_one(one_device, eight_devices):
@@ -159,54 +160,54 @@ def test_write_samples_resumes_across_device_counts_into_an_adm_npz(tmp_path, on
     labels, images = fid_labels(N), one_device
     out = tmp_path / "fid"
     settings = {"ckpt": "tiny"}
-    (out / sample.BLOCKS_DIR).mkdir(parents=True)
-    (out / sample.BLOCKS_DIR / "stray.npz").write_bytes(b"")
+    (out / sample_blocks.BLOCKS_DIR).mkdir(parents=True)
+    (out / sample_blocks.BLOCKS_DIR / "stray.npz").write_bytes(b"")
     with pytest.raises(FileExistsError, match="no settings.json"):
-        sample.write_samples(str(out), engine(latent_model, tiny_vae), labels, seed=SEED, settings=settings)
-    (out / sample.BLOCKS_DIR / "stray.npz").unlink()
+        sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae), labels, seed=SEED, settings=settings)
+    (out / sample_blocks.BLOCKS_DIR / "stray.npz").unlink()
     # A run on one device is killed after writing 3 blocks (while writing a 4th) ...
-    iterate_blocks = sample.iterate_blocks
+    iterate_blocks = engine.iterate_blocks
 
     def killed_after_three_blocks(*args, **kwargs):
         for i, block in enumerate(iterate_blocks(*args, **kwargs)):
             if i == 3:
-                (out / sample.BLOCKS_DIR / "00000006-00000008.npz.tmp").write_bytes(b"partial")
+                (out / sample_blocks.BLOCKS_DIR / "00000006-00000008.npz.tmp").write_bytes(b"partial")
                 raise KeyboardInterrupt
             yield block
 
-    monkeypatch.setattr(sample, "iterate_blocks", killed_after_three_blocks)
+    monkeypatch.setattr(engine, "iterate_blocks", killed_after_three_blocks)
     with pytest.raises(KeyboardInterrupt):
-        sample.write_samples(str(out), engine(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED,
+        sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED,
                              settings=settings)
     monkeypatch.undo()
-    assert sorted(os.listdir(out / sample.BLOCKS_DIR)) == [
+    assert sorted(os.listdir(out / sample_blocks.BLOCKS_DIR)) == [
         "00000000-00000002.npz", "00000002-00000004.npz", "00000004-00000006.npz", "00000006-00000008.npz.tmp"]
     # ... and the same command resumes on 8 devices.
-    path = sample.write_samples(str(out), engine(latent_model, tiny_vae), labels, seed=SEED, settings=settings,
+    path = sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae), labels, seed=SEED, settings=settings,
                                 progress=False)
     with np.load(path) as npz:
         assert sorted(npz.files) == ["arr_0", "arr_1"]
         np.testing.assert_array_equal(npz["arr_0"], images)
         np.testing.assert_array_equal(npz["arr_1"], labels)
-    assert os.listdir(out / sample.BLOCKS_DIR) == []  # the blocks are in the npz now
-    written = json.loads((out / sample.SETTINGS_JSON).read_text())
+    assert os.listdir(out / sample_blocks.BLOCKS_DIR) == []  # the blocks are in the npz now
+    written = json.loads((out / sample_blocks.SETTINGS_JSON).read_text())
     assert written["settings"]["cfg_scale"] == 1.5 and written["settings"]["guidance_channels"] == 3
     assert written["settings"]["num_samples"] == N and written["settings"]["seed"] == SEED
     assert written["settings"]["sampler"] == "ddpm" and written["settings"]["num_sampling_steps"] == 4
     assert written["run"]["resumed_at"] == 6 and written["software"]["jax"] == jax.__version__
     # Rerun: nothing to do. Other settings: refused, naming them.
     mtime = os.stat(path).st_mtime_ns
-    assert sample.write_samples(str(out), engine(latent_model, tiny_vae), labels, seed=SEED, settings=settings) == path
+    assert sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae), labels, seed=SEED, settings=settings) == path
     assert os.stat(path).st_mtime_ns == mtime
     with pytest.raises(ValueError, match=r"cfg_scale: 1.5 then, 2.0 now.*seed: 3 then, 4 now"):
-        sample.write_samples(str(out), engine(latent_model, tiny_vae, cfg_scale=2.0), labels, seed=4,
+        sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae, cfg_scale=2.0), labels, seed=4,
                              settings=settings)
 
 
 def test_a_truncated_block_is_found_at_the_start_set_aside_and_made_again_alone(tmp_path, one_device, latent_model,
                                                                                tiny_vae, monkeypatch):
     labels, out, n = fid_labels(8), tmp_path / "fid", 8
-    iterate_blocks, calls = sample.iterate_blocks, []
+    iterate_blocks, calls = engine.iterate_blocks, []
 
     def killed_after_three_blocks(*args, **kwargs):
         for i, block in enumerate(iterate_blocks(*args, **kwargs)):
@@ -214,21 +215,21 @@ def test_a_truncated_block_is_found_at_the_start_set_aside_and_made_again_alone(
                 raise KeyboardInterrupt
             yield block
 
-    monkeypatch.setattr(sample, "iterate_blocks", killed_after_three_blocks)
+    monkeypatch.setattr(engine, "iterate_blocks", killed_after_three_blocks)
     with pytest.raises(KeyboardInterrupt):
-        sample.write_samples(str(out), engine(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED)
-    block = out / sample.BLOCKS_DIR / "00000002-00000004.npz"
+        sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED)
+    block = out / sample_blocks.BLOCKS_DIR / "00000002-00000004.npz"
     block.write_bytes(block.read_bytes()[:-40])  # cut short (a full disk, a bad copy)
 
     def recorded(image_sampler, block_labels, *, seed, start=0):
         calls.append((start, len(block_labels)))
         return iterate_blocks(image_sampler, block_labels, seed=seed, start=start)
 
-    monkeypatch.setattr(sample, "iterate_blocks", recorded)
-    path = sample.write_samples(str(out), engine(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED,
+    monkeypatch.setattr(engine, "iterate_blocks", recorded)
+    path = sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae, mesh=one_device_mesh()), labels, seed=SEED,
                                 progress=False)
     assert calls == [(2, 4), (6, n)]  # the damaged block alone, then the samples never made
-    assert os.listdir(out / sample.BLOCKS_DIR) == ["00000002-00000004.npz.damaged"]
+    assert os.listdir(out / sample_blocks.BLOCKS_DIR) == ["00000002-00000004.npz.damaged"]
     with np.load(path) as npz:
         np.testing.assert_array_equal(npz["arr_0"], one_device[:n])
 
@@ -237,9 +238,9 @@ def test_a_nan_sample_stops_before_its_block_is_written(tmp_path, latent_model, 
     broken = nnx.clone(latent_model)
     broken.final_layer.linear.bias[...] = broken.final_layer.linear.bias[...].at[5].set(jnp.nan)
     labels = np.arange(4, dtype=np.int32)
-    with pytest.raises(sample.NonFiniteSampleError, match=r"block 0\.\.1 .*with seed 7"):
-        sample.write_samples(str(tmp_path), engine(broken, tiny_vae, mesh=one_device_mesh()), labels, seed=7)
-    assert os.listdir(tmp_path / sample.BLOCKS_DIR) == [] and not (tmp_path / sample.SAMPLES_NPZ).exists()
+    with pytest.raises(engine.NonFiniteSampleError, match=r"block 0\.\.1 .*with seed 7"):
+        sample_blocks.write_samples(str(tmp_path), tiny_sampler(broken, tiny_vae, mesh=one_device_mesh()), labels, seed=7)
+    assert os.listdir(tmp_path / sample_blocks.BLOCKS_DIR) == [] and not (tmp_path / sample_blocks.SAMPLES_NPZ).exists()
 
 
 def test_engine_refuses_bad_settings(latent_model, tiny_vae):
@@ -251,16 +252,16 @@ def test_engine_refuses_bad_settings(latent_model, tiny_vae):
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            sample.create_image_sampler(latent_model, chain, vae=tiny_vae, **kwargs)
+            engine.create_image_sampler(latent_model, chain, vae=tiny_vae, **kwargs)
     with pytest.raises(ValueError, match="learn_sigma=False"):
-        sample.create_image_sampler(latent_model, gd.create_diffusion("2", learn_sigma=False), cfg_scale=1.5)
+        engine.create_image_sampler(latent_model, gd.create_diffusion("2", learn_sigma=False), cfg_scale=1.5)
     pixels = DiT(**TINY, rngs=nnx.Rngs(0))  # 3 channels: a pixel-space model
     with pytest.raises(ValueError, match="3-channel arrays but the VAE decodes 4-channel latents"):
-        sample.create_image_sampler(pixels, chain, cfg_scale=1.5, vae=tiny_vae)
+        engine.create_image_sampler(pixels, chain, cfg_scale=1.5, vae=tiny_vae)
     with pytest.raises(ValueError, match=r"class labels must be in \[0, 4\]"):
-        sample.sample_uint8(latent_model, chain, np.array([0, 5]), seed=0, cfg_scale=1.5)
+        engine.sample_uint8(latent_model, chain, np.array([0, 5]), seed=0, cfg_scale=1.5)
     with pytest.raises(ValueError, match="labels must be integers"):
-        sample.sample_uint8(latent_model, chain, np.array([0.5]), seed=0, cfg_scale=1.5)
+        engine.sample_uint8(latent_model, chain, np.array([0.5]), seed=0, cfg_scale=1.5)
 
 
 def test_a_second_sampler_on_the_same_out_refuses_and_a_refused_run_leaves_no_blocks_folder(
@@ -268,13 +269,13 @@ def test_a_second_sampler_on_the_same_out_refuses_and_a_refused_run_leaves_no_bl
     out = tmp_path / "fid"
     with locking.hold(str(out), purpose="sampling"):
         with pytest.raises(locking.LockHeldError, match=f"{out} is in use by sampling on host .* still running"):
-            sample.write_samples(str(out), engine(latent_model, tiny_vae), fid_labels(4), seed=SEED)
+            sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae), fid_labels(4), seed=SEED)
     assert not out.exists()  # the folder the refused run's lock made is gone again
     out.mkdir()
-    (out / sample.SAMPLES_NPZ).write_bytes(b"someone else's")
+    (out / sample_blocks.SAMPLES_NPZ).write_bytes(b"someone else's")
     with pytest.raises(FileExistsError, match="no settings.json"):
-        sample.write_samples(str(out), engine(latent_model, tiny_vae), fid_labels(4), seed=SEED)
-    assert os.listdir(out) == [sample.SAMPLES_NPZ]  # no empty blocks/ left behind
+        sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae), fid_labels(4), seed=SEED)
+    assert os.listdir(out) == [sample_blocks.SAMPLES_NPZ]  # no empty blocks/ left behind
 
 
 # ---------------------------------------------------------------- the command on a tiny official-format .pt
@@ -305,7 +306,7 @@ def test_picture_mode_writes_the_official_grid(tmp_path, tiny_ckpt, tiny_vae_dir
     assert not re.search(r"^I\d{4} .* (checkpoint_manager|composite_checkpoint_handler|local)\.py", proc.stderr, re.M)
     grid = np.asarray(Image.open(png))
     assert grid.shape == (2 + 2 * 18, 2 + 4 * 18, 3)  # 4 a row as the official save_image, 2 px padding
-    expected = sample.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), np.array([1, 2, 3, 4, 0]),
+    expected = engine.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), np.array([1, 2, 3, 4, 0]),
                                    seed=0, cfg_scale=4.0, vae=tiny_vae, per_device_batch=PER_DEVICE)
     for i, image in enumerate(expected):
         row, col = divmod(i, 4)
@@ -324,7 +325,7 @@ def test_fid_mode_killed_then_rerun_gives_the_same_bytes(tmp_path, tiny_ckpt, ti
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while proc.poll() is None and len(list((out / sample.BLOCKS_DIR).glob("*.npz"))) < 3:
+        while proc.poll() is None and len(list((out / sample_blocks.BLOCKS_DIR).glob("*.npz"))) < 3:
             assert time.time() < deadline, "no block was written within 300 s"
             time.sleep(0.002)
         proc.kill()
@@ -333,16 +334,16 @@ def test_fid_mode_killed_then_rerun_gives_the_same_bytes(tmp_path, tiny_ckpt, ti
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
-    assert not (out / sample.SAMPLES_NPZ).exists()
-    done = len(list((out / sample.BLOCKS_DIR).glob("*.npz")))
+    assert not (out / sample_blocks.SAMPLES_NPZ).exists()
+    done = len(list((out / sample_blocks.BLOCKS_DIR).glob("*.npz")))
     assert 3 <= done < N_KILL // (8 * PER_DEVICE)
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming" in proc.stderr
-    with np.load(out / sample.SAMPLES_NPZ) as npz:
+    with np.load(out / sample_blocks.SAMPLES_NPZ) as npz:
         np.testing.assert_array_equal(npz["arr_0"], images)
         np.testing.assert_array_equal(npz["arr_1"], labels)
-    settings = json.loads((out / sample.SETTINGS_JSON).read_text())["settings"]
+    settings = json.loads((out / sample_blocks.SETTINGS_JSON).read_text())["settings"]
     assert settings["ckpt"] == str(tiny_ckpt) and settings["vae"] == str(tiny_vae_dir)
     assert settings["labels"] == "uniform" and len(settings["weights_sha256"]) == 64
     assert settings["checkpoint"]["num_classes"] == TINY_LATENT_DIT["num_classes"]
@@ -356,11 +357,11 @@ def test_fid_mode_with_balanced_labels_and_a_rerun_with_nothing_to_do(tmp_path, 
     env = {**os.environ, **compile_cache}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    npz = out / sample.SAMPLES_NPZ
+    npz = out / sample_blocks.SAMPLES_NPZ
     assert proc.stdout.splitlines()[-1] == f"wrote {npz}"
     with np.load(npz) as arrays:
         np.testing.assert_array_equal(arrays["arr_1"], np.arange(n) % TINY_LATENT_DIT["num_classes"])
-    assert json.loads((out / sample.SETTINGS_JSON).read_text())["settings"]["labels"] == "balanced"
+    assert json.loads((out / sample_blocks.SETTINGS_JSON).read_text())["settings"]["labels"] == "balanced"
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout == f"{npz} is complete (same settings); nothing to do\n"

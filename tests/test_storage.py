@@ -20,8 +20,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from PIL import Image
 
-from dit_jax import checkpointing, image_grid, latents, locking, run_log, sample, storage, train
+from dit_jax import checkpointing, latents, locking, run_log, storage, train
 from dit_jax.fid import adm_npz
+from dit_jax.sampling import blocks as sample_blocks, engine, image_grid
 from tests.conftest import TINY_RUN, flat_fields, read_log, tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,9 +118,9 @@ def test_run_logs_latents_and_evaluation_inputs_on_gs(gcs, tmp_path):
     images, labels = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8), np.array([1, 0, 1], np.int32)
     blocks = os.fspath(run / "blocks")
     for start, stop in ((0, 2), (2, 3)):
-        sample.write_block(blocks, sample.Block(start, images[start:stop], labels[start:stop]))
-    assert sample.finished_prefix(blocks) == (3, [(0, 2), (2, 3)])
-    adm_npz.write_adm_npz(os.fspath(run / "samples.npz"), sample.read_blocks(blocks, [(0, 2), (2, 3)], (8, 8, 3)),
+        sample_blocks.write_block(blocks, engine.Block(start, images[start:stop], labels[start:stop]))
+    assert sample_blocks.finished_prefix(blocks) == (3, [(0, 2), (2, 3)])
+    adm_npz.write_adm_npz(os.fspath(run / "samples.npz"), sample_blocks.read_blocks(blocks, [(0, 2), (2, 3)], (8, 8, 3)),
                           (8, 8, 3), labels, {"mu": np.zeros(3)})
     batch = adm_npz.NpzImages(os.fspath(run / "samples.npz"))
     np.testing.assert_array_equal(np.concatenate(list(batch.chunks(0, 3, 2))), images)

@@ -33,8 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dit_jax import diffusion as gd, sample, synthetic, vae as vae_lib
+from dit_jax import diffusion as gd, synthetic, vae as vae_lib
 from dit_jax.models import DiT
+from dit_jax.sampling import engine
 
 COMMON_FIELDS = ("type", "every")
 _NOT_EVALUATORS = ("common",)
@@ -85,7 +86,7 @@ class EmaModel:
         labels = np.asarray(labels, np.int32)
         key = ("samples", labels.tobytes(), seed, float(cfg_scale), sampler, respacing)
         if key not in self._cache:
-            out = sample.generate(self.model, self.run.chain(respacing), jnp.asarray(labels), jax.random.key(seed),
+            out = engine.generate(self.model, self.run.chain(respacing), jnp.asarray(labels), jax.random.key(seed),
                                   cfg_scale=cfg_scale, sampler=sampler)
             self._cache[key] = np.asarray(multihost_utils.process_allgather(out, tiled=True))
         return self._cache[key]
@@ -150,8 +151,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: jax.Array) -> jax
 def sampling_problems(settings: ml_collections.ConfigDict, run: RunInfo) -> list[str]:
     """Problems with the sampling settings an evaluator shares (cfg_scale, sampler, respacing)."""
     problems = []
-    if settings.sampler not in sample.SAMPLERS:
-        problems.append(f"sampler {settings.sampler!r} is not one of {sample.SAMPLERS}")
+    if settings.sampler not in engine.SAMPLERS:
+        problems.append(f"sampler {settings.sampler!r} is not one of {engine.SAMPLERS}")
     try:
         run.chain(settings.respacing)
     except (ValueError, TypeError) as err:

@@ -2,7 +2,7 @@
 
 ``num_samples`` images (labels uniform at random as DiT's ``sample_ddp.py`` draws them; sample
 ``j`` depends only on (``seed``, ``j``)) come from the sharded sampling engine
-(``dit_jax.sample``), decoded through the latents' VAE on a latent run. Block by block they go
+(``dit_jax.sampling.engine``), decoded through the latents' VAE on a latent run. Block by block they go
 through the FID InceptionV3 (``dit_jax.fid.inception``), keeping only features, and are
 compared with ``reference`` (ADM's ``VIRTUAL_imagenet256_labeled.npz``, or a batch built by
 ``python -m dit_jax.reference_batch``; read by ``dit_jax.fid.adm_npz``) by ``dit_jax.fid.metrics``.
@@ -23,14 +23,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dit_jax import console, sample
+from dit_jax import console
 from dit_jax.evaluators import common
 from dit_jax.fid import adm_npz, features, inception, metrics
+from dit_jax.sampling import engine
 from dit_jax.weights import fetch
 
 DEFAULTS = dict(
     num_samples=10_000,     # samples scored (the paper's FID uses 50,000)
-    cfg_scale=1.5,          # the paper's FID guidance (1.0 = unguided)
+    cfg_scale=engine.FID_CFG_SCALE,  # the paper's FID guidance (1.0 = unguided)
     sampler="ddpm",
     respacing="250",        # the paper's 250 DDPM steps
     reference="",           # the reference batch (.npz path or ADM's registry name); "" = this evaluator is off
@@ -84,12 +85,12 @@ class Evaluator:
             logging.info("%s: the Inception features of the reference batch (once per run)", self.name)
             self._reference_features = features.reference_features(self._reference, self.features, progress=False)
             logging.info("%s: reference features done in %.0f s", self.name, time.time() - t0)
-        labels = sample.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
-        engine = sample.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
-                                             sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)
+        labels = engine.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
+        image_sampler = engine.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
+                                                    sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)
         feats: dict[str, list[np.ndarray]] = {}
         progress = console.ProgressLog(f"{self.name} at step {ema.step}: sampled and featurised", len(labels), "images")
-        for block in sample.iterate_blocks(engine, labels, seed=s.seed):
+        for block in engine.iterate_blocks(image_sampler, labels, seed=s.seed):
             for key, value in self.features(block.images).items():
                 feats.setdefault(key, []).append(value)
             progress.update(len(block.images))

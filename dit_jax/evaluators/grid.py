@@ -15,7 +15,7 @@ import numpy as np
 
 from dit_jax import sharding, storage
 from dit_jax.evaluators import common
-from dit_jax.image_grid import make_grid, save_image
+from dit_jax.sampling.image_grid import make_grid, save_image
 
 DEFAULTS = dict(
     per_class=8,        # samples of each class (the columns)
