@@ -148,9 +148,9 @@ def _check_same_plan(out_dir: str, plan: dict[str, Any], *, write: bool) -> None
         if any(f.name.startswith("shard-") for f in storage.path(out_dir).iterdir()):
             raise FileExistsError(f"{out_dir} holds shards but no {latents.PLAN}: choose an empty --out folder")
         if write:
-            latents.write_json_atomic(path, plan)
+            storage.write_json_atomic(path, plan)
         return
-    old = latents.read_json(path)
+    old = storage.read_json(path)
     changed = plan_differences(old, plan)
     if changed:
         why = (" (records encoded in batches of another size or on other devices differ in the last bit, so "
@@ -204,7 +204,7 @@ def write_shard(source: images.ImageSource, index: int, plan: dict[str, Any], en
     storage.publish(tmp, storage.path(out_dir) / name)  # on disk (or uploaded whole) before its report exists
     if scratch:
         os.rmdir(scratch)
-    latents.write_json_atomic(_report_path(out_dir, index, plan["num_shards"]), report)
+    storage.write_json_atomic(_report_path(out_dir, index, plan["num_shards"]), report)
     return report
 
 
@@ -221,7 +221,7 @@ def set_aside_damaged_shards(out_dir: str, plan: dict[str, Any], *, verify: bool
         if not report_path.exists():
             continue
         try:
-            report = latents.read_json(report_path)
+            report = storage.read_json(report_path)
             problem = latents.shard_problems(out_dir, [report], verify=verify).get(report["file"])
         except (OSError, ValueError, KeyError) as err:
             report, problem = {"file": latents.shard_name(index, plan["num_shards"])}, f"unreadable report: {err}"
@@ -244,7 +244,7 @@ def set_aside_damaged_shards(out_dir: str, plan: dict[str, Any], *, verify: bool
 
 
 def _read_reports(out_dir: str, plan: dict[str, Any]) -> list[dict[str, Any]]:
-    return [latents.read_json(_report_path(out_dir, i, plan["num_shards"])) for i in range(plan["num_shards"])]
+    return [storage.read_json(_report_path(out_dir, i, plan["num_shards"])) for i in range(plan["num_shards"])]
 
 
 def finish(out_dir: str, plan: dict[str, Any], reports: list[dict[str, Any]],
@@ -267,7 +267,7 @@ def finish(out_dir: str, plan: dict[str, Any], reports: list[dict[str, Any]],
         num_ignored=len(ignored),
         ignored=ignored,
     )
-    latents.write_json_atomic(storage.path(out_dir) / latents.METADATA, metadata)
+    storage.write_json_atomic(storage.path(out_dir) / latents.METADATA, metadata)
     return metadata
 
 
@@ -311,7 +311,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
     metadata_path = storage.path(out_dir) / latents.METADATA
     if jax.process_index() == 0 and metadata_path.exists():
         try:
-            latents.read_json(metadata_path)
+            storage.read_json(metadata_path)
         except ValueError as err:  # cut short: written again below from the shards' reports
             logging.warning("%s; it is written again", err)
             metadata_path.unlink()
@@ -319,7 +319,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
     if metadata_path.exists():
         logging.info("%s is complete (every shard %s); nothing to do", out_dir,
                      "verified against its SHA-256" if verify else "of the size written")
-        return latents.read_json(metadata_path)
+        return storage.read_json(metadata_path)
 
     mine = [i for i in range(jax.process_index(), plan["num_shards"], jax.process_count())
             if not _report_path(out_dir, i, plan["num_shards"]).exists()]
@@ -347,7 +347,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
         logging.info("%d images encoded, %d skipped, %d files ignored (listed in %s)", metadata["num_images"],
                      metadata["num_skipped"], metadata["num_ignored"], metadata_path)
     _sync("done")
-    return latents.read_json(metadata_path)
+    return storage.read_json(metadata_path)
 
 
 def _define_flags() -> None:

@@ -80,7 +80,7 @@ def seek(iterator: grain.DatasetIterator, batches: int) -> None:
 
 def synthetic_source(config: ml_collections.ConfigDict, *, seed: int) -> ArraySource:
     """The package's own class-conditional images (``config.data``: num_train, image_size)."""
-    images, labels = synthetic.generate(config.data.num_train, num_classes=config.model.num_classes,
+    images, labels = synthetic.make_examples(config.data.num_train, num_classes=config.model.num_classes,
                                         image_size=config.data.image_size, seed=seed)
     return ArraySource(images, labels, random_flip=config.data.random_flip)
 

@@ -58,19 +58,6 @@ def decode_records(data: list[bytes], shape: tuple[int, int, int], dtype: str) -
     return np.frombuffer(b"".join(data), layout)
 
 
-def read_json(path: storage.PathLike) -> dict[str, Any]:
-    """A JSON file's contents; a damaged file (cut short, not JSON) is a ValueError naming it."""
-    try:
-        return json.loads(storage.path(path).read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is damaged (not valid JSON: {err})") from None
-
-
-def write_json_atomic(path: storage.PathLike, value: dict[str, Any]) -> None:
-    """Readers see the old file or the whole new one (``storage.write_atomic``)."""
-    storage.write_atomic(path, json.dumps(value, indent=1))
-
-
 def shard_problems(latents_dir: str, shards: list[dict[str, Any]], *, verify: bool) -> dict[str, str]:
     """``{file: what is wrong}`` for shards (entries with ``file``, ``bytes``, ``sha256``) that are
     missing, of another size, or (``verify``) of other contents than when they were written."""
@@ -118,14 +105,14 @@ def read_metadata(latents_dir: str) -> dict[str, Any]:
         if not plan_path.exists():
             raise FileNotFoundError(f"{path} does not exist: not a latents folder written by "
                                     "`python -m dit_jax.extract_latents`")
-        plan = read_json(plan_path)
+        plan = storage.read_json(plan_path)
         done = sum((storage.path(latents_dir) / (shard_name(i, plan["num_shards"])[:-len(".array_record")] + ".json"))
                    .exists() for i in range(plan["num_shards"]))
         raise FileNotFoundError(f"{path} does not exist: the extraction into {latents_dir} has not finished "
                                 f"({done} of {plan['num_shards']} shards done); run "
                                 f"`{extraction_command(plan, latents_dir)}` to complete it")
     try:
-        metadata = read_json(path)
+        metadata = storage.read_json(path)
     except ValueError as err:
         raise ValueError(f"{err}; rerun the extraction on {latents_dir} (the same command) to write it again from "
                          "the shards' reports") from None

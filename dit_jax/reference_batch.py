@@ -184,9 +184,9 @@ def _resume(partial: str, record: dict[str, Any], progress: _Progress, source: i
     if not os.path.exists(path):
         if os.path.exists(os.path.join(partial, STATE)) or os.listdir(blocks_dir):
             raise FileExistsError(f"{partial} holds progress but no {SETTINGS}: delete it to start again")
-        latents.write_json_atomic(path, record)
+        storage.write_json_atomic(path, record)
         return
-    _refuse_other_settings(latents.read_json(path), record, f"the partial reference batch {partial}")
+    _refuse_other_settings(storage.read_json(path), record, f"the partial reference batch {partial}")
     if os.path.exists(os.path.join(partial, STATE)):
         progress.restore(partial)
     kept, size = len(progress.meta["kept_labels"]), record["image_size"]

@@ -15,9 +15,11 @@ directly, which is the atomic choice (a reader sees the old object or the new on
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+from typing import Any
 
 from etils import epath
 
@@ -86,3 +88,16 @@ def sha256_file(path: PathLike) -> str:
         while piece := f.read(1 << 20):
             digest.update(piece)
     return digest.hexdigest()
+
+
+def read_json(file: PathLike) -> dict[str, Any]:
+    """A JSON file's contents; a damaged file (cut short, not JSON) is a ValueError naming it."""
+    try:
+        return json.loads(path(file).read_text())
+    except ValueError as err:
+        raise ValueError(f"{file} is damaged (not valid JSON: {err})") from None
+
+
+def write_json_atomic(path: PathLike, value: dict[str, Any]) -> None:
+    """Readers see the old file or the whole new one (``write_atomic``)."""
+    write_atomic(path, json.dumps(value, indent=1))

@@ -165,7 +165,7 @@ def _rasterise(labels: np.ndarray, rng: np.random.Generator, image_size: int) ->
     return np.clip(images, 0.0, 1.0, out=images)
 
 
-def generate(
+def make_examples(
     num_examples: int, *, num_classes: int = 10, image_size: int = 32, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate a class-balanced, shuffled synthetic dataset.

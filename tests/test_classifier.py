@@ -5,13 +5,13 @@ import pytest
 from flax import nnx
 
 from dit_jax import classifier
-from dit_jax.synthetic import CLASS_NAMES, generate, to_model_range
+from dit_jax.synthetic import CLASS_NAMES, make_examples, to_model_range
 
 NUM_CLASSES = 10
 
 
 def _data(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = generate(num_examples, num_classes=NUM_CLASSES, seed=seed)
+    images, labels = make_examples(num_examples, num_classes=NUM_CLASSES, seed=seed)
     return to_model_range(images), labels
 
 

@@ -151,7 +151,7 @@ class RealImages(common.EmaModel):
     shift = 0
 
     def samples(self, labels, **_):
-        images, drawn = synthetic.generate(len(labels) * 4, num_classes=self.run.num_classes, image_size=16, seed=9)
+        images, drawn = synthetic.make_examples(len(labels) * 4, num_classes=self.run.num_classes, image_size=16, seed=9)
         wanted = (np.asarray(labels) + self.shift) % self.run.num_classes
         seen = np.zeros(self.run.num_classes, int)
         picks = []
@@ -220,7 +220,7 @@ def fake_inception(monkeypatch):
 
 
 def write_reference(path, n: int = 24, size: int = 16):
-    images, _ = synthetic.generate(n, num_classes=4, image_size=size, seed=5)
+    images, _ = synthetic.make_examples(n, num_classes=4, image_size=size, seed=5)
     np.savez(path, arr_0=images)
     return path
 

@@ -15,7 +15,7 @@ from tests.conftest import LATENT_SCALE, write_latents
 
 @pytest.fixture(scope="module")
 def source():
-    images, labels = synthetic.generate(96, num_classes=4, image_size=16, seed=3)
+    images, labels = synthetic.make_examples(96, num_classes=4, image_size=16, seed=3)
     return input_pipeline.ArraySource(images, labels)
 
 

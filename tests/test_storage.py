@@ -103,7 +103,7 @@ def test_run_logs_latents_and_evaluation_inputs_on_gs(gcs, tmp_path):
     entry = {"file": latents.shard_name(0, 1), "num_records": 6, "bytes": shard.stat().st_size,
              "sha256": storage.sha256_file(shard)}
     storage.publish(shard, folder / entry["file"])
-    latents.write_json_atomic(folder / latents.METADATA, {"num_images": 6, "latent_shape": [2, 2, 4],
+    storage.write_json_atomic(folder / latents.METADATA, {"num_images": 6, "latent_shape": [2, 2, 4],
                                                           "dtype": "float16", "scale_factor": 0.5,
                                                           "counts_per_class": [3, 3], "shards": [entry]})
     source = latents.LatentSource(os.fspath(folder), verify=True)
@@ -259,7 +259,7 @@ def test_latents_extracted_into_a_bucket_train_as_the_local_ones(gcs, image_tree
     metadata = extract_latents.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)),
                                        os.fspath(out), vae=str(tiny_vae_dir), resolution=16, images_per_shard=16,
                                        batch_size=8)
-    local = latents.read_json(tiny_latents_dir / latents.METADATA)
+    local = storage.read_json(tiny_latents_dir / latents.METADATA)
     # The same records, byte for byte (each shard written locally, then uploaded as one object).
     assert [(s["file"], s["sha256"]) for s in metadata["shards"]] == [(s["file"], s["sha256"]) for s in local["shards"]]
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not (out / locking.LOCK_FILE).exists()

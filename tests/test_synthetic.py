@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dit_jax import synthetic
-from dit_jax.synthetic import CLASS_NAMES, MAX_CLASSES, from_model_range, generate, to_model_range
+from dit_jax.synthetic import CLASS_NAMES, MAX_CLASSES, from_model_range, make_examples, to_model_range
 
 # Foreground shapes are bright (HSV value >= 0.8), backgrounds dark (value <= 0.28).
 FG_THRESHOLD = 140
@@ -14,11 +14,11 @@ FG_THRESHOLD = 140
 
 @pytest.fixture(scope="module")
 def dataset():
-    return generate(2400, num_classes=MAX_CLASSES, seed=3)
+    return make_examples(2400, num_classes=MAX_CLASSES, seed=3)
 
 
 def test_shapes_dtypes_and_ranges():
-    images, labels = generate(50, num_classes=7, image_size=24, seed=1)
+    images, labels = make_examples(50, num_classes=7, image_size=24, seed=1)
     assert images.shape == (50, 24, 24, 3) and images.dtype == np.uint8
     assert labels.shape == (50,) and labels.dtype == np.int32
     assert labels.min() >= 0 and labels.max() < 7
@@ -26,18 +26,18 @@ def test_shapes_dtypes_and_ranges():
 
 
 def test_deterministic_per_seed_and_seed_sensitive():
-    a_images, a_labels = generate(64, seed=5)
-    b_images, b_labels = generate(64, seed=5)
+    a_images, a_labels = make_examples(64, seed=5)
+    b_images, b_labels = make_examples(64, seed=5)
     assert a_images.tobytes() == b_images.tobytes()
     assert np.array_equal(a_labels, b_labels)
-    c_images, c_labels = generate(64, seed=6)
+    c_images, c_labels = make_examples(64, seed=6)
     assert not np.array_equal(a_labels, c_labels)
     # Even for identical labels, the jitter must differ between seeds.
     assert np.abs(a_images.astype(int) - c_images.astype(int)).mean() > 10
 
 
 def test_class_balance_and_shuffle():
-    _, labels = generate(103, num_classes=10, seed=0)
+    _, labels = make_examples(103, num_classes=10, seed=0)
     counts = np.bincount(labels, minlength=10)
     assert counts.min() >= 10 and counts.max() - counts.min() <= 1
     assert not np.array_equal(labels, np.arange(103) % 10)
@@ -105,14 +105,14 @@ def test_jitter_within_class(dataset):
 
 def test_other_image_sizes():
     for size in (16, 48):
-        images, _ = generate(12, image_size=size, seed=0)
+        images, _ = make_examples(12, image_size=size, seed=0)
         assert images.shape == (12, size, size, 3)
         assert (images.max(axis=-1) > FG_THRESHOLD).mean() > 0.05
 
 
 def test_vectorised_speed():
     start = time.perf_counter()
-    generate(5000, seed=0)
+    make_examples(5000, seed=0)
     # ~0.25 s when vectorised; a per-pixel Python loop would take minutes.
     assert time.perf_counter() - start < 5.0
 
@@ -129,7 +129,7 @@ def test_vectorised_speed():
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        synthetic.generate(**kwargs)
+        synthetic.make_examples(**kwargs)
 
 
 def test_model_range_round_trip():

@@ -56,18 +56,18 @@ class Evaluator:
         if self._judge is None:
             start, s, run = time.time(), self.settings, self.run_info
             k, size = run.num_classes, run.image_size
-            images, targets = synthetic.generate(s.classifier_examples, num_classes=k, image_size=size,
+            images, targets = synthetic.make_examples(s.classifier_examples, num_classes=k, image_size=size,
                                                  seed=run.seed + 1000)
             judge = classifier.train_classifier(synthetic.to_model_range(images), targets, num_classes=k,
                                                 steps=s.classifier_steps, seed=run.seed)
-            held_images, held_labels = synthetic.generate(s.heldout_examples, num_classes=k, image_size=size,
+            held_images, held_labels = synthetic.make_examples(s.heldout_examples, num_classes=k, image_size=size,
                                                           seed=run.seed + 2000)
             held = synthetic.to_model_range(held_images)
             sampled = held_labels < len(np.unique(self.labels))
             reference = metrics.statistics(classifier.features(judge, held[sampled]))
             held[1::2] = held[1::2, :, ::-1]  # both orientations: the judge accepts either (data.random_flip)
             # The floor: a second real set with the samples' labels, against the same reference.
-            floor_images, floor_labels = synthetic.generate(len(self.labels) * k, num_classes=k, image_size=size,
+            floor_images, floor_labels = synthetic.make_examples(len(self.labels) * k, num_classes=k, image_size=size,
                                                             seed=run.seed + 3000)
             floor = np.concatenate([floor_images[floor_labels == c][:s.per_class] for c in np.unique(self.labels)])
             floor_stats = metrics.statistics(classifier.features(judge, synthetic.to_model_range(floor)))

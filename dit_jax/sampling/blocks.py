@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 
 from dit_jax import locking, sharding, storage
 from dit_jax.fid import adm_npz
-from dit_jax.latents import write_json_atomic
 from dit_jax.sampling import engine
 
 SAMPLES_NPZ, SETTINGS_JSON, BLOCKS_DIR = "samples.npz", "settings.json", "blocks"
@@ -180,7 +179,7 @@ def _prepare_out_dir(out_dir: str, record: dict[str, Any],
     elif ((out / BLOCKS_DIR).exists() and any((out / BLOCKS_DIR).iterdir())) or (out / SAMPLES_NPZ).exists():
         raise FileExistsError(f"{out_dir} holds samples but no {SETTINGS_JSON}: choose an empty --out folder")
     else:
-        write_json_atomic(path, record)
+        storage.write_json_atomic(path, record)
     (out / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)  # only once the folder is this run's
     if (out / SAMPLES_NPZ).exists():
         return None
@@ -259,7 +258,7 @@ def _write_samples_locked(out_dir: str, image_sampler: engine.ImageSampler, labe
                               image_sampler.image_shape, labels)
         record["run"] = {"seconds_this_run": time.time() - t0, "resumed_at": gaps[0][0] if gaps else len(labels),
                          "made_this_run": gaps}
-        write_json_atomic(storage.path(out_dir) / SETTINGS_JSON, record)
+        storage.write_json_atomic(storage.path(out_dir) / SETTINGS_JSON, record)
         for first, stop in blocks:
             (storage.path(blocks_dir) / block_name(first, stop)).unlink()
     if jax.process_count() > 1:
