@@ -141,6 +141,16 @@ def exploded(params: Any) -> float | None:
     return None if rms <= PARAM_RMS_LIMIT else rms
 
 
+def explosion(state: Any) -> tuple[str, float] | None:
+    """(``"params"`` or ``"ema_params"``, its RMS) where a train state's weights have exploded (``exploded``),
+    else None: such a step is never saved, nor restored."""
+    for name in ("params", "ema_params"):
+        rms = exploded(getattr(state, name, None))
+        if rms is not None:
+            return name, rms
+    return None
+
+
 def atomicity_problems(atomicity: str) -> list[str]:
     """What is wrong with a ``train.checkpoint_atomicity`` value (nothing: ``[]``)."""
     if atomicity not in ATOMICITY:
@@ -325,11 +335,11 @@ def _verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
                         "verified", step)
     if not finite:
         raise CorruptCheckpointError("it holds non-finite numbers (NaN or inf): it was saved by a run that diverged")
-    for name in ("params", "ema_params"):
-        rms = exploded(getattr(state, name, None))
-        if rms is not None:
-            raise CorruptCheckpointError(f"its {name} have exploded (RMS {rms:.3g}, over the limit "
-                                         f"{PARAM_RMS_LIMIT:g}): it was saved by a run that diverged")
+    exploded_weights = explosion(state)
+    if exploded_weights is not None:
+        name, rms = exploded_weights
+        raise CorruptCheckpointError(f"its {name} have exploded (RMS {rms:.3g}, over the limit {PARAM_RMS_LIMIT:g}): "
+                                     "it was saved by a run that diverged")
 
 
 def error_line(error: Exception, limit: int = 500) -> str:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax._src import config as jax_config  # threefry_gpu_kernel_lowering: a context manager only here
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import (checkpointing, diffusion as gd, flops, input_pipeline, locking, run_log, sharding,
+from dit_jax import (checkpointing, console, diffusion as gd, flops, input_pipeline, locking, run_log, sharding,
                      storage)
 from dit_jax.evaluators import common as evaluators
 from dit_jax.models import DTYPES, SWITCH_FIELDS, DiT, architecture, count_params, compute_options
@@ -360,7 +360,7 @@ def progress_line(record: dict[str, Any], total_steps: int, seconds: float, step
             f"{record['images_per_sec']:.4g} img/s")
     if "mfu" in record:
         line += f", MFU {100 * record['mfu']:.1f}%"
-    return line + f", {time.strftime('%H:%M:%S', time.gmtime(left))} left"
+    return line + f", {console.clock(left)} left"
 
 
 def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pipeline.Source) -> evaluators.RunInfo:
@@ -532,12 +532,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
                 if not finite:
                     raise FloatingPointError(_diverged(f"non-finite parameters after step {step}", last_checkpoint,
                                                        checkpoint_dir))
-                for name in ("params", "ema_params"):  # finite but absurd (lr=1e30): not a good checkpoint either
-                    rms = checkpointing.exploded(getattr(state, name))
-                    if rms is not None:
-                        raise FloatingPointError(_diverged(
-                            f"the {name} exploded after step {step} (RMS {rms:.3g}, over the limit "
-                            f"{checkpointing.PARAM_RMS_LIMIT:g})", last_checkpoint, checkpoint_dir))
+                exploded_weights = checkpointing.explosion(state)  # finite but absurd (lr=1e30): not good either
+                if exploded_weights is not None:
+                    name, rms = exploded_weights
+                    raise FloatingPointError(_diverged(
+                        f"the {name} exploded after step {step} (RMS {rms:.3g}, over the limit "
+                        f"{checkpointing.PARAM_RMS_LIMIT:g})", last_checkpoint, checkpoint_dir))
                 pending_save = checkpointing.save(manager, step, state, batches, config, checksums=checksums,
                                                   force=True)
                 last_checkpoint = step

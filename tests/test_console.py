@@ -53,3 +53,14 @@ def test_a_progress_line_every_30_seconds_and_at_the_end(monkeypatch, caplog):
         "fid at step 5: 60/100 images, 1 images/s, 0:00:40 left",
         "fid at step 5: 90/100 images, 1 images/s, 0:00:10 left",
         "fid at step 5: 100/100 images, 1 images/s, 0:00:00 left"]
+
+
+def test_the_training_line_counts_time_left_past_a_day():
+    """A paper-length run has days left: the line's clock keeps counting hours (no wrap at 24 h)."""
+    from dit_jax import train
+
+    record = {"step": 1000, "loss": 0.15, "steps_per_sec": 2.5, "images_per_sec": 640.0}
+    line = train.progress_line(record, total_steps=7_000_000, seconds=400.0, steps_done=1000)
+    assert line.endswith(f", {(7_000_000 - 1000) * 400 // 1000 // 3600}:{(6_999_000 * 400 // 1000) // 60 % 60:02d}:"
+                         f"{6_999_000 * 400 // 1000 % 60:02d} left"), line
+    assert line.startswith("step 1000/7000000: loss 0.1500, 2.5 steps/s, 640 img/s")
