@@ -155,7 +155,7 @@ def test_sigkill_sigterm_and_ctrl_c_then_rerun_match_an_uninterrupted_run(tmp_pa
     lines = [line for line in proc.stderr.splitlines() if re.match(r"[IWEF]\d{4} ", line)]
     progress = [line for line in lines if "steps/s" in line]
     assert [int(re.search(r"\] step (\d+)/80: loss [0-9.]+, [0-9.e+]+ steps/s, [0-9.e+]+ img/s, "
-                          r"\d\d:\d\d:\d\d left$", line)[1]) for line in progress] == list(range(interrupted_at + 1, 81))
+                          r"\d+:\d\d:\d\d left$", line)[1]) for line in progress] == list(range(interrupted_at + 1, 81))
     assert all(line.count("steps/s") == 1 for line in progress)
     assert not [line for line in lines if line.startswith("I") and not re.search(r" (main|train)\.py:\d+\]", line)]
     assert json.loads((interrupted / "summary.json").read_text())["steps_per_sec"] > 0  # after a resume
@@ -468,7 +468,7 @@ def test_non_finite_loss_stops_naming_the_step_and_last_good_checkpoint(tmp_path
     monkeypatch.setattr(train, "train_step", nan_at_step_6)
     config = tiny_config(20, checkpoint_every=5)
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 6; stopping: the last good checkpoint "
-                                                 "is step 5 in .* \(rerunning the same command resumes from it\)"):
+                                                 r"is step 5 in .* \(rerunning the same command resumes from it\)"):
         train.train_and_evaluate(config, str(tmp_path))
     assert committed_steps(tmp_path) == [5]
     state = restore_step(config, tmp_path, 5)
