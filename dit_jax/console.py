@@ -5,13 +5,18 @@ runtime its oneDNN notice at import. Every command calls ``quiet_libraries`` fir
 (after absl has parsed ``--verbosity``): INFO records from files outside this package are dropped
 from the console, and ``TF_CPP_MIN_LOG_LEVEL`` is set to 1 (warnings and errors; TensorFlow is
 imported only later) unless the user set it. ``--verbosity=1`` keeps everything, as absl prints it.
+
+A command ends on an error with ``fail``: one line, status 2 for what the user must fix (a path, a flag,
+a file), 1 for a failure of the run itself.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
 import os
+import sys
 import time
+from typing import NoReturn
 
 from absl import logging
 
@@ -37,6 +42,13 @@ def quiet_libraries() -> None:
     handler = logging.get_absl_handler()
     if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
         handler.addFilter(_OwnInfoOnly())
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print ``message`` as the command's one error line (``error: ...`` on stderr) and exit with ``status``
+    (2: the user's to fix; 1: the run itself failed)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
 
 
 def clock(seconds: float) -> str:

@@ -18,7 +18,6 @@ keyed by the file's content (its zip directory's CRC-32s and sizes) and the weig
 from __future__ import annotations
 
 import json
-import sys
 import time
 from typing import Any
 
@@ -135,8 +134,8 @@ def main(argv: list[str]) -> None:
             return
         result = evaluate(f.reference, f.samples, inception_weights=f.inception_weights, batch_size=f.batch_size,
                           pr_float16=not f.pr_float32, cache=f.reference_cache)
-    except (BadBatch, ValueError, FileNotFoundError, fetch.DownloadError) as err:
-        sys.exit(f"error: {err}")
+    except (BadBatch, ValueError, FileNotFoundError, fetch.DownloadError) as err:  # the user's to fix
+        console.fail(str(err))
     if not sharding.is_main_process():
         return
     for note in result["notes"]:

@@ -385,10 +385,9 @@ def main(argv: list[str]) -> None:
         extract(source, model, f.out, vae=f.vae, resolution=f.resolution, dtype=f.dtype,
                 images_per_shard=f.images_per_shard, batch_size=f.batch_size, workers=f.workers, verify=f.verify)
     except (ValueError, OSError, locking.LockHeldError) as err:  # the user's to fix: one line, status 2
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        console.fail(str(err))
     except RuntimeError as err:  # nothing could be encoded: one line, status 1
-        raise SystemExit(f"error: {err}") from None
+        console.fail(str(err), 1)
 
 
 if __name__ == "__main__":

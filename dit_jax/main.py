@@ -15,7 +15,6 @@ write) prints one line and exits with status 1. ``--verbosity=1`` shows their tr
 import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -54,20 +53,14 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, locking.LockHe
 RUN_FAILURES = (FloatingPointError, checkpointing.CheckpointSaveError)
 
 
-def fail(message: str, status: int = 2) -> None:
-    """Print ``message`` as this command's one error line and exit with ``status``."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a plain message (status 2) for a bad flag or an unknown config field."""
     try:
         return FLAGS(argv)
     except flags.Error as e:
-        fail(f"{e} (--helpfull lists the flags)")
+        console.fail(f"{e} (--helpfull lists the flags)")
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
-        fail(unknown_field_message(e, argv))
+        console.fail(unknown_field_message(e, argv))
     return []
 
 
@@ -101,8 +94,9 @@ def load_config():
     except (OSError, ImportError, SyntaxError) as e:
         path = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
         if not os.path.isfile(path):
-            fail(f"config file {path} does not exist (the configs are in configs/, e.g. configs/default.py)")
-        fail(f"cannot load config file {path}: {(str(e).strip().splitlines() or [type(e).__name__])[-1].strip()}")
+            console.fail(f"config file {path} does not exist (the configs are in configs/, e.g. configs/default.py)")
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        console.fail(f"cannot load config file {path}: {last}")
 
 
 def main(argv):
@@ -118,12 +112,12 @@ def main(argv):
     except USER_ERRORS + RUN_FAILURES as e:
         if FLAGS.verbosity >= 1:
             raise
-        fail(str(e), 1 if isinstance(e, RUN_FAILURES) else 2)
+        console.fail(str(e), 1 if isinstance(e, RUN_FAILURES) else 2)
     except KeyboardInterrupt:  # outside the training loop (which checkpoints on Ctrl-C itself)
         if FLAGS.verbosity >= 1:
             raise
-        fail("Ctrl-C outside the training loop: stopped; the committed checkpoints are kept (rerun the same command to "
-             "resume)", 128 + signal.SIGINT)
+        console.fail("Ctrl-C outside the training loop: stopped; the committed checkpoints are kept (rerun the same "
+                     "command to resume)", 128 + signal.SIGINT)
     if "preempted_at_step" in result:
         raise SystemExit(128 + result["stop_signal"])
 

@@ -380,8 +380,10 @@ def main(argv: list[str]) -> None:
                                   **({} if inception.random_seed(weights) is not None else
                                      {"inception_sha256": storage.sha256_file(weights)}),
                                   "devices": jax.device_count()})  # the network's batch and its last bits
-    except (ValueError, OSError, FloatingPointError, locking.LockHeldError) as err:
-        sys.exit(f"error: {err}")
+    except (ValueError, OSError, locking.LockHeldError) as err:  # the user's to fix
+        console.fail(str(err))
+    except FloatingPointError as err:  # the run failed (features not finite)
+        console.fail(str(err), 1)
     if not sharding.is_main_process():
         return
     for note in summary.get("notes", []):

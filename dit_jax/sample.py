@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Any
 
 import jax
@@ -229,10 +228,9 @@ def main(argv: list[str]) -> None:
     try:
         path, written = run(**{arg: f[name].value for arg, name in _RUN_FLAGS.items()})
     except (ValueError, OSError, locking.LockHeldError) as err:  # the user's to fix: one line, status 2
-        print(f"dit_jax.sample: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        console.fail(str(err))
     except FloatingPointError as err:  # the run failed: one line, status 1
-        raise SystemExit(f"dit_jax.sample: {err}") from None
+        console.fail(str(err), 1)
     if sharding.is_main_process():
         print(f"wrote {path}" if written else f"{path} is complete (same settings); nothing to do")
 

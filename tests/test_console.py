@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 
+import pytest
 from absl import logging
 
 from dit_jax import console
@@ -37,6 +38,15 @@ def test_verbosity_1_keeps_everything_and_a_users_setting_wins(monkeypatch):
     monkeypatch.setattr(logging, "get_verbosity", lambda: 1)
     console.quiet_libraries()
     assert handler.filters == []
+
+
+def test_fail_is_one_error_line_and_the_status(capsys):
+    with pytest.raises(SystemExit) as user:
+        console.fail("no such folder")
+    assert user.value.code == 2 and capsys.readouterr().err == "error: no such folder\n"
+    with pytest.raises(SystemExit) as run:
+        console.fail("not finite", 1)
+    assert run.value.code == 1
 
 
 def test_a_progress_line_every_30_seconds_and_at_the_end(monkeypatch, caplog):

@@ -115,7 +115,7 @@ def test_the_command_reports_bad_input_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", "--reference", str(tmp_path / "ref.npz"),
                            "--samples", str(tmp_path / "corrupt.npz")], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # the user's to fix, as every command's
     assert "corrupt.npz is not a readable .npz file" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -127,7 +127,7 @@ def test_a_reference_by_name_is_the_registry_file_and_offline_names_its_url(tmp_
     proc = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", "--reference", "VIRTUAL_imagenet256_labeled.npz",
                            "--samples", "samples.npz"], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=600)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert "http://mirror.invalid/dit/VIRTUAL_imagenet256_labeled.npz" in line
     assert f"put it at {tmp_path / 'cache' / 'VIRTUAL_imagenet256_labeled.npz'}" in line
@@ -237,7 +237,7 @@ def test_the_command_refuses_other_weights_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", "--reference", ref, "--samples",
                            str(tmp_path / "samples.npz"), "--inception_weights", "random:0"], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     [line] = [text for text in proc.stderr.splitlines() if text.startswith("error:")]  # (JAX's own INFO aside)
     assert "computed with other Inception weights (pt_inception-2015-12-05-6726825d.pth" in line
     assert "--inception_weights random:0" in line  # how to rebuild it for these weights

@@ -169,8 +169,9 @@ def test_the_command_names_a_missing_folder_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dit_jax.reference_batch", "--images", str(tmp_path / "nowhere"),
                            "--out", str(tmp_path / "ref.npz")], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert proc.returncode == 1, proc.stderr
-    assert "nowhere' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stderr  # the user's to fix, as every command's
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nowhere' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow  # the real (random-weight) network twice and two 2048x2048 square roots: minutes
