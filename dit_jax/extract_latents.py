@@ -289,6 +289,7 @@ def extract(source: images.ImageSource, model: vae_lib.AutoencoderKL, out_dir: s
     damaged ones again.
     """
     check_settings(resolution=resolution, images_per_shard=images_per_shard, batch_size=batch_size, workers=workers)
+    out_dir = storage.absolute(out_dir)  # as typed (relative, ~, a trailing slash), resolved once
     devices = jax.local_devices()
     batch_size = -(-batch_size // len(devices)) * len(devices)
     encoding = {"batch_size": batch_size, "devices_per_process": len(devices), "device_kind": devices[0].device_kind,

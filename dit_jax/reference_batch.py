@@ -133,6 +133,7 @@ def build(source: images.ImageSource, out: str, features: inception.FeatureFn, *
 
     check_settings(image_size=image_size, keep_images=keep_images, batch_size=batch_size, save_every=save_every,
                    workers=workers)
+    out = storage.absolute(out)  # as typed (relative, ~), resolved once
     record = {"source": source.describe(), "image_size": image_size, "crop": "ADM centre crop (dit_jax.images)",
               "keep_images": keep_images, "seed": seed, "batch_size": batch_size, "processes": jax.process_count(),
               **(settings or {})}
@@ -389,9 +390,9 @@ def main(argv: list[str]) -> None:
     for note in summary.get("notes", []):
         print(f"note: {note}")
     if summary.get("complete_already"):
-        print(f"{f.out} is complete (same settings); nothing to do")
+        print(f"{summary['out']} is complete (same settings); nothing to do")
     else:
-        print(f"wrote {f.out}: statistics of {summary['num_images']} images, {summary['num_kept']} in arr_0, "
+        print(f"wrote {summary['out']}: statistics of {summary['num_images']} images, {summary['num_kept']} in arr_0, "
               f"{summary['num_skipped']} skipped")
 
 

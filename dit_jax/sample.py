@@ -17,7 +17,6 @@ FID mode, the official ``sample_ddp.py`` made resumable (guidance 1.5, uniform r
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -32,6 +31,7 @@ from dit_jax.sampling.blocks import SAMPLES_NPZ, weights_digest, write_samples
 from dit_jax.sampling.engine import (FID_CFG_SCALE, PICTURE_CFG_SCALE, SAMPLERS, balanced_labels, check_sample_labels,
                                      create_image_sampler, random_labels, sample_uint8)
 from dit_jax.sampling.image_grid import save_grid
+from dit_jax.weights import fetch
 from dit_jax.weights.load import load_dit
 
 # The official sample.py's classes: 207 golden retriever, 360 otter, 387 red panda, 974 geyser,
@@ -139,6 +139,9 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
         raise ValueError(f"--guidance {guidance!r} is not one of {GUIDANCE_MODES}")
     cfg_scale = cfg_scale if cfg_scale is not None else (FID_CFG_SCALE if fid_mode else PICTURE_CFG_SCALE)
     vae = vae if vae is not None else ("ema" if fid_mode else "mse")
+    # Paths as typed (relative, ~, a trailing slash) resolved once here; VAE names and hub ids stay as they are.
+    vae = vae if vae in HUB_VAES or vae == "none" or fetch.is_hub_id(vae) else storage.absolute(vae)
+    png, out = (None if p is None else storage.absolute(p) for p in (png, out))
 
     loaded = load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype, attention=attention)
     net = loaded.model
@@ -162,7 +165,7 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
                                   sampler=sampler, eta=eta, vae=decoder, per_device_batch=per_device_batch)
     settings = {"ckpt": ckpt, "checkpoint": {k: v for k, v in loaded.info.items() if k != "path"},
                 "weights_sha256": weights_digest(net, decoder),
-                "vae": vae if vae in HUB_VAES or vae == "none" else os.path.abspath(vae),
+                "vae": vae,
                 "image_size": size, "labels": "balanced" if balanced else "uniform"}
     complete = (storage.path(out) / SAMPLES_NPZ).exists()
     return write_samples(out, engine, labels_array, seed=seed, settings=settings), not complete

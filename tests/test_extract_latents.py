@@ -114,6 +114,11 @@ def test_rerun_on_finished_output_does_nothing_and_a_relative_vae_path_is_the_sa
     again = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=tiny_vae_dir.name,
                                     **SETTINGS)
     assert again == metadata and file_times(out) == before
+    monkeypatch.setenv("HOME", str(out.parent))  # ~/, relative and trailing-slash forms of the same --out
+    for form in (f"~/{out.name}/", os.path.relpath(out)):
+        assert extract_latents.extract(images.FolderSource(str(image_tree)), model, form, vae=tiny_vae_dir.name,
+                                       **SETTINGS) == metadata
+    assert file_times(out) == before and not (tiny_vae_dir.parent / "~").exists()
     # A file that is not read appearing in the image folder changes nothing that is encoded: no refusal.
     tree = tmp_path / "train"
     shutil.copytree(image_tree, tree)

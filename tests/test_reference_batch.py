@@ -148,6 +148,17 @@ def test_a_damaged_kept_image_block_is_found_at_the_start_and_only_it_is_cropped
         np.testing.assert_array_equal(resumed[key], whole[key], err_msg=key)
 
 
+def test_out_resolves_relative_and_home_forms(image_tree, tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert build(image_tree, "~/ref.npz", keep_images=2)["out"] == str(home / "ref.npz")
+    assert (home / "ref.npz").is_file() and not (work / "~").exists()
+    assert build(image_tree, "../home/ref.npz", keep_images=2) == {"out": str(home / "ref.npz"),
+                                                                   "complete_already": True}
+
+
 def test_too_few_images_and_an_empty_folder_get_clear_errors(tmp_path):
     (tmp_path / "one").mkdir()
     Image.fromarray(natural_image(np.random.default_rng(0), 40, 40)).save(tmp_path / "one" / "a.png")

@@ -382,6 +382,28 @@ def test_the_vae_defaults_as_the_official_scripts(tmp_path, tiny_ckpt, monkeypat
     assert asked == ["mse", "ema"]
 
 
+def test_out_png_and_vae_paths_resolve_relative_and_home_forms(tmp_path, tiny_ckpt, tiny_vae_dir, monkeypatch):
+    """``~``, relative and trailing-slash forms name the same places as their absolute paths; hub ids stay."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir(), home.mkdir()
+    (home / "vae").symlink_to(tiny_vae_dir)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    seen = []
+    monkeypatch.setattr(sample, "load_decoder", lambda name: seen.append(name))  # None: no VAE to load
+    monkeypatch.setattr(sample, "sample_picture", lambda *args, png, **kwargs: None)
+    monkeypatch.setattr(sample, "create_image_sampler", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sample, "write_samples", lambda out, *args, settings, **kwargs: seen.append(settings) or out)
+    assert sample.run(str(tiny_ckpt), num_heads=2, vae="~/vae", png="~/grid.png") == (str(home / "grid.png"), True)
+    assert sample.run(str(tiny_ckpt), num_heads=2, vae="../home/vae/", png="grid.png")[0] == str(work / "grid.png")
+    path, _ = sample.run(str(tiny_ckpt), num_heads=2, vae="~/vae", num_samples=2, out="runs/fid/")
+    assert path == str(work / "runs" / "fid")
+    assert seen[:3] == [str(home / "vae")] * 3 and seen[3]["vae"] == str(home / "vae")
+    assert sample.run(str(tiny_ckpt), num_heads=2, vae="owner/some-vae", num_samples=2, out="~/fid")[0] == str(
+        home / "fid")
+    assert seen[4] == "owner/some-vae"  # a hub id is not a path
+
+
 def test_the_command_names_bad_labels_checkpoints_and_sizes(tmp_path, tiny_ckpt, tiny_vae_dir):
     common = dict(num_heads=2, vae=str(tiny_vae_dir), num_sampling_steps=2)
     cases = [
