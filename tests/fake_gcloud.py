@@ -1,6 +1,6 @@
 """A recording, stateful fake of the ``gcloud compute tpus`` commands the launch/ scripts use.
 
-Installed as ``gcloud`` first on ``PATH`` by ``tests/conftest.py`` (``FakeGcloud``). Standard library
+Installed as ``gcloud`` first on ``PATH`` by ``tests/fake_tpu_vm.py`` (``FakeGcloud``). Standard library
 only (it runs for every gcloud call). Environment:
 
 - ``FAKE_GCLOUD_LOG``: each call's arguments (after ``gcloud``) are appended as one JSON line;

@@ -18,8 +18,8 @@ from dit_jax import benchmark, torch_reference, train
 from dit_jax.fid import inception
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
-from tests.conftest import (BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config,
-                            write_latents)
+from tests.run_files import write_latents
+from tests.tiny_models import BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_torch_compile_with_inductor_runs_on_the_cpu():
 
 def test_the_pytorch_side_never_starts_a_jax_backend():
     """Started, JAX would take 75% of a GPU's memory before PyTorch runs (it runs first for that reason)."""
-    code = ("from jax._src import xla_bridge; from dit_jax import torch_reference; from tests.conftest import tiny_benchmark_config as tiny_config; "
+    code = ("from jax._src import xla_bridge; from dit_jax import torch_reference; from tests.tiny_models import tiny_benchmark_config as tiny_config; "
             "p = torch_reference.torch_train_benchmark(tiny_config(), steps=1, warmup=1); "
             "print(p['step_seconds_median'] > 0, xla_bridge.backends_are_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

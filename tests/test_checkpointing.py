@@ -23,8 +23,9 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
 from dit_jax import checkpointing, input_pipeline, locking, sharding, train
-from tests.conftest import flat_fields, read_log, set_field
-from tests.conftest import main_command as main_with_flags, tensorboard_steps
+from tests.processes import main_command as main_with_flags
+from tests.run_files import read_log, tensorboard_steps
+from tests.tiny_models import flat_fields, set_field
 
 ROOT = Path(__file__).resolve().parents[1]
 # A 1-block DiT on 32x32 synthetic images with 8x8 patches: steps take milliseconds. MLP ratio 4: its

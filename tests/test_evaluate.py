@@ -14,7 +14,7 @@ import pytest
 
 from dit_jax import evaluate
 from dit_jax.fid import adm_npz, features, inception, metrics
-from tests.conftest import natural_image
+from tests.fake_images import natural_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,7 +164,7 @@ def test_adm_readme_figures_with_the_real_files():
 @pytest.fixture
 def counted_network(monkeypatch, tmp_path):
     """evaluate with the cheap stand-in features (counting the images they see) and a cache in tmp_path."""
-    from tests.conftest import fake_features
+    from tests.inception_features import fake_features
 
     seen = []
     monkeypatch.setenv("DIT_JAX_CACHE", str(tmp_path / "cache"))

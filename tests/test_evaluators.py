@@ -19,8 +19,9 @@ from dit_jax import latents, synthetic, train, vae
 from dit_jax.evaluators import class_consistency, common, fid, grid
 from dit_jax.models import DiT
 from dit_jax.sampling import engine
-from tests.conftest import fake_features, latent_config, read_log
-from tests.conftest import tiny_train_config as tiny_config
+from tests.inception_features import fake_features
+from tests.run_files import read_log
+from tests.tiny_models import latent_config, tiny_train_config as tiny_config
 
 
 def run_info(tmp_path, **fields) -> common.RunInfo:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from dit_jax import export, parity
 from dit_jax.weights.load import load_dit
-from tests.conftest import official_state, save_torch, tiny_torch_dit
+from tests.torch_references import official_state, save_torch, tiny_torch_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 

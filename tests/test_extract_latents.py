@@ -24,8 +24,10 @@ from absl import flags
 from array_record.python.array_record_module import ArrayRecordReader
 
 from dit_jax import extract_latents, images, input_pipeline, latents, locking, train, vae
-from tests.conftest import (IGNORED, ODD_FILES, free_port, latent_config, make_flat_folder, run_processes,
-                            tiny_torch_vae)
+from tests.fake_images import IGNORED, ODD_FILES, make_flat_folder
+from tests.processes import free_port, run_processes
+from tests.tiny_models import latent_config
+from tests.torch_references import tiny_torch_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(resolution=16, images_per_shard=6, batch_size=4)  # 29 files -> 5 shards, 2 batches each

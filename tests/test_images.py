@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dit_jax import images
-from tests.conftest import ODD_FILES, natural_image
+from tests.fake_images import ODD_FILES, natural_image
 
 
 def reference_crop(pil_image: Image.Image, size: int) -> np.ndarray:

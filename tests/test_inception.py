@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dit_jax.fid import inception
-from tests.conftest import natural_image, torch_fidelity_features
+from tests.fake_images import natural_image
+from tests.inception_features import torch_fidelity_features
 
 SIZES = [(32, 32), (64, 64), (256, 256), (512, 512), (37, 91), (300, 200)]
 

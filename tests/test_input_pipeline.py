@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dit_jax import input_pipeline, latents, synthetic
-from tests.conftest import LATENT_SCALE, write_latents
+from tests.run_files import LATENT_SCALE, write_latents
 
 
 @pytest.fixture(scope="module")

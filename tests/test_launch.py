@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (LAUNCH_DIR, FakeGcloud, FakeMetadataServer, fake_tpu_chips, fake_worker_tools,
-                            tpu_vm_metadata)
-from tests.conftest import TINY_FLAGS
+from tests.fake_tpu_vm import (LAUNCH_DIR, FakeGcloud, FakeMetadataServer, fake_tpu_chips, fake_worker_tools,
+                               tpu_vm_metadata)
+from tests.tiny_models import TINY_FLAGS
 
 ROOT = LAUNCH_DIR.parent
 SCRIPTS = sorted(LAUNCH_DIR.glob("*.sh"))

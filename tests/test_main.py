@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import main_command
+from tests.processes import main_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from tests.conftest import REFERENCE_DIR
+from tests.torch_references import REFERENCE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

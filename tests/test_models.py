@@ -17,7 +17,7 @@ from dit_jax.weights.convert import load_official_state_dict, to_official_state_
 from dit_jax import diffusion as gd
 from dit_jax import models
 from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model, resolve_attention
-from tests.conftest import official_state
+from tests.torch_references import official_state
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 D, DEPTH, C = TINY["hidden_size"], TINY["depth"], TINY["in_channels"]
@@ -604,7 +604,7 @@ def test_train_step_with_every_compute_switch_gives_the_default_losses(dtype, rt
     """Two jitted train steps (config fields ``qkv``, ``gelu_backward``, ``norm_modulate``): the same losses
     and gradient norms as the default path; the second step's loss follows from the first step's gradients."""
     from dit_jax import train
-    from tests.conftest import tiny_run_config
+    from tests.tiny_models import tiny_run_config
 
     def losses(**switches: str) -> list[tuple[float, float]]:
         config = tiny_run_config(dtype=dtype, **switches)

@@ -20,7 +20,9 @@ from PIL import Image
 
 from dit_jax import diffusion as gd, imagenet_classes, sample, vae
 from dit_jax.sampling import engine
-from tests.conftest import execute_notebook, tiny_latent_dit, write_official_checkpoint
+from tests.processes import execute_notebook
+from tests.tiny_models import tiny_latent_dit
+from tests.torch_references import write_official_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "sample_tpu.ipynb"

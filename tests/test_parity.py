@@ -15,7 +15,7 @@ from dit_jax import parity
 from dit_jax.models import DiT
 from dit_jax.weights import convert
 
-from tests.conftest import REFERENCE_DIR
+from tests.torch_references import REFERENCE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_FILE = REFERENCE_DIR / "dit_official_tiny.npz"

@@ -16,7 +16,8 @@ from PIL import Image
 
 from dit_jax import evaluate, images, reference_batch
 from dit_jax.fid import adm_npz, metrics
-from tests.conftest import ODD_FILES, fake_features, natural_image
+from tests.fake_images import ODD_FILES, natural_image
+from tests.inception_features import fake_features
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -22,8 +22,9 @@ from dit_jax import diffusion as gd, locking, sample, sharding, vae
 from dit_jax.models import DiT
 from dit_jax.sampling import blocks as sample_blocks, engine
 from dit_jax.weights import fetch
-from tests.conftest import (TINY_LATENT_DIT, persistent_compile_cache, sample_command, tiny_latent_dit,
-                            write_official_checkpoint)
+from tests.processes import persistent_compile_cache, sample_command
+from tests.tiny_models import TINY_LATENT_DIT, tiny_latent_dit
+from tests.torch_references import write_official_checkpoint
 
 TINY = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5)
 

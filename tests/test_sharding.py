@@ -22,7 +22,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import default
 from dit_jax import sharding, train
-from tests.conftest import FakeMetadataServer, fake_tpu_chips, free_port, run_processes, tpu_vm_metadata
+from tests.fake_tpu_vm import FakeMetadataServer, fake_tpu_chips, tpu_vm_metadata
+from tests.processes import free_port, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3

@@ -23,7 +23,8 @@ from PIL import Image
 from dit_jax import checkpointing, latents, locking, run_log, storage, train
 from dit_jax.fid import adm_npz
 from dit_jax.sampling import blocks as sample_blocks, engine, image_grid
-from tests.conftest import TINY_RUN, flat_fields, read_log, tiny_run_config
+from tests.run_files import read_log
+from tests.tiny_models import TINY_RUN, flat_fields, tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +198,7 @@ STEPS = 8
 
 @pytest.mark.slow  # three tiny runs, one in a bucket killed and resumed; test_*_on_gs above are the fast ones
 def test_a_run_in_a_bucket_killed_and_resumed_ends_with_the_losses_of_an_uninterrupted_run(gcs, tmp_path):
-    from tests.conftest import main_command
+    from tests.processes import main_command
 
     sections = {"train": {"steps": STEPS, "checkpoint_every": 2}}
     flags = [f"--config.{k}={v}" for k, v in {**flat_fields(TINY_RUN), **flat_fields(sections)}.items()]
@@ -253,7 +254,7 @@ def test_a_run_in_a_bucket_killed_and_resumed_ends_with_the_losses_of_an_uninter
 def test_latents_extracted_into_a_bucket_train_as_the_local_ones(gcs, image_tree, tiny_vae_dir, tiny_latents_dir,
                                                                  tmp_path):
     from dit_jax import extract_latents, images, vae
-    from tests.conftest import latent_config
+    from tests.tiny_models import latent_config
 
     out = fresh(gcs, "latents")
     metadata = extract_latents.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)),

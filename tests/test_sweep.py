@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dit_jax import benchmark, sweep, train
-from tests.conftest import TINY_SWEEP_BASE
+from tests.tiny_models import TINY_SWEEP_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from dit_jax import flops, train
-from tests.conftest import (TINY_FLAGS, free_port, main_command, read_log, run_processes, set_field,
-                            tensorboard_steps, tiny_train_config as tiny_config)
+from tests.processes import free_port, main_command, run_processes
+from tests.run_files import read_log, tensorboard_steps
+from tests.tiny_models import TINY_FLAGS, set_field, tiny_train_config as tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dit_jax import vae
-from tests.conftest import tiny_torch_vae
+from tests.torch_references import tiny_torch_vae
 
 
 def relative_error(ours, theirs) -> float:

@@ -230,7 +230,8 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dit_jax import export, parity, train  # noqa: E402
-from tests.conftest import official_state, save_torch, tiny_run_config, tiny_torch_dit  # noqa: E402
+from tests.tiny_models import tiny_run_config  # noqa: E402
+from tests.torch_references import official_state, save_torch, tiny_torch_dit  # noqa: E402
 
 
 def reference_forward_error(model, reference) -> float:
