@@ -169,8 +169,20 @@ def create_manager(directory: str, *, every_steps: int, max_to_keep: int,
     # Unfinished writes are not deleted on start-up: ``restore_latest`` reports them and keeps them aside.
     options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=max_to_keep,
                                            cleanup_tmp_directories=False, enable_async_checkpointing=True,
-                                           atomicity_options=ocp.options.AtomicityOptions(mode=ATOMICITY[atomicity]))
+                                           atomicity_options=atomicity_options(atomicity))
     return ocp.CheckpointManager(storage.absolute(directory), options=options, item_names=ITEMS)
+
+
+def atomicity_options(atomicity: str) -> ocp.options.AtomicityOptions:
+    """Orbax's options for a ``train.checkpoint_atomicity`` value (``ATOMICITY``)."""
+    return ocp.options.AtomicityOptions(mode=ATOMICITY[atomicity])
+
+
+def is_committed(step_dir: storage.PathLike, options: ocp.options.AtomicityOptions) -> bool:
+    """Whether Orbax counts the step directory ``step_dir`` as committed under ``options``: ``commit_file``
+    (``auto`` on ``gs://``) needs its ``commit_success.txt``, ``rename`` its final name. The one test of a step,
+    for resuming a run and for loading a workdir's weights."""
+    return ocp.step.is_path_finalized(storage.path(step_dir), atomicity_options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, iterator: grain.DatasetIterator,
@@ -193,8 +205,7 @@ def _step_directories(manager: ocp.CheckpointManager) -> tuple[list[int], list[s
     directory = storage.path(str(manager.directory))
     names = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     options = manager._options.atomicity_options  # pylint: disable=protected-access  (no public accessor)
-    unfinished = [n for n in names if TMP_MARKER in n or (
-        n.isdigit() and not ocp.step.is_path_finalized(directory / n, atomicity_options=options))]
+    unfinished = [n for n in names if TMP_MARKER in n or (n.isdigit() and not is_committed(directory / n, options))]
     return sorted(int(n) for n in names if n.isdigit() and n not in unfinished), unfinished
 
 

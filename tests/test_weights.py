@@ -315,6 +315,25 @@ def test_a_corrupt_newest_step_falls_back_to_the_previous_one(tiny_workdir, tmp_
     assert (workdir / "checkpoints" / "3").exists()  # reading never moves or deletes anything
 
 
+def test_a_newest_step_never_committed_under_commit_file_is_skipped(tiny_workdir, tmp_path):
+    """A run with train.checkpoint_atomicity commit_file (as on a gcsfuse mount; auto on gs://) killed before step
+    3's commit_success.txt: loading takes step 2, as resuming would (checkpointing.is_committed)."""
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_workdir, workdir)
+    for step in (2, 3):
+        saved = workdir / "checkpoints" / str(step) / "config" / "metadata"
+        config = json.loads(saved.read_text())
+        saved.write_text(json.dumps({**config, "train": {**config["train"], "checkpoint_atomicity": "commit_file"}}))
+    assert load.load_dit(str(workdir)).info["step"] == 3
+    (workdir / "checkpoints" / "3" / "commit_success.txt").unlink()
+    assert load.load_dit(str(workdir)).info["step"] == 2
+    (workdir / "checkpoints" / "2" / "commit_success.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="step 3: never committed .*; step 2: never committed"):
+        load.load_dit(str(workdir))
+
+
 @pytest.mark.parametrize("typed", ["{name}", "{name}/", "./{name}/checkpoints", "~/{name}"])
 def test_a_workdir_loads_by_any_path_a_user_types(tiny_workdir, monkeypatch, typed):
     # Orbax refuses relative paths (and its checkpointer reported that as a missing checkpoint).

@@ -239,15 +239,20 @@ def _load_workdir(checkpoints: Path, options: dict[str, Any], *, checks: dict[st
     """The EMA weights of the newest intact step in ``checkpoints`` and the DiT of its saved config."""
     failures = []
 
-    def unreadable(step: int, err: Exception) -> None:
-        failures.append(f"step {step}: {checkpointing.error_line(err)}")
+    def unreadable(step: int, reason: str) -> None:
+        failures.append(f"step {step}: {reason}")
         logging.warning("checkpoint %s/%d cannot be read (%s); trying the previous one", checkpoints, step, failures[-1])
 
     for step in sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), reverse=True):
         try:
             config = _saved_config(checkpoints / str(step))
         except Exception as err:  # any failure to read a step: try the previous one
-            unreadable(step, err)
+            unreadable(step, checkpointing.error_line(err))
+            continue
+        # Committed as the run's train.checkpoint_atomicity says (commit_file: its commit_success.txt), as on resuming.
+        atomicity = checkpointing.atomicity_options(config.get("train", {}).get("checkpoint_atomicity", "auto"))
+        if not checkpointing.is_committed(checkpoints / str(step), atomicity):
+            unreadable(step, "never committed (its save did not finish: no commit_success.txt)")
             continue
         arch = architecture(config["model"])
         info = {**_describe_arch(arch, "workdir", checkpoints), "step": step}
@@ -255,7 +260,7 @@ def _load_workdir(checkpoints: Path, options: dict[str, Any], *, checks: dict[st
         try:
             ema = restore_ema(checkpoints / str(step))
         except Exception as err:
-            unreadable(step, err)
+            unreadable(step, checkpointing.error_line(err))
             continue
         net = _build(arch, options)
         convert.load_checked(_param_variables(net), ema, lambda path: ".".join(map(str, path)), pytorch_layout=False,
