@@ -17,8 +17,10 @@ from PIL import Image
 
 from dit_jax import latents, synthetic, train, vae
 from dit_jax.evaluators import class_consistency, common, fid, grid
+from dit_jax.fid import features, inception
 from dit_jax.models import DiT
 from dit_jax.sampling import engine
+from dit_jax.weights import fetch
 from tests.inception_features import fake_features
 from tests.run_files import read_log
 from tests.tiny_models import latent_config, tiny_train_config as tiny_config
@@ -214,10 +216,16 @@ def test_sigterm_during_the_evaluations_checkpoints_and_reruns_them_on_resume(tm
     assert json.loads((tmp_path / "summary.json").read_text())["evals"]["second"]["png"] == "second.png"
 
 
+FAKE_WEIGHTS = features.InceptionWeights({}, "fake_inception.pth", "f" * 64)
+
+
 @pytest.fixture
-def fake_inception(monkeypatch):
+def fake_inception(monkeypatch, tmp_path):
+    """The stand-in network (``fake_features``) as the weights ``FAKE_WEIGHTS``; the download cache in tmp_path."""
+    monkeypatch.setattr(fid.features, "read_weights", lambda weights: FAKE_WEIGHTS)
     monkeypatch.setattr(fid.inception, "create_inception", lambda weights=None, **_: None)
     monkeypatch.setattr(fid.inception, "create_feature_fn", lambda model, **_: fake_features)
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
 
 
 def write_reference(path, n: int = 24, size: int = 16):
@@ -245,16 +253,33 @@ def test_fid_is_off_without_a_reference_and_checks_its_fields(tmp_path):
 
 
 def test_fid_fetches_a_reference_named_by_the_registry(tmp_path, fake_inception, file_server, monkeypatch):
-    from dit_jax.weights import fetch
-
     file_server.files["/VIRTUAL_imagenet256_labeled.npz"] = write_reference(tmp_path / "ref.npz", n=6).read_bytes()
     monkeypatch.setenv(fetch.MIRROR_ENV, file_server.url)
-    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(fetch.OFFLINE_ENV, raising=False)
     evaluator = fid.Evaluator(settings(fid, reference="VIRTUAL_imagenet256_labeled.npz"), run_info(tmp_path),
                               name="fid")
     assert len(evaluator._reference.images) == 6
     assert (tmp_path / "cache" / "VIRTUAL_imagenet256_labeled.npz").is_file()
+
+
+def test_fid_refuses_a_reference_of_other_weights_and_caches_the_reference_features(tmp_path, fake_inception,
+                                                                                    monkeypatch):
+    """As evaluate: statistics recorded with other Inception weights are refused before training, and the
+    reference images' features are kept by the file's content and the weights' SHA-256."""
+    other = tmp_path / "other.npz"
+    np.savez(other, mu=np.zeros(inception.POOL_DIM), sigma=np.eye(inception.POOL_DIM), metadata=np.array(json.dumps(
+        {"settings": {"inception_weights": "pt_inception.pth", "inception_weights_sha256": "0" * 64}})))
+    with pytest.raises(ValueError, match=r"reference: .*other.npz's statistics were computed with other Inception "
+                                         r"weights \(pt_inception.pth"):
+        fid.Evaluator(settings(fid, reference=str(other)), run_info(tmp_path), name="fid")
+    reference, run = str(write_reference(tmp_path / "ref.npz", n=6)), run_info(tmp_path)
+    fields = settings(fid, reference=reference, num_samples=4, respacing="2", per_device_batch=1)
+    ema = common.EmaModel(random_dit(input_size=16, in_channels=3, num_classes=4), step=5, run=run)
+    first = fid.Evaluator(fields, run, name="fid").run(ema)
+    assert features.feature_cache_path(reference, FAKE_WEIGHTS.sha256).is_file()
+    monkeypatch.setattr(fid.features, "batch_features", lambda *a, **k: pytest.fail("the reference featurised again"))
+    second = fid.Evaluator(fields, run, name="fid").run(common.EmaModel(ema.model, step=5, run=run))
+    assert second == first and np.isfinite(first["fid4_cfg1.5_ddpm2"])
 
 
 @pytest.mark.slow  # a training run with a fid entry; the fid name and field tests are the fast ones

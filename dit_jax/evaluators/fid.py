@@ -9,6 +9,11 @@ compared with ``reference`` (ADM's ``VIRTUAL_imagenet256_labeled.npz``, or a bat
 The metric names carry the settings: ``fid10k_cfg1.5``, ``sfid10k_cfg1.5``, ``is10k_cfg1.5``,
 ``precision10k_cfg1.5``, ``recall10k_cfg1.5`` (with e.g. ``_ddim50`` when the chain is not the paper's DDPM-250).
 
+As in ``python -m dit_jax.evaluate`` (the same functions of ``dit_jax.fid.features``): a reference
+whose statistics record other Inception weights (their SHA-256) is refused before training, and what
+the reference's images give with these weights is kept in the download cache, so the next run (or
+``evaluate``) skips them.
+
 Off while ``reference`` is "" (the paper configs name no file: pass
 ``--config.evals.fid.reference=PATH``, or ADM's batch by name, e.g. ``VIRTUAL_imagenet256_labeled.npz``,
 fetched into the download cache when the run starts).
@@ -70,12 +75,18 @@ class Evaluator:
             return
         vae = common.vae_name(run, settings.vae)
         self.vae = common.load_vae(vae) if vae else None
+        weights = features.read_weights(settings.inception_weights or None)
         try:
-            # Checked now (a bad file is named now); a registry name is fetched now.
-            self._reference = adm_npz.open_reference(fetch.locate(settings.reference, adm_npz.REFERENCE_NAMES))
+            # Checked now, as evaluate checks them: a bad file, or statistics of other Inception weights, are named
+            # before training; a registry name is fetched now.
+            path = fetch.locate(settings.reference, adm_npz.REFERENCE_NAMES)
+            self._reference = adm_npz.open_reference(path)
+            self.notes = features.check_reference_weights(self._reference, path, weights)
         except adm_npz.BadBatch as err:
             raise ValueError(f"reference: {err}") from err
-        self.features = inception.create_feature_fn(inception.create_inception(settings.inception_weights or None))
+        # What the reference's images give with these weights, kept in the download cache (as evaluate keeps it).
+        self._cache = None if self._reference.images is None else features.feature_cache_path(path, weights.sha256)
+        self.features = inception.create_feature_fn(inception.create_inception(weights.tensors))
         self._reference_features: dict[str, Any] | None = None
 
     def run(self, ema: common.EmaModel) -> dict[str, Any]:
@@ -83,8 +94,10 @@ class Evaluator:
         if self._reference_features is None:  # the reference images' features, computed once
             t0 = time.time()
             logging.info("%s: the Inception features of the reference batch (once per run)", self.name)
-            self._reference_features = features.reference_features(self._reference, self.features, progress=False)
-            logging.info("%s: reference features done in %.0f s", self.name, time.time() - t0)
+            self._reference_features = features.reference_features(self._reference, self.features, progress=False,
+                                                                    cache=self._cache)
+            logging.info("%s: reference features done in %.0f s%s", self.name, time.time() - t0,
+                         "" if self._cache is None else f" (cache: {self._cache})")
         labels = engine.random_labels(s.seed, s.num_samples, self.run_info.num_classes)
         image_sampler = engine.create_image_sampler(ema.model, self.run_info.chain(s.respacing), cfg_scale=s.cfg_scale,
                                                     sampler=s.sampler, vae=self.vae, per_device_batch=s.per_device_batch)
@@ -98,5 +111,5 @@ class Evaluator:
         figures, notes = metrics.compute_metrics({k: np.concatenate(v) for k, v in feats.items()},
                                                  self._reference_features)
         suffix = metric_suffix(s)
-        return {**{f"{_SHORT[k]}{suffix}": v for k, v in figures.items()}, "notes": notes,
+        return {**{f"{_SHORT[k]}{suffix}": v for k, v in figures.items()}, "notes": self.notes + notes,
                 "reference": s.reference}
