@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import json
 import os
 import signal
-import sys
-import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -29,8 +28,8 @@ from flax import nnx
 from jax._src import config as jax_config  # threefry_gpu_kernel_lowering: a context manager only here
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dit_jax import (checkpointing, console, diffusion as gd, flops, input_pipeline, locking, run_log, sharding,
-                     storage)
+from dit_jax import (checkpointing, console, diffusion as gd, divergence, flops, input_pipeline, locking, optimizer,
+                     run_log, sharding, stop_signals, storage)
 from dit_jax.evaluators import common as evaluators
 from dit_jax.models import DTYPES, SWITCH_FIELDS, DiT, architecture, count_params, compute_options
 from dit_jax.weights import finetune
@@ -59,49 +58,9 @@ def build_diffusion(config: ml_collections.ConfigDict, respacing: str = "") -> g
                                learn_sigma=config.model.learn_sigma, diffusion_steps=config.diffusion.steps)
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """``train.lr`` after ``train.warmup_steps`` of linear warmup: constant (the paper) or cosine-decayed to 0."""
-    t = config.train
-    if t.lr_schedule == "cosine":
-        schedule = optax.cosine_decay_schedule(t.lr, t.steps - t.warmup_steps)
-    else:
-        schedule = optax.constant_schedule(t.lr)
-    if not t.warmup_steps:
-        return schedule
-    return optax.join_schedules([optax.linear_schedule(0.0, t.lr, t.warmup_steps), schedule], [t.warmup_steps])
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW (the paper's optimiser: lr 1e-4, constant, no warmup, no weight decay by default)."""
-    return optax.adamw(learning_rate_schedule(config), b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=config.train.weight_decay)
-
-
-def ema_decay_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """EMA decay of each update: ``train.ema_decay`` (the paper), or with ``train.ema_debias`` bias-corrected.
-
-    The EMA starts as a copy of the initial weights, and after n updates still holds decay**n of them
-    (0.9999**8000: 45% of the average after 8,000 steps): harmless in a 400k-step run; in a short
-    one their zeroed output layers shrink the predicted noise (the demo at 0.9995: near-black
-    samples). Debiased, update n uses decay * (1 - decay**(n-1)) / (1 - decay**n), which makes the
-    EMA exactly the bias-corrected average sum_i decay**(n-i) (1 - decay) params_i / (1 - decay**n)
-    of the trained weights (Adam's correction of its moments), so a short run can use a long horizon.
-    """
-    decay = config.train.ema_decay
-    if not config.train.ema_debias:
-        return optax.constant_schedule(decay)
-
-    def debiased(step: jax.Array) -> jax.Array:
-        return decay * (1.0 - decay ** step) / (1.0 - decay ** (step + 1))
-    return debiased
-
-
 def _step_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The optimiser and EMA schedule ``train_step`` is bound to."""
-    return {"tx": make_optimizer(config), "ema_decay": ema_decay_schedule(config)}
+    return {"tx": optimizer.make_optimizer(config), "ema_decay": optimizer.ema_decay_schedule(config)}
 
 
 def _initializer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Callable[[], tuple[nnx.State, TrainState]],
@@ -113,7 +72,8 @@ def _initializer(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Calla
         init_key, state_key = jax.random.split(jax.random.key(config.seed))
         graphdef, params, fixed = nnx.split(build_model(config, rngs=nnx.Rngs(init_key)), nnx.Param, ...)
         graphdefs.append(graphdef)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=make_optimizer(config).init(params),
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=optimizer.make_optimizer(config).init(params),
                            ema_params=jax.tree.map(jnp.copy, params), rng=state_key)
         return fixed, state
 
@@ -227,27 +187,12 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, f
                    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())))
 
 
-# The largest train.lr accepted: AdamW's step is about lr per weight, and the weights are O(0.01-0.1).
-MAX_LR = 1.0
-
-
 def _check_config(config: ml_collections.ConfigDict) -> None:
     problems = []
     t = config.train
     if t.steps < 1 or t.batch_size < 1:
         problems.append(f"train.steps and train.batch_size must be >= 1 (got {t.steps}, {t.batch_size})")
-    float32_max = float(np.finfo(np.float32).max)  # the step computes in float32: 1e39 is inf there
-    if not 0 < t.lr <= MAX_LR:
-        problems.append(f"train.lr must be in (0, {MAX_LR:g}], got {t.lr}: AdamW moves every weight by up to about lr "
-                        "per step, so a larger one blows the weights up (the paper: 1e-4)")
-    if not 0 <= t.weight_decay <= float32_max:
-        problems.append(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
-    if t.lr_schedule not in LR_SCHEDULES:
-        problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {LR_SCHEDULES}")
-    if not 0 <= t.warmup_steps < t.steps:
-        problems.append(f"train.warmup_steps must be in [0, train.steps), got {t.warmup_steps}")
-    if not 0.0 <= t.ema_decay < 1.0:
-        problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    problems += optimizer.config_problems(config)
     if t.log_every < 1 or t.checkpoint_every < 1 or t.max_to_keep < 1:
         problems.append(f"train.log_every, train.checkpoint_every and train.max_to_keep must be >= 1 "
                         f"(got {t.log_every}, {t.checkpoint_every}, {t.max_to_keep})")
@@ -261,55 +206,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
     sharding.check_config(config, jax.device_count())
-
-
-# The signals that stop a run cleanly (checkpoint the current step, stop): a preemption notice and Ctrl-C.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopRequest:
-    """Which stop signal arrived (``signum``; None: none yet), set from the signal handler."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def is_set(self) -> bool:
-        return self.signum is not None
-
-
-def signal_name(request: StopRequest) -> str:
-    """How a stop is named in the log: Ctrl-C, or SIGTERM (also JAX's preemption notice of a multi-process run)."""
-    return "Ctrl-C" if request.signum == signal.SIGINT else "SIGTERM"
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[StopRequest]:
-    """A ``StopRequest`` set by SIGTERM (a preemption notice) or SIGINT (Ctrl-C), so the loop can checkpoint
-    the current step and stop cleanly.
-
-    A second Ctrl-C quits at once (status 130): a checkpoint being written then is never committed
-    (Orbax commits a step by one rename or a last commit file, only once all of it is written), and
-    the next run sets its partial write aside and resumes from the last committed step. Multi-process
-    runs leave SIGTERM to JAX's preemption service (``manager.reached_preemption``) and Ctrl-C to Python.
-    """
-    request = StopRequest()
-    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
-        yield request
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if request.is_set() and signum == signal.SIGINT:
-            print("error: Ctrl-C again: quitting at once; a checkpoint being written is not committed and is set "
-                  "aside by the next run, which resumes from the last committed step", file=sys.stderr, flush=True)
-            os._exit(128 + signal.SIGINT)
-        request.signum = signum
-
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield request
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed: nnx.State,
@@ -332,24 +228,6 @@ def step_flops(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, fixed:
     step = functools.partial(train_step, graphdef=graphdef, **_step_options(config))
     count = lambda state, batch, fixed, diffusion: step(state, batch, fixed=fixed, diffusion=diffusion)
     return flops.lowered_flops(count, state, batch, fixed, diffusion)
-
-
-def _first_non_finite(checks: list[tuple[int, dict[str, jax.Array]]]) -> tuple[int, float] | None:
-    """(step, loss) of the first step whose loss or gradient norm is not finite, or None."""
-    if not checks:
-        return None
-    steps, metrics = zip(*checks)
-    # One transfer for the whole window, not two per step.
-    losses, grad_norms = jax.device_get(([m["loss"] for m in metrics], [m["grad_norm"] for m in metrics]))
-    bad = ~(np.isfinite(losses) & np.isfinite(grad_norms))
-    return (steps[int(np.argmax(bad))], float(losses[int(np.argmax(bad))])) if bad.any() else None
-
-
-def _diverged(what: str, last_checkpoint: int | None, checkpoint_dir: str) -> str:
-    """The message of a run stopped by non-finite numbers: what, and where the last good checkpoint is."""
-    where = (f"the last good checkpoint is step {last_checkpoint} in {checkpoint_dir} (rerunning the same command "
-             "resumes from it)" if last_checkpoint is not None else "no checkpoint was written")
-    return f"{what}; stopping: {where}. Lower train.lr or check the data."
 
 
 def progress_line(record: dict[str, Any], total_steps: int, seconds: float, steps_done: int) -> str:
@@ -387,15 +265,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_config(config)
     # One run per workdir: a second one refuses here, before touching anything.
     with locking.hold(workdir, purpose="training run"):
-        return _train_and_evaluate(config, workdir)
+        start = time.time()
+        with contextlib.ExitStack() as stack:  # closes the logs, restores the signal handlers, awaits the last save
+            run, state, history, pending = _prepare(config, workdir, stack)
+            outcome = _train(run, state, history, pending)
+            if isinstance(outcome, dict):
+                return outcome
+        return _summarise(run, *outcome, seconds=time.time() - start)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """``train_and_evaluate`` on a checked config, holding the workdir's lock."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run set up by ``_prepare``: what its loop reads (its resources are closed by the caller's stack)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    is_main: bool
+    mesh: Mesh
+    run_info: evaluators.RunInfo
+    evals: list[evaluators.Entry]
+    batches: Any  # the data iterator, checkpointed with the state
+    checkpoint_dir: str
+    graphdef: nnx.GraphDef
+    fixed: nnx.State
+    manager: Any  # the Orbax checkpoint manager (``checkpointing.create_manager``)
+    start_step: int
+    resumed: bool
+    num_params: int
+    step_fn: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    lr_schedule: optax.Schedule
+    peak_flops: float | None  # the mesh's peak, where the devices' is known
+    flop_count: concurrent.futures.Future | None  # one step's flops (for MFU), counted while the first step compiles
+    writer: Any  # CLU's metric writer: TensorBoard on process 0
+    log: IO[str] | None  # metrics.jsonl, open on process 0
+    hooks: list[Callable[[int], Any]]
+    stop_request: stop_signals.StopRequest
+
+
+class Counters(NamedTuple):
+    """The loop's running totals for this invocation: when it and the current log window started (a window's
+    start moves on by each evaluation's time, which is not training time), the steps trained in finished
+    windows and their seconds, and the evaluations' seconds."""
+
+    start_time: float
+    window_start: float
+    trained_steps: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack
+             ) -> tuple[Run, TrainState, list[dict[str, Any]], list[evaluators.Entry]]:
+    """Set up a run of a checked config in a locked workdir: the mesh, data and evaluators, the state restored
+    (or initialised), the step, the logs and the stop signals (their closing pushed on ``stack``); with the
+    state, the log's history up to the start step and the evaluations of that step still to run."""
     # CLU's writers import TensorFlow: imported here, so the step, the benchmark and sampling run without it.
     from clu import metric_writers, periodic_actions
 
-    start = time.time()
     is_main = sharding.is_main_process()
     mesh = sharding.create_mesh(config.mesh)
     source = input_pipeline.create_source(config)
@@ -408,166 +334,186 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # The model is built (abstractly) before any checkpoint is touched: a bad model config stops here.
     graphdef, fixed, abstract_state, init_state = _on_mesh(config, mesh)
     checkpointing.one_line_failures()
-    with contextlib.ExitStack() as stack:
-        manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
-                                               max_to_keep=config.train.max_to_keep,
-                                               atomicity=config.train.checkpoint_atomicity)
-        stack.callback(checkpointing.close, manager)  # waits for the last async save
-        # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
-        state = checkpointing.restore_latest(manager, abstract_state, batches, config,
-                                             quarantine_dir=os.fspath(storage.path(workdir) / "checkpoints_corrupt"))
-        resumed = state is not None
-        state = state if resumed else finetune.create_initial_state(config, init_state, workdir=workdir)
-        start_step = int(state.step)
-        if start_step > config.train.steps:
-            raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="
-                             f"{config.train.steps}; raise train.steps to continue it, or use a new --workdir")
-        last_checkpoint = start_step if resumed else None
-        num_params = count_params(nnx.merge(graphdef, state.params, fixed))
-        logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
-                     num_params, dict(mesh.shape),
-                     f"resumed from step {start_step}" if resumed else "starting from scratch")
-        diffusion = build_diffusion(config)
-        step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh, abstract_state)
-        # MFU where the devices' peak is known (the count costs a CPU lowering, skipped otherwise); it runs in
-        # a thread while the first step compiles.
-        peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
-        peak_flops = peak * mesh.devices.size if peak else None
-        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
-        flop_count = pool.submit(step_flops, config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
-        lr_schedule = learning_rate_schedule(config)
+    manager = checkpointing.create_manager(checkpoint_dir, every_steps=config.train.checkpoint_every,
+                                           max_to_keep=config.train.max_to_keep,
+                                           atomicity=config.train.checkpoint_atomicity)
+    stack.callback(checkpointing.close, manager)  # waits for the last async save
+    # Restore onto this mesh's layout (which may differ from the saving run's); initialise only if nothing is saved.
+    state = checkpointing.restore_latest(manager, abstract_state, batches, config,
+                                         quarantine_dir=os.fspath(storage.path(workdir) / "checkpoints_corrupt"))
+    resumed = state is not None
+    state = state if resumed else finetune.create_initial_state(config, init_state, workdir=workdir)
+    start_step = int(state.step)
+    if start_step > config.train.steps:
+        raise ValueError(f"the checkpoint in {checkpoint_dir} is at step {start_step}, past train.steps="
+                         f"{config.train.steps}; raise train.steps to continue it, or use a new --workdir")
+    num_params = count_params(nnx.merge(graphdef, state.params, fixed))
+    logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
+                 num_params, dict(mesh.shape),
+                 f"resumed from step {start_step}" if resumed else "starting from scratch")
+    diffusion = build_diffusion(config)
+    step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh, abstract_state)
+    # MFU where the devices' peak is known (the count costs a CPU lowering, skipped otherwise); it runs in
+    # a thread while the first step compiles.
+    peak = flops.peak_flops_per_device(mesh.devices.flat[0], DTYPES[config.dtype])
+    peak_flops = peak * mesh.devices.size if peak else None
+    pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+    flop_count = pool.submit(step_flops, config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
 
-        metrics_path = storage.path(workdir) / "metrics.jsonl"
-        history = run_log.read_history(metrics_path, up_to_step=start_step)
-        if is_main and resumed:
-            run_log.rewind_event_files(workdir, start_step)  # TensorBoard gets each step once
-        # Evaluations of the restored step that did not finish (a stop during them) rerun first; a finished
-        # run evaluates its last step again.
-        pending = [e for e in evals if e.due(start_step, config.train.steps) and (
-            start_step == config.train.steps or not any(h.get("eval") == e.name and h["step"] == start_step
-                                                        for h in history))]
-        history = [h for h in history if not (h["step"] == start_step and h.get("eval") in {e.name for e in pending})]
-        # TensorBoard only: the console gets one line per log window (``progress_line``) and per evaluation.
-        writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)] if is_main else [])
-        stack.callback(writer.close)
-        hooks = []
-        if is_main and config.train.profile_steps:
-            hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
-                                                  profile_duration_ms=None, first_profile=start_step + 10,
-                                                  every_secs=None))
-        stop_request = stack.enter_context(_stop_on_signals())
-        log = stack.enter_context(run_log.rewrite(metrics_path, history)) if is_main else None
-        final: dict[str, dict[str, Any]] = {}
-        eval_seconds = 0.0
+    metrics_path = storage.path(workdir) / "metrics.jsonl"
+    history = run_log.read_history(metrics_path, up_to_step=start_step)
+    if is_main and resumed:
+        run_log.rewind_event_files(workdir, start_step)  # TensorBoard gets each step once
+    # Evaluations of the restored step that did not finish (a stop during them) rerun first; a finished
+    # run evaluates its last step again.
+    pending = [e for e in evals if e.due(start_step, config.train.steps) and (
+        start_step == config.train.steps or not any(h.get("eval") == e.name and h["step"] == start_step
+                                                    for h in history))]
+    history = [h for h in history if not (h["step"] == start_step and h.get("eval") in {e.name for e in pending})]
+    # TensorBoard only: the console gets one line per log window (``progress_line``) and per evaluation.
+    writer = metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)] if is_main else [])
+    stack.callback(writer.close)
+    hooks = []
+    if is_main and config.train.profile_steps:
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps,
+                                              profile_duration_ms=None, first_profile=start_step + 10,
+                                              every_secs=None))
+    stop_request = stack.enter_context(stop_signals.stop_on_signals())
+    log = stack.enter_context(run_log.rewrite(metrics_path, history)) if is_main else None
+    run = Run(config=config, workdir=workdir, is_main=is_main, mesh=mesh, run_info=run_info, evals=evals,
+              batches=batches, checkpoint_dir=checkpoint_dir, graphdef=graphdef, fixed=fixed, manager=manager,
+              start_step=start_step, resumed=resumed, num_params=num_params, step_fn=step_fn,
+              lr_schedule=optimizer.learning_rate_schedule(config), peak_flops=peak_flops, flop_count=flop_count,
+              writer=writer, log=log, hooks=hooks, stop_request=stop_request)
+    return run, state, history, pending
 
-        def evaluate(entries: list[evaluators.Entry], step: int) -> bool:
-            """Run ``entries`` on this step's EMA model and write their results; False if stopped during them."""
-            nonlocal eval_seconds, window_start
-            t0 = time.time()
-            logging.info("evaluating step %d: %s", step, ", ".join(e.name for e in entries))
-            ema = evaluators.EmaModel(nnx.merge(graphdef, state.ema_params, fixed), step, run_info,
-                                      stop_requested=lambda: stop_request.is_set() or manager.reached_preemption(step))
-            try:
-                results, stopped = evaluators.run_entries(entries, ema), False
-            except evaluators.Interrupted as err:
-                results, stopped = err.completed, True
-            history.extend(evaluators.log_entries(results, step, writer, log))
-            for name, result in results.items():
-                logging.info("step %d, %s: %s", step, name, ", ".join(
-                    f"{k} {float(v):.4g}" for k, v in result.items() if evaluators.is_scalar(v)) or "done")
-            if step == config.train.steps:
-                final.update(results)
-            eval_seconds += time.time() - t0
-            window_start += time.time() - t0  # evaluation time is not training time
-            if stopped:
-                logging.warning("%s during the evaluations of step %d (checkpointed): stopping; %s rerun on "
-                                "resume", signal_name(stop_request), step, [e.name for e in entries if e.name not in results])
-            return not stopped
 
-        window_start, window, unchecked, pending_save = time.time(), [], [], False
-        start_time, trained_steps, train_seconds = time.time(), 0, 0.0
-        if pending and not evaluate(pending, start_step):
-            return {"preempted_at_step": start_step, "stop_signal": stop_request.signum or signal.SIGTERM}
-        for step in range(start_step + 1, config.train.steps + 1):
-            state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-            pending_save = checkpointing.check_saves(manager, pending_save)  # a failed save stops the run at once
-            window.append(metrics)
-            unchecked.append((step, metrics))
-            for hook in hooks:
-                hook(step)
-            stop = stop_request.is_set() or manager.reached_preemption(step)
-            due = [e for e in evals if e.due(step, config.train.steps)]
-            # A step is saved before it is evaluated: a stop during the evaluation loses nothing.
-            save = stop or bool(due) or step % config.train.checkpoint_every == 0 or step == config.train.steps
-            log_now = step % config.train.log_every == 0 or step == config.train.steps
-            if save or log_now:
-                # Never log or checkpoint past a non-finite step.
-                bad = _first_non_finite(unchecked)
-                if bad is not None:
-                    raise FloatingPointError(_diverged(f"non-finite loss {bad[1]} at step {bad[0]}", last_checkpoint,
-                                                       checkpoint_dir))
-                unchecked = []
-            if log_now:
-                elapsed = time.time() - window_start
-                record = {k: float(np.mean(v)) for k, v in
-                          jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
-                record.update(step=step, steps_per_sec=len(window) / elapsed,
-                              images_per_sec=len(window) * config.train.batch_size / elapsed,
-                              learning_rate=float(lr_schedule(step - 1)))  # the last step's (optax counts from 0)
-                if peak_flops:
-                    record["mfu"] = flop_count.result() * record["steps_per_sec"] / peak_flops
-                writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
-                if log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                history.append(record)
-                logging.info("%s", progress_line(record, config.train.steps, time.time() - start_time - eval_seconds,
-                                                 step - start_step))
-                trained_steps += len(window)
-                train_seconds += elapsed
-                window_start, window = time.time(), []
-            if save:
-                # Never save (or name as good) a state that is not finite, though its loss was.
-                checksums, finite = checkpointing.fingerprint(state)
-                if not finite:
-                    raise FloatingPointError(_diverged(f"non-finite parameters after step {step}", last_checkpoint,
-                                                       checkpoint_dir))
-                exploded_weights = checkpointing.explosion(state)  # finite but absurd (lr=1e30): not good either
-                if exploded_weights is not None:
-                    name, rms = exploded_weights
-                    raise FloatingPointError(_diverged(
-                        f"the {name} exploded after step {step} (RMS {rms:.3g}, over the limit "
-                        f"{checkpointing.PARAM_RMS_LIMIT:g})", last_checkpoint, checkpoint_dir))
-                pending_save = checkpointing.save(manager, step, state, batches, config, checksums=checksums,
-                                                  force=True)
-                last_checkpoint = step
-            if due and not stop and not evaluate(due, step):
-                stop = True
-            if stop:
-                logging.warning("%s: stopped at step %d after checkpointing it; rerun the same command to resume",
-                                signal_name(stop_request), step)
-                return {"preempted_at_step": step, "stop_signal": stop_request.signum or signal.SIGTERM}
+def _train(run: Run, state: TrainState, history: list[dict[str, Any]], pending: list[evaluators.Entry]
+           ) -> dict[str, Any] | tuple[list[dict[str, Any]], dict[str, dict[str, Any]], Counters]:
+    """Run the pending evaluations, then train from the start step to ``train.steps``: log each window, check,
+    save and evaluate. A stop's result (``{"preempted_at_step", "stop_signal"}``), or the history, the last
+    step's evaluations and the totals."""
+    steps = run.config.train.steps
+    counters = Counters(start_time=time.time(), window_start=time.time())
+    window, unchecked, pending_save, final = [], [], False, {}
+    last_checkpoint = run.start_step if run.resumed else None
+    if pending:
+        records, results, counters, stopped = _evaluate(run, state, pending, run.start_step, counters)
+        history.extend(records)
+        final = results if run.start_step == steps else final
+        if stopped:
+            return _stopped(run, run.start_step)
+    for step in range(run.start_step + 1, steps + 1):
+        state, metrics = run.step_fn(state, sharding.global_batch(next(run.batches), run.mesh))
+        pending_save = checkpointing.check_saves(run.manager, pending_save)  # a failed save stops the run at once
+        window.append(metrics)
+        unchecked.append((step, metrics))
+        for hook in run.hooks:
+            hook(step)
+        stop = run.stop_request.is_set() or run.manager.reached_preemption(step)
+        due = [e for e in run.evals if e.due(step, steps)]
+        # A step is saved before it is evaluated: a stop during the evaluation loses nothing.
+        save = stop or bool(due) or step % run.config.train.checkpoint_every == 0 or step == steps
+        log_now = step % run.config.train.log_every == 0 or step == steps
+        if save or log_now:  # never log or checkpoint past a non-finite step
+            divergence.check_metrics(unchecked, last_checkpoint, run.checkpoint_dir)
+            unchecked = []
+        if log_now:
+            record, counters = _log_window(run, step, window, counters)
+            history.append(record)
+            window = []
+        if save:  # never save (or name as good) a state that is not finite, though its loss was
+            checksums = divergence.check_state(state, step, last_checkpoint, run.checkpoint_dir)
+            pending_save = checkpointing.save(run.manager, step, state, run.batches, run.config, checksums=checksums,
+                                              force=True)
+            last_checkpoint = step
+        if due and not stop:
+            records, results, counters, stop = _evaluate(run, state, due, step, counters)
+            history.extend(records)
+            final = results if step == steps else final
+        if stop:
+            logging.warning("%s: stopped at step %d after checkpointing it; rerun the same command to resume",
+                            stop_signals.signal_name(run.stop_request), step)
+            return _stopped(run, step)
+    return history, final, counters
 
+
+def _stopped(run: Run, step: int) -> dict[str, Any]:
+    """The result of a run stopped by a signal after checkpointing ``step``."""
+    return {"preempted_at_step": step, "stop_signal": run.stop_request.signum or signal.SIGTERM}
+
+
+def _evaluate(run: Run, state: TrainState, entries: list[evaluators.Entry], step: int, counters: Counters
+              ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], Counters, bool]:
+    """Run ``entries`` on this step's EMA model and write their results: (their log records, their results, the
+    totals with the evaluation's time counted, whether a stop came during them)."""
+    t0 = time.time()
+    logging.info("evaluating step %d: %s", step, ", ".join(e.name for e in entries))
+    ema = evaluators.EmaModel(nnx.merge(run.graphdef, state.ema_params, run.fixed), step, run.run_info,
+                              stop_requested=lambda: run.stop_request.is_set() or run.manager.reached_preemption(step))
+    try:
+        results, stopped = evaluators.run_entries(entries, ema), False
+    except evaluators.Interrupted as err:
+        results, stopped = err.completed, True
+    records = evaluators.log_entries(results, step, run.writer, run.log)
+    for name, result in results.items():
+        logging.info("step %d, %s: %s", step, name, ", ".join(
+            f"{k} {float(v):.4g}" for k, v in result.items() if evaluators.is_scalar(v)) or "done")
+    seconds = time.time() - t0  # evaluation time is not training time
+    counters = counters._replace(eval_seconds=counters.eval_seconds + seconds,
+                                 window_start=counters.window_start + seconds)
+    if stopped:
+        logging.warning("%s during the evaluations of step %d (checkpointed): stopping; %s rerun on resume",
+                        stop_signals.signal_name(run.stop_request), step,
+                        [e.name for e in entries if e.name not in results])
+    return records, results, counters, stopped
+
+
+def _log_window(run: Run, step: int, window: list[dict[str, jax.Array]], counters: Counters
+                ) -> tuple[dict[str, Any], Counters]:
+    """Write the log window ending at ``step`` (its metrics' means, speed, learning rate, MFU) to TensorBoard,
+    ``metrics.jsonl`` and the console: its record, and the totals with the window counted and a new one begun."""
+    elapsed = time.time() - counters.window_start
+    record = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *window)).items()}
+    record.update(step=step, steps_per_sec=len(window) / elapsed,
+                  images_per_sec=len(window) * run.config.train.batch_size / elapsed,
+                  learning_rate=float(run.lr_schedule(step - 1)))  # the last step's (optax counts from 0)
+    if run.peak_flops:
+        record["mfu"] = run.flop_count.result() * record["steps_per_sec"] / run.peak_flops
+    run.writer.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+    if run.log:
+        run.log.write(json.dumps(record) + "\n")
+        run.log.flush()
+    logging.info("%s", progress_line(record, run.config.train.steps,
+                                     time.time() - counters.start_time - counters.eval_seconds, step - run.start_step))
+    return record, counters._replace(trained_steps=counters.trained_steps + len(window),
+                                     train_seconds=counters.train_seconds + elapsed, window_start=time.time())
+
+
+def _summarise(run: Run, history: list[dict[str, Any]], final: dict[str, dict[str, Any]], counters: Counters, *,
+               seconds: float) -> dict[str, Any]:
+    """The run's ``summary.json`` (written by process 0, and logged): the training figures and the last step's
+    evaluations; ``seconds``: the whole invocation's."""
     losses = [h for h in history if "eval" not in h]
     summary: dict[str, Any] = {
-        "model": config.model.name or "custom",
-        "trainable_params": int(num_params),
-        "steps": config.train.steps,
-        "batch_size": config.train.batch_size,
-        "resumed_from_step": start_step,
+        "model": run.config.model.name or "custom",
+        "trainable_params": int(run.num_params),
+        "steps": run.config.train.steps,
+        "batch_size": run.config.train.batch_size,
+        "resumed_from_step": run.start_step,
         # Means over the first and last log windows (unknown if metrics.jsonl of a finished run was lost).
         "first_loss": losses[0]["loss"] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
-        "train_seconds": train_seconds,  # this invocation's training steps only (compilation included)
+        "train_seconds": counters.train_seconds,  # this invocation's training steps only (compilation included)
         # The steps this invocation trained over their seconds; None if it trained none (a finished run rerun).
-        "steps_per_sec": trained_steps / train_seconds if trained_steps else None,
+        "steps_per_sec": counters.trained_steps / counters.train_seconds if counters.trained_steps else None,
     }
     # The last step's evaluations, images left out (they are PNG files and TensorBoard images).
     summary["evals"] = {name: {k: evaluators.jsonable(v) for k, v in result.items() if not evaluators.is_image(v)}
                         for name, result in final.items()}
-    summary["eval_seconds"] = eval_seconds
-    summary["total_seconds"] = time.time() - start
-    if is_main:
-        storage.write_atomic(storage.path(workdir) / "summary.json", json.dumps(summary, indent=2))
+    summary["eval_seconds"] = counters.eval_seconds
+    summary["total_seconds"] = seconds
+    if run.is_main:
+        storage.write_atomic(storage.path(run.workdir) / "summary.json", json.dumps(summary, indent=2))
     logging.info("summary: %s", json.dumps(summary))
     return summary

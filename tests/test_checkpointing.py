@@ -22,7 +22,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
-from dit_jax import checkpointing, input_pipeline, locking, sharding, train
+from dit_jax import checkpointing, input_pipeline, locking, optimizer, sharding, stop_signals, train
 from tests.processes import main_command as main_with_flags
 from tests.run_files import read_log, tensorboard_steps
 from tests.tiny_models import flat_fields, set_field
@@ -173,7 +173,7 @@ def test_a_second_ctrl_c_quits_at_once(monkeypatch, capsys):
     (a save in progress stays uncommitted: Orbax commits a step only when it is complete)."""
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
-    with train._stop_on_signals() as request:
+    with stop_signals.stop_on_signals() as request:
         os.kill(os.getpid(), signal.SIGINT)
         assert request.signum == signal.SIGINT and not exits
         os.kill(os.getpid(), signal.SIGINT)
@@ -319,7 +319,7 @@ def test_a_damaged_or_exploded_step_is_refused_and_the_previous_one_restored(tmp
 def test_a_non_finite_state_is_never_saved(tmp_path, monkeypatch):
     """An absurd weight decay overflows float32 in the first update (infinite parameters), while that
     step's loss and gradient are still finite: the state check before the save stops it."""
-    monkeypatch.setattr(train, "MAX_LR", float("inf"))  # past the config check, to reach the step's own guard
+    monkeypatch.setattr(optimizer, "MAX_LR", float("inf"))  # past the config check, to reach the step's own guard
     config = tiny_config(5, checkpoint_every=1, lr=30.0, weight_decay=3e38)
     with pytest.raises(FloatingPointError, match="non-finite parameters after step 1.*no checkpoint was written"):
         train.train_and_evaluate(config, str(tmp_path))
@@ -450,7 +450,7 @@ def test_an_absurd_lr_is_refused_and_exploded_weights_are_never_saved(tmp_path, 
     (RMS ~1e30), which are neither saved nor named as the last good checkpoint."""
     with pytest.raises(ValueError, match=r"train.lr must be in \(0, 1\], got 1e\+30"):
         train.train_and_evaluate(tiny_config(20, checkpoint_every=1, lr=1e30), str(tmp_path))
-    monkeypatch.setattr(train, "MAX_LR", float("inf"))
+    monkeypatch.setattr(optimizer, "MAX_LR", float("inf"))
     with pytest.raises(FloatingPointError, match=r"the params exploded after step 1 \(RMS .*, over the limit 10\); "
                                                  "stopping: no checkpoint was written"):
         train.train_and_evaluate(tiny_config(20, checkpoint_every=1, lr=1e30), str(tmp_path))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import flops, train
+from dit_jax import flops, optimizer, train
 from tests.processes import free_port, main_command, run_processes
 from tests.run_files import read_log, tensorboard_steps
 from tests.tiny_models import TINY_FLAGS, set_field, tiny_train_config as tiny_config
@@ -124,7 +124,7 @@ def test_debiased_ema_is_the_bias_corrected_average_of_the_trained_weights():
 def test_debiased_ema_schedule_matches_the_closed_form(decay):
     c = tiny_config()
     c.train.update(ema_decay=decay, ema_debias=True)
-    schedule = train.ema_decay_schedule(c)
+    schedule = optimizer.ema_decay_schedule(c)
     values = np.random.default_rng(0).standard_normal(300)
     ema = 123.0  # the initial weights: must not survive
     for n, v in enumerate(values):
@@ -133,7 +133,7 @@ def test_debiased_ema_schedule_matches_the_closed_form(decay):
     weights = decay ** np.arange(len(values))[::-1]
     np.testing.assert_allclose(ema, np.sum(weights * values) / np.sum(weights), rtol=1e-4)
     c.train.ema_debias = False
-    assert float(train.ema_decay_schedule(c)(jnp.int32(5))) == pytest.approx(decay)
+    assert float(optimizer.ema_decay_schedule(c)(jnp.int32(5))) == pytest.approx(decay)
 
 
 @pytest.mark.parametrize("schedule, warmup, expected", [
@@ -145,7 +145,7 @@ def test_debiased_ema_schedule_matches_the_closed_form(decay):
 def test_learning_rate_schedules(schedule, warmup, expected):
     c = tiny_config()
     c.train.update(lr_schedule=schedule, warmup_steps=warmup)
-    lr = train.learning_rate_schedule(c)
+    lr = optimizer.learning_rate_schedule(c)
     for step, value in expected.items():
         assert float(lr(step)) == pytest.approx(value, abs=1e-9), (schedule, warmup, step)
 
