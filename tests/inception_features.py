@@ -1,8 +1,11 @@
 """Inception features in tests: the FID network of torch-fidelity (the reference the port is compared
-with) on random, calibrated weights, and a cheap stand-in computed from pixel statistics."""
+with) on random, calibrated weights, a cheap stand-in computed from pixel statistics, and a command run with
+the stand-in (``python -m tests.inception_features dit_jax.<command> FLAGS...``)."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +116,21 @@ def torch_fidelity_features(state: dict[str, Any], images: np.ndarray, dtype: st
     with torch.no_grad():
         pool, logits = model(torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous())
     return {"pool": pool.double().numpy(), "logits": logits.double().numpy(), **taps}
+
+
+def run_command_with_fake_features(module: str, argv: list[str]) -> None:
+    """Run ``python -m <module> ARGV`` in this process with the FID network stood in by ``fake_features``
+    (ADM's sizes): everything else (flags, weights, files) is the command's own, at a fraction of the
+    network's memory and time."""
+    import runpy
+
+    from dit_jax.fid import inception
+
+    inception.create_inception = lambda weights=None, **_: None
+    inception.create_feature_fn = lambda model, **_: functools.partial(fake_features, adm_sizes=True)
+    sys.argv = [module, *argv]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":  # python -m tests.inception_features dit_jax.<command> FLAGS...
+    run_command_with_fake_features(sys.argv[1], sys.argv[2:])

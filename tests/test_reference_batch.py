@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dit_jax import evaluate, images, reference_batch
-from dit_jax.fid import adm_npz, metrics
+from dit_jax.fid import adm_npz, features as fid_features, metrics
 from tests.fake_images import ODD_FILES, natural_image
 from tests.inception_features import fake_features
 
@@ -184,6 +184,31 @@ def test_the_command_names_a_missing_folder_without_a_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr  # the user's to fix, as every command's
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nowhere' does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_command_records_the_weights_hash_and_evaluate_reads_it_back(tmp_path):
+    """End to end on 5 tiny images with random Inception weights (their forward stood in by ``fake_features``):
+    the file records the tensors' SHA-256; evaluate accepts those weights and refuses others before reading an
+    image (the slow test below runs the network and computes the figures)."""
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(natural_image(rng, 20, 20)).save(tmp_path / "images" / f"{i}.png")
+    out = str(tmp_path / "ref.npz")
+    proc = subprocess.run([sys.executable, "-m", "tests.inception_features", "dit_jax.reference_batch", "--images",
+                           str(tmp_path / "images"), "--out", out, "--image_size", "16", "--inception_weights",
+                           "random:0"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == f"wrote {out}: statistics of 5 images, 5 in arr_0, 0 skipped"
+    ours = fid_features.read_weights("random:0")
+    reference = adm_npz.open_reference(out)
+    assert reference.weights["inception_weights_sha256"] == ours.sha256
+    assert json.loads(str(read(Path(out))["metadata"]))["settings"]["inception_weights_sha256"] == ours.sha256
+    assert fid_features.check_reference_weights(reference, out, ours) == []  # what evaluate checks, passed
+    with pytest.raises(adm_npz.BadBatch, match=rf"other Inception weights \(random:0, tensors SHA-256 "
+                                               rf"{ours.sha256[:16]}\.\.\.\) than random:1"):
+        evaluate.evaluate(out, out, inception_weights="random:1", progress=False)
 
 
 @pytest.mark.slow  # the real (random-weight) network twice and two 2048x2048 square roots: minutes
