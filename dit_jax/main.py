@@ -99,6 +99,14 @@ def load_config():
         console.fail(f"cannot load config file {path}: {last}")
 
 
+def config_line(workdir: str) -> str:
+    """The console's one line for the run's config: the file and the overrides given; every field goes to
+    ``WORKDIR/config.json`` (written by ``train.train_and_evaluate`` once the run has started)."""
+    given = [config_flags.get_config_filename(FLAGS["config"])]
+    given += [f"--config.{name}={value}" for name, value in config_flags.get_override_values(FLAGS["config"]).items()]
+    return f"config: {' '.join(given)} (every field: {storage.path(workdir) / train.CONFIG_FILE})"
+
+
 def main(argv):
     console.quiet_libraries()  # library chatter at WARNING unless --verbosity asks
     if len(argv) > 1:
@@ -106,9 +114,10 @@ def main(argv):
     config = load_config()
     compilation_cache.enable(FLAGS.compilation_cache)
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info("config:\n%s", config)
+    workdir = storage.absolute(FLAGS.workdir)
+    logging.info("%s", config_line(workdir))
     try:
-        result = train.train_and_evaluate(config, storage.absolute(FLAGS.workdir))
+        result = train.train_and_evaluate(config, workdir)
     except USER_ERRORS + RUN_FAILURES as e:
         if FLAGS.verbosity >= 1:
             raise

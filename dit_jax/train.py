@@ -252,6 +252,10 @@ def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pip
         learn_sigma=config.model.learn_sigma)
 
 
+# The workdir's record of the config of the run's latest invocation (each checkpoint holds its own, for resuming).
+CONFIG_FILE = "config.json"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), evaluating the EMA model.
 
@@ -259,8 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluation, at the end and on SIGTERM or Ctrl-C (then the run stops and returns
     ``{"preempted_at_step": step, "stop_signal": signum}``). The ``config.evals`` entries (``dit_jax.evaluators``)
     run on the EMA model every ``every`` steps and at the last step; an evaluation stopped by a signal reruns on
-    resume. Process 0 writes TensorBoard events, ``metrics.jsonl`` and, at the end, ``summary.json``
-    (the training figures and the last step's evaluations).
+    resume. Process 0 writes ``config.json`` (every field of the config, once the run has started), TensorBoard
+    events, ``metrics.jsonl`` and, at the end, ``summary.json`` (the training figures and the last step's
+    evaluations).
     """
     _check_config(config)
     # One run per workdir: a second one refuses here, before touching anything.
@@ -351,6 +356,8 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.
     logging.info("model: %s, %d trainable parameters on mesh %s; %s", config.model.name or "custom DiT",
                  num_params, dict(mesh.shape),
                  f"resumed from step {start_step}" if resumed else "starting from scratch")
+    if is_main:  # every field of this invocation's config (the console names only its file and overrides)
+        storage.write_json_atomic(storage.path(workdir) / CONFIG_FILE, config.to_dict())
     diffusion = build_diffusion(config)
     step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh, abstract_state)
     # MFU where the devices' peak is known (the count costs a CPU lowering, skipped otherwise); it runs in

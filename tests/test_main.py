@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,18 @@ def test_a_workdir_that_is_a_file_is_one_line_and_status_2(tmp_path):
                                                     "through a file): give a folder")
 
 
-def test_a_start_refused_after_the_lock_leaves_no_workdir(tmp_path):
-    """The latents source is checked after the workdir is locked (and so made): it is removed again."""
-    proc = run_main(main_command(tmp_path / "runs" / "x", "--config.data.source=latents"))
+def test_a_start_refused_after_the_lock_names_its_config_in_one_line_and_leaves_no_workdir(tmp_path):
+    """The console names the config file and the overrides in one line (every field goes to the workdir's
+    config.json once the run starts). The latents source is checked after the workdir is locked (and so made):
+    it is removed again, with no config.json."""
+    workdir = tmp_path / "runs" / "x"
+    proc = run_main(main_command(workdir, "--config.data.source=latents", "--config.train.steps=7"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: data.latents_dir is empty")
     assert list(tmp_path.iterdir()) == []
+    lines = proc.stderr.splitlines()
+    config_lines = [i for i, line in enumerate(lines) if "] config: " in line]
+    assert len(config_lines) == 1, proc.stderr[-3000:]
+    assert lines[config_lines[0]].endswith("] config: configs/default.py --config.data.source=latents "
+                                           f"--config.train.steps=7 (every field: {workdir / 'config.json'})")
+    # Log lines and the error only: no listing of the config's fields follows (``train:``, ...).
+    assert all(re.match(r"[IWEF]\d{4} ", line) or line.startswith("error: ") for line in lines), proc.stderr[-3000:]

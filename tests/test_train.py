@@ -41,6 +41,8 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     assert (tmp_path / "samples.png").exists()
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["steps"] == 80 and saved["evals"]["samples"]["png"] == "samples.png"
+    # Every field of the config, as JSON (the console names only the config file and the overrides).
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(config.to_dict()))
     # TensorBoard: every metric at every log step, and the EMA sample grids (also PNGs in the workdir).
     tags = tensorboard_steps(tmp_path)
     for tag in ("loss", "mse", "vb", "grad_norm", "learning_rate", "steps_per_sec", "images_per_sec"):
