@@ -1,10 +1,13 @@
 """What a command prints: its own lines at INFO, the libraries' chatter at WARNING unless ``--verbosity`` asks.
 
-Orbax logs ~40 INFO lines per checkpoint, CLU, grain and TensorStore more, and TensorFlow's C++
-runtime its oneDNN notice at import. Every command calls ``quiet_libraries`` first in its ``main``
-(after absl has parsed ``--verbosity``): INFO records from files outside this package are dropped
-from the console, and ``TF_CPP_MIN_LOG_LEVEL`` is set to 1 (warnings and errors; TensorFlow is
-imported only later) unless the user set it. ``--verbosity=1`` keeps everything, as absl prints it.
+Orbax logs ~40 INFO lines per checkpoint, CLU, grain and TensorStore more, TensorFlow's C++
+runtime its oneDNN notice at import, and libtpu its start-up lines on a TPU VM. Every command
+calls ``quiet_libraries`` first in its ``main`` (after absl has parsed ``--verbosity``): INFO
+records from files outside this package are dropped from the console, and the C++ runtimes'
+levels (``QUIET_ENVIRONMENT``) are set to 1 (warnings and errors) unless the user set them. Both
+runtimes read them when loaded, later: TensorFlow is imported only later, and libtpu is loaded when
+JAX first initialises its backend, which no command module does at import. ``--verbosity=1``
+keeps everything, as absl and the runtimes print it.
 
 A command ends on an error with ``fail``: one line, status 2 for what the user must fix (a path, a flag,
 a file), 1 for a failure of the run itself.
@@ -21,8 +24,10 @@ from typing import NoReturn
 from absl import logging
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-# Read by TensorFlow's (and XLA's) C++ logging when first imported: 1 drops INFO, keeps warnings and errors.
-QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1"}
+# Read when each runtime is loaded; 1 drops INFO, keeps warnings and errors. TF_CPP_MIN_LOG_LEVEL: TensorFlow's
+# (and XLA's) C++ logging. TPU_MIN_LOG_LEVEL: what libtpu logs at all (its lines before its logging starts go to
+# stderr; also its files in /tmp/tpu_logs); TPU_STDERR_LOG_LEVEL: what of that it copies to stderr.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1", "TPU_MIN_LOG_LEVEL": "1", "TPU_STDERR_LOG_LEVEL": "1"}
 
 
 class _OwnInfoOnly(std_logging.Filter):
@@ -33,7 +38,7 @@ class _OwnInfoOnly(std_logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """Keep the libraries' INFO chatter off the console (and TensorFlow's C++ INFO lines), unless absl's
+    """Keep the libraries' INFO chatter off the console (and TensorFlow's and libtpu's C++ INFO lines), unless absl's
     ``--verbosity`` is 1 or more. Idempotent; call it first in a command's ``main``."""
     if logging.get_verbosity() >= 1:
         return

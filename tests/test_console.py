@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from absl import logging
@@ -15,13 +18,25 @@ def record(path: str, level: int) -> std_logging.LogRecord:
     return std_logging.LogRecord("absl", level, path, 1, "message", None, None)
 
 
+RUNTIME_LEVELS = ("TF_CPP_MIN_LOG_LEVEL", "TPU_MIN_LOG_LEVEL", "TPU_STDERR_LOG_LEVEL")
+
+
+def unset(monkeypatch, *names: str) -> None:
+    """Remove ``names`` from the environment for this test (restored after it, also if the code sets them)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 def test_library_info_is_dropped_and_our_own_kept(monkeypatch):
-    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    unset(monkeypatch, *RUNTIME_LEVELS)
     handler = logging.get_absl_handler()
     monkeypatch.setattr(handler, "filters", [])
     console.quiet_libraries()
     console.quiet_libraries()  # idempotent
-    assert len(handler.filters) == 1 and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
+    # TensorFlow's C++ INFO lines and libtpu's start-up lines (to stderr and at all): warnings and errors only.
+    assert len(handler.filters) == 1 and {name: os.environ[name] for name in RUNTIME_LEVELS} == dict.fromkeys(
+        RUNTIME_LEVELS, "1")
     orbax = "/venv/site-packages/orbax/checkpoint/checkpoint_manager.py"
     assert not handler.filter(record(orbax, std_logging.INFO))
     assert handler.filter(record(orbax, std_logging.WARNING))
@@ -32,12 +47,29 @@ def test_verbosity_1_keeps_everything_and_a_users_setting_wins(monkeypatch):
     handler = logging.get_absl_handler()
     monkeypatch.setattr(handler, "filters", [])
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    monkeypatch.setenv("TPU_STDERR_LOG_LEVEL", "0")
+    unset(monkeypatch, "TPU_MIN_LOG_LEVEL")
     console.quiet_libraries()
-    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    assert (os.environ["TF_CPP_MIN_LOG_LEVEL"], os.environ["TPU_STDERR_LOG_LEVEL"]) == ("0", "0")
+    assert os.environ["TPU_MIN_LOG_LEVEL"] == "1"
     monkeypatch.setattr(handler, "filters", [])
+    unset(monkeypatch, *RUNTIME_LEVELS)
     monkeypatch.setattr(logging, "get_verbosity", lambda: 1)
     console.quiet_libraries()
-    assert handler.filters == []
+    assert handler.filters == [] and not set(RUNTIME_LEVELS) & set(os.environ)
+
+
+def test_no_command_starts_the_jax_backend_at_import():
+    """libtpu reads its levels when JAX loads it (the backend's start): after ``quiet_libraries``, first in ``main``."""
+    commands = ("main", "sample", "evaluate", "reference_batch", "extract_latents", "export", "benchmark", "sweep",
+                "model_stats", "parity")
+    code = ("import importlib; from jax._src import xla_bridge\n"
+            f"for name in {commands!r}:\n"
+            "    importlib.import_module('dit_jax.' + name)\n"
+            "    assert not xla_bridge.backends_are_initialized(), name\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_fail_is_one_error_line_and_the_status(capsys):
