@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 22's GPU measurements, prepared to run unattended on one lent GPU (an H200 here):
-#   train  the sweep (dit_jax.sweep's GPU_PLAN: the compute switches, batch 256/32, cuBLASLt) with a
+#   train  the sweep (GPU_PLAN, dit_jax/perf/plan.py: the compute switches, batch 256/32, cuBLASLt) with a
 #          profile and time split of its fastest row, then the start-up of that row again in a fresh
 #          process on the compilation cache the sweep left warm;   ~9 minutes (the sweep's --budget_s 480:
 #          `python -m dit_jax.sweep --plan` prints its rows and estimate)

@@ -140,7 +140,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh: Mesh) -> Train
     return _place(_initializer(config)[2][1], mesh)
 
 
-# The name scope of the step's optimiser, EMA and gradient-norm ops (``sweep.time_split`` finds them by it).
+# The name scope of the step's optimiser, EMA and gradient-norm ops (``perf.time_split`` finds them by it).
 OPTIMIZER_SCOPE = "optimizer_ema"
 
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import benchmark, torch_reference, train
+from dit_jax import train
 from dit_jax.fid import inception
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
+from dit_jax.perf import measure, report, side_by_side, torch_reference
 from tests.run_files import write_latents
 from tests.tiny_models import BENCHMARK_BATCH as BATCH, BENCHMARK_MESH as MESH, tiny_benchmark_config as tiny_config
 
@@ -29,12 +30,12 @@ def lowered_train_flops_per_image(config) -> float:
     """The count model_stats' way (``xla_gflops`` of the lowered program), of the benchmark's step."""
     graphdef, fixed, state = train.create_train_state(config)
     step = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
-    return 2e9 * xla_gflops(step, state, benchmark.random_batch(config, 0)) / config.train.batch_size
+    return 2e9 * xla_gflops(step, state, measure.random_batch(config, 0)) / config.train.batch_size
 
 
 @pytest.fixture(scope="module")
 def result():
-    return benchmark.run(tiny_config(), steps=2, warmup=1, sample_steps=2, cfg_scale=4.0, with_torch=True)
+    return side_by_side.run(tiny_config(), steps=2, warmup=1, sample_steps=2, cfg_scale=4.0, with_torch=True)
 
 
 def test_train_figures(result):
@@ -124,7 +125,8 @@ def test_torch_compile_with_inductor_runs_on_the_cpu():
 
 def test_the_pytorch_side_never_starts_a_jax_backend():
     """Started, JAX would take 75% of a GPU's memory before PyTorch runs (it runs first for that reason)."""
-    code = ("from jax._src import xla_bridge; from dit_jax import torch_reference; from tests.tiny_models import tiny_benchmark_config as tiny_config; "
+    code = ("from jax._src import xla_bridge; from dit_jax.perf import torch_reference; "
+            "from tests.tiny_models import tiny_benchmark_config as tiny_config; "
             "p = torch_reference.torch_train_benchmark(tiny_config(), steps=1, warmup=1); "
             "print(p['step_seconds_median'] > 0, xla_bridge.backends_are_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -137,21 +139,21 @@ def test_pytorch_runs_before_jax_takes_the_device(monkeypatch):
     order = []
     timing = {"step_seconds_median": 1.0, "step_seconds_min": 1.0}
     monkeypatch.setattr(torch_reference, "torch_train_benchmark", lambda *a, **k: order.append("torch") or dict(timing))
-    monkeypatch.setattr(benchmark, "train_benchmark", lambda *a, **k: order.append("jax") or dict(timing))
-    result = benchmark.run(tiny_config(), steps=1, warmup=1, sample_steps=0, cfg_scale=1.0, with_torch=True)
+    monkeypatch.setattr(measure, "train_benchmark", lambda *a, **k: order.append("jax") or dict(timing))
+    result = side_by_side.run(tiny_config(), steps=1, warmup=1, sample_steps=0, cfg_scale=1.0, with_torch=True)
     assert order == ["torch", "jax"] and result["torch_over_jax_step_time"] == {"median": 1.0, "min": 1.0}
 
 
 def test_report_and_json(result):
-    report = benchmark.format_report(result)
-    assert "MFU unknown" in report and "PyTorch / JAX step time" in report and "2-step guided DDPM" in report
-    assert "peak device memory: n/a" in report and "start-up: first step finished" in report and "compile" in report
+    text = report.format_report(result)
+    assert "MFU unknown" in text and "PyTorch / JAX step time" in text and "2-step guided DDPM" in text
+    assert "peak device memory: n/a" in text and "start-up: first step finished" in text and "compile" in text
     assert json.loads(json.dumps(result)) == result
 
 
 def test_bad_arguments_are_reported():
     with pytest.raises(ValueError, match="steps and warmup"):
-        benchmark.train_benchmark(tiny_config(), steps=0, warmup=1)
+        measure.train_benchmark(tiny_config(), steps=0, warmup=1)
     config = tiny_config()
     config.model.block_type = "in_context"
     with pytest.raises(ValueError, match="adaLN-Zero"):
@@ -166,55 +168,55 @@ def test_cli_rejects_bad_flags():
 
 
 def test_make_config():
-    config = benchmark.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"],
+    config = measure.make_config("DiT-S/2", image_size=512, batch=4, dtype="bfloat16", mesh=["fsdp=2", "data=-1"],
                                    attention="cudnn")
     assert config.model.name == "DiT-S/2" and config.model.input_size == 64 and config.train.batch_size == 4
     assert config.attention == "cudnn" and config.remat == "none" and not config.model.scan_blocks
-    scanned = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], remat="dots",
+    scanned = measure.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], remat="dots",
                                     scan_blocks=True)
     assert scanned.remat == "dots" and scanned.model.scan_blocks
-    switched = benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], qkv="split",
+    switched = measure.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], qkv="split",
                                      gelu_backward="recompute", norm_modulate="fused")
     assert (switched.qkv, switched.gelu_backward, switched.norm_modulate) == ("split", "recompute", "fused")
     assert (scanned.qkv, scanned.gelu_backward, scanned.norm_modulate) == ("fused", "saved", "xla")
     with pytest.raises(ValueError, match="unknown compute switch 'gelu'"):
-        benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], gelu="recompute")
+        measure.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=[], gelu="recompute")
     assert config.dtype == "bfloat16" and config.mesh.to_dict() == {"data": -1, "fsdp": 2, "tensor": 1}
     for mesh in (["rows=2"], ["data=two"], ["data"]):
         with pytest.raises(ValueError, match="axis=size"):
-            benchmark.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=mesh)
+            measure.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=mesh)
 
 
 def test_bfloat16_step():
     config = tiny_config()
     config.dtype = "bfloat16"
-    t = benchmark.train_benchmark(config, steps=1, warmup=1)
+    t = measure.train_benchmark(config, steps=1, warmup=1)
     assert t["dtype"] == "bfloat16" and t["step_seconds_median"] > 0 and t["train_flops_per_image"] > 0
 
 
 def test_loader_benchmark_reads_a_latents_folder(tmp_path):
     folder = write_latents(tmp_path, 96, std=0.1, shape=(4, 4, 4))
-    result = benchmark.loader_benchmark(folder, batch_size=16, batches=5, warmup=2)
+    result = measure.loader_benchmark(folder, batch_size=16, batches=5, warmup=2)
     assert result["latent_shape"] == [4, 4, 4] and result["batch"] == 16 and result["batches"] == 5
     assert result["latents_per_sec"] == pytest.approx(5 * 16 / result["seconds"])
     assert result["latents_per_cpu_sec"] > 0
     with pytest.raises(ValueError, match="batches"):
-        benchmark.loader_benchmark(folder, batch_size=16, batches=0, warmup=0)
+        measure.loader_benchmark(folder, batch_size=16, batches=0, warmup=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        benchmark.loader_benchmark(str(tmp_path / "missing"), batch_size=16, batches=1, warmup=0)
+        measure.loader_benchmark(str(tmp_path / "missing"), batch_size=16, batches=1, warmup=0)
 
 
 def test_inception_benchmark_checks_its_arguments():
     for bad in ({"batches": 0}, {"image_size": 4}, {"warmup": -1}):
         with pytest.raises(ValueError, match="image_size must be >= 8"):
-            benchmark.inception_benchmark(None, **{"image_size": 32, "batch_size": 8, "batches": 1, "warmup": 0, **bad})
+            measure.inception_benchmark(None, **{"image_size": 32, "batch_size": 8, "batches": 1, "warmup": 0, **bad})
 
 
 @pytest.mark.slow  # compiles the whole InceptionV3 (minutes on a loaded CPU)
 def test_inception_benchmark_times_the_feature_extractor():
     tensors = inception.random_weights()
     assert all(np.isfinite(v).all() for v in tensors.values())  # (create_inception checks every name and shape)
-    result = benchmark.inception_benchmark(None, image_size=32, batch_size=8, batches=2, warmup=1)
+    result = measure.inception_benchmark(None, image_size=32, batch_size=8, batches=2, warmup=1)
     assert result["batch"] == 8 and result["weights"] == "random"
     assert result["images_per_sec"] == pytest.approx(8 / result["step_seconds_median"])
 
@@ -229,7 +231,7 @@ def test_benchmark_and_sampling_import_without_tensorflow():
 
 
 def test_sampling_side_by_side_times_both_chains_per_device_batch():
-    result = benchmark.sample_side_by_side(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=2,
+    result = side_by_side.sample_side_by_side(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=2,
                                            per_device_batches=[1, 2], decode=False)
     assert [row["per_device_batch"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
@@ -241,8 +243,8 @@ def test_sampling_side_by_side_times_both_chains_per_device_batch():
         assert j["hours_per_50k"] == pytest.approx(50_000 / j["images_per_sec"] / 3600)
         assert row["torch_over_jax_sample_time"]["torch_tf32"] == pytest.approx(
             j["images_per_sec"] / 8 / f["images_per_sec"])
-    report = benchmark.format_sample_report(result)
-    assert report.count("h per 50K") == 6 and "without the VAE decode" in report
+    text = report.format_sample_report(result)
+    assert text.count("h per 50K") == 6 and "without the VAE decode" in text
     assert json.loads(json.dumps(result)) == json.loads(json.dumps(result, default=str))
     with pytest.raises(ValueError, match="repeats"):
         torch_reference.torch_sample_benchmark(tiny_config(), num_steps=2, cfg_scale=4.0, repeats=0)
@@ -252,7 +254,7 @@ def test_sampling_side_by_side_times_both_chains_per_device_batch():
 def test_sampling_side_by_side_decodes_with_the_vae_on_both_sides():
     config = tiny_config()
     config.dtype = "bfloat16"
-    (row,) = benchmark.sample_side_by_side(config, num_steps=2, cfg_scale=4.0, repeats=1,
+    (row,) = side_by_side.sample_side_by_side(config, num_steps=2, cfg_scale=4.0, repeats=1,
                                            per_device_batches=[1])["rows"]
     assert row["torch"]["precision"] == "bfloat16 autocast" and row["torch_tf32"]["precision"] == "float32+tf32"
     assert row["torch"]["vae_decode"] and row["torch_tf32"]["vae_decode"] and row["jax"]["vae_decode"]

@@ -24,7 +24,7 @@ def flat_fields(fields: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# The sweep's base settings for a tiny DiT (``sweep.row_config``): 51k parameters, 8x8x4 inputs.
+# The sweep's base settings for a tiny DiT (``perf.plan.row_config``): 51k parameters, 8x8x4 inputs.
 TINY_SWEEP_BASE = {"model": "DiT-S/2", "image_size": 64, "dtype": "float32",
                    "overrides": {"model.name": "", "model.hidden_size": 32, "model.depth": 2, "model.num_heads": 2,
                                  "model.input_size": 8, "model.num_classes": 10}}

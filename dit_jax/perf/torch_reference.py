@@ -1,7 +1,8 @@
 """PyTorch reference timings beside ours: the training step and guided sampling of diffusers' DiT.
 
-``python -m dit_jax.benchmark --torch`` / ``--sample_torch`` call these. Nothing here touches JAX's
-devices: on a GPU, PyTorch runs first and frees its cached memory, then JAX takes the device.
+``side_by_side`` calls these (``python -m dit_jax.benchmark --torch`` / ``--sample_torch``). Nothing
+here touches JAX's devices: on a GPU, PyTorch runs first and frees its cached memory, then JAX takes
+the device.
 """
 
 from __future__ import annotations
