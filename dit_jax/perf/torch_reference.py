@@ -17,7 +17,7 @@ import numpy as np
 
 from dit_jax import diffusion as gd
 from dit_jax.models import architecture
-from dit_jax.timing import summary, timed
+from dit_jax.perf.timing import summary, timed
 
 
 def torch_train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: int,
