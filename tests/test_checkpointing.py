@@ -117,6 +117,37 @@ def start_and_signal_after_checkpoint(workdir: Path, env: dict, sig: int, after_
     return proc.returncode, stderr
 
 
+def test_ctrl_c_checkpoints_its_step_and_the_rerun_matches_an_uninterrupted_run(tmp_path, monkeypatch, caplog):
+    """In one process (the fast sibling of the subprocess test below): Ctrl-C during step 3 checkpoints step 3
+    and stops; rerunning resumes there and ends with the losses and state of an uninterrupted run, bit for bit."""
+    steps = 6
+    config = tiny_config(steps)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    train.train_and_evaluate(config, str(reference))
+
+    global_batch, batches_placed = sharding.global_batch, []
+
+    def ctrl_c_during_step_3(*args, **kwargs):
+        batches_placed.append(None)
+        if len(batches_placed) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the trainer's handler takes it: a stop request
+        return global_batch(*args, **kwargs)
+
+    monkeypatch.setattr(sharding, "global_batch", ctrl_c_during_step_3)
+    with caplog.at_level(logging.WARNING):
+        assert train.train_and_evaluate(config, str(interrupted)) == {"preempted_at_step": 3,
+                                                                       "stop_signal": signal.SIGINT}
+    assert committed_steps(interrupted) == [3] and not (interrupted / "summary.json").exists()
+    assert "Ctrl-C: stopped at step 3 after checkpointing it; rerun the same command to resume" in caplog.text
+
+    monkeypatch.setattr(sharding, "global_batch", global_batch)
+    assert train.train_and_evaluate(config, str(interrupted))["resumed_from_step"] == 3
+    assert losses(interrupted) == losses(reference)
+    assert sorted(losses(reference)) == list(range(1, steps + 1))
+    assert_states_equal(restore_step(config, interrupted, steps), restore_step(config, reference, steps))
+
+
+@pytest.mark.slow  # four runs in subprocesses; the in-process Ctrl-C test above is its fast sibling
 def test_sigkill_sigterm_and_ctrl_c_then_rerun_match_an_uninterrupted_run(tmp_path, compile_once):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     env = {**os.environ, **compile_once}

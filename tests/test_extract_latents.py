@@ -355,14 +355,23 @@ def test_two_processes_started_as_for_training_share_the_shards(extracted, image
     np.testing.assert_allclose(ours["mean"].astype(np.float32), reference["mean"].astype(np.float32), atol=2e-3)
 
 
-def test_short_training_run_reads_the_latents(extracted, tmp_path):
-    summary = train.train_and_evaluate(latent_config(str(extracted[0])), str(tmp_path))
-    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in history] == [3, 6] and all(np.isfinite(h["loss"]) for h in history)
+def straight_latent_run(extracted, workdir: Path) -> list[dict]:
+    """A 6-step training run on the extracted latents; its log lines."""
+    summary = train.train_and_evaluate(latent_config(str(extracted[0])), str(workdir))
     assert summary["steps"] == 6
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
-    # Stopped after 3 steps and rerun: the checkpoint holds the loader's position, so the resumed
-    # run reads the same examples (and the same posterior samples and flips) as the straight one.
+
+def test_short_training_run_reads_the_latents(extracted, tmp_path):
+    history = straight_latent_run(extracted, tmp_path)
+    assert [h["step"] for h in history] == [3, 6] and all(np.isfinite(h["loss"]) for h in history)
+
+
+@pytest.mark.slow  # three runs; test_input_pipeline's resume of the latent loader is the fast sibling
+def test_a_latent_run_stopped_and_rerun_reads_the_same_examples(extracted, tmp_path):
+    """Stopped after 3 steps and rerun: the checkpoint holds the loader's position, so the resumed run reads
+    the same examples (and the same posterior samples and flips) as the straight one."""
+    history = straight_latent_run(extracted, tmp_path / "straight")
     split = tmp_path / "split"
     first_half = latent_config(str(extracted[0]))
     first_half.train.steps = 3
