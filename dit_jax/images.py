@@ -17,7 +17,10 @@ class folders (they still take their place in the class numbering, as in ImageFo
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import io
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -31,6 +34,8 @@ from dit_jax import storage
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Record = tuple[str, "bytes | OSError", int]
+# A cropped record: key, ADM crop (or the reason it is skipped), label, original mode ("" if skipped).
+Crop = tuple[str, "np.ndarray | str", int, str]
 
 
 class BadImage(ValueError):
@@ -99,7 +104,7 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, str]:
     return adm_center_crop(image, size), mode
 
 
-def crop_record(record: Record, size: int) -> tuple[str, np.ndarray | str, int, str]:
+def crop_record(record: Record, size: int) -> Crop:
     """A source record -> (key, ADM crop or the reason it is skipped, label, original mode ("" if skipped))."""
     key, data, label = record
     if isinstance(data, OSError):
@@ -109,6 +114,18 @@ def crop_record(record: Record, size: int) -> tuple[str, np.ndarray | str, int, 
     except BadImage as err:
         return key, str(err), label, ""
     return key, pixels, label, mode
+
+
+def crop_batches(records: Iterator[Record], *, size: int, batch_size: int,
+                 pool: concurrent.futures.Executor) -> Iterator[list[Crop]]:
+    """``records`` ADM-cropped (``crop_record``) on ``pool``'s threads, a list per ``batch_size`` of them, in
+    order; the next batch is decoded while the caller works on this one."""
+    crop = functools.partial(crop_record, size=size)
+    pending = [pool.submit(crop, r) for r in itertools.islice(records, batch_size)]
+    while pending:
+        done = [f.result() for f in pending]
+        pending = [pool.submit(crop, r) for r in itertools.islice(records, batch_size)]
+        yield done
 
 
 class ImageSource(Protocol):

@@ -15,7 +15,6 @@ every time it reads the record, as the paper's on-the-fly encoding did.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from typing import Any
@@ -29,10 +28,17 @@ from dit_jax import storage
 STORAGE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 METADATA = "metadata.json"
 PLAN = "plan.json"
+# One record per group: training reads single records in random order.
+WRITER_OPTIONS = "group_size:1,uncompressed"
 
 
 def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}.array_record"
+
+
+def report_name(index: int, count: int) -> str:
+    """The name of a shard's ``.json`` report (written once the shard is complete)."""
+    return shard_name(index, count)[:-len(".array_record")] + ".json"
 
 
 def record_dtype(shape: tuple[int, int, int], dtype: str) -> np.dtype:
@@ -106,8 +112,8 @@ def read_metadata(latents_dir: str) -> dict[str, Any]:
             raise FileNotFoundError(f"{path} does not exist: not a latents folder written by "
                                     "`python -m dit_jax.extract_latents`")
         plan = storage.read_json(plan_path)
-        done = sum((storage.path(latents_dir) / (shard_name(i, plan["num_shards"])[:-len(".array_record")] + ".json"))
-                   .exists() for i in range(plan["num_shards"]))
+        done = sum((storage.path(latents_dir) / report_name(i, plan["num_shards"])).exists()
+                   for i in range(plan["num_shards"]))
         raise FileNotFoundError(f"{path} does not exist: the extraction into {latents_dir} has not finished "
                                 f"({done} of {plan['num_shards']} shards done); run "
                                 f"`{extraction_command(plan, latents_dir)}` to complete it")

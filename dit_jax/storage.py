@@ -101,3 +101,17 @@ def read_json(file: PathLike) -> dict[str, Any]:
 def write_json_atomic(path: PathLike, value: dict[str, Any]) -> None:
     """Readers see the old file or the whole new one (``write_atomic``)."""
     write_atomic(path, json.dumps(value, indent=1))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def json_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``field: was OLD, now NEW`` for every leaf that differs between two JSON records (nested fields as
+    ``a.b``): what a resumable folder recorded against what this run asks for."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+                for line in json_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [f"{prefix[:-1]}: was {_short(old)}, now {_short(new)}"]

@@ -81,11 +81,11 @@ def tiny_workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_latents_dir(image_tree, tiny_vae_dir, tmp_path_factory) -> Path:
     """``image_tree`` (3 classes) encoded at 16x16 by the tiny VAE into 8x8x4 latents; the metadata names the VAE's folder."""
-    from dit_jax import extract_latents, images, vae
+    from dit_jax import images, latent_extraction, vae
 
     out = tmp_path_factory.mktemp("tiny_latents")
-    extract_latents.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)), str(out),
-                            vae=str(tiny_vae_dir), resolution=16, images_per_shard=16, batch_size=8)
+    latent_extraction.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)), str(out),
+                              vae=str(tiny_vae_dir), resolution=16, images_per_shard=16, batch_size=8)
     return out
 
 

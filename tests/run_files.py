@@ -63,13 +63,13 @@ def write_latents(folder, n: int, *, std: float, per_shard: int = 40, shape=(2, 
     """A latents folder whose record i has mean +(i+1) (view 0) / -(i+1) (flipped view) and the given std."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from dit_jax import extract_latents, latents
+    from dit_jax import latents
 
     shards = []
     count = -(-n // per_shard)
     for s in range(count):
         name = latents.shard_name(s, count)
-        writer = ArrayRecordWriter(str(folder / name), extract_latents.WRITER_OPTIONS)
+        writer = ArrayRecordWriter(str(folder / name), latents.WRITER_OPTIONS)
         for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
             mean = np.stack([np.full(shape, i + 1.0), np.full(shape, -(i + 1.0))])
             writer.write(latents.encode_record(i % 4, mean, np.full_like(mean, std), "float16"))

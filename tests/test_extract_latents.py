@@ -23,7 +23,7 @@ import pytest
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordReader
 
-from dit_jax import extract_latents, images, input_pipeline, latents, locking, train, vae
+from dit_jax import images, input_pipeline, latent_extraction, latents, locking, train, vae
 from tests.fake_images import IGNORED, ODD_FILES, make_flat_folder
 from tests.processes import free_port, run_processes
 from tests.tiny_models import latent_config
@@ -41,8 +41,8 @@ def model(tiny_vae_dir):
 @pytest.fixture(scope="module")
 def extracted(image_tree, model, tiny_vae_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("latents")
-    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out),
-                                       vae=str(tiny_vae_dir), **SETTINGS)
+    metadata = latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out),
+                                         vae=str(tiny_vae_dir), **SETTINGS)
     return out, metadata
 
 
@@ -113,13 +113,13 @@ def test_rerun_on_finished_output_does_nothing_and_a_relative_vae_path_is_the_sa
     out, metadata = extracted
     before = file_times(out)
     monkeypatch.chdir(tiny_vae_dir.parent)  # --vae=tiny_vae0 here is the same folder as its absolute path
-    again = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=tiny_vae_dir.name,
-                                    **SETTINGS)
+    again = latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out), vae=tiny_vae_dir.name,
+                                      **SETTINGS)
     assert again == metadata and file_times(out) == before
     monkeypatch.setenv("HOME", str(out.parent))  # ~/, relative and trailing-slash forms of the same --out
     for form in (f"~/{out.name}/", os.path.relpath(out)):
-        assert extract_latents.extract(images.FolderSource(str(image_tree)), model, form, vae=tiny_vae_dir.name,
-                                       **SETTINGS) == metadata
+        assert latent_extraction.extract(images.FolderSource(str(image_tree)), model, form, vae=tiny_vae_dir.name,
+                                         **SETTINGS) == metadata
     assert file_times(out) == before and not (tiny_vae_dir.parent / "~").exists()
     # A file that is not read appearing in the image folder changes nothing that is encoded: no refusal.
     tree = tmp_path / "train"
@@ -129,7 +129,7 @@ def test_rerun_on_finished_output_does_nothing_and_a_relative_vae_path_is_the_sa
     shutil.copytree(out, copy)
     plan = json.loads((copy / latents.PLAN).read_text())
     (copy / latents.PLAN).write_text(json.dumps({**plan, "source": {**plan["source"], "root": str(tree)}}))
-    extract_latents.extract(images.FolderSource(str(tree)), model, str(copy), vae=str(tiny_vae_dir), **SETTINGS)
+    latent_extraction.extract(images.FolderSource(str(tree)), model, str(copy), vae=str(tiny_vae_dir), **SETTINGS)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -142,8 +142,8 @@ def test_other_settings_never_mix_into_an_existing_folder(extracted, image_tree,
     out, _ = extracted
     before = file_times(out)
     with pytest.raises(FileExistsError, match=re.escape(message)) as refusal:
-        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
-                                **{**SETTINGS, **change})
+        latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                  **{**SETTINGS, **change})
     assert "--resolution=16" in str(refusal.value) and "--batch_size=8" in str(refusal.value)  # how to resume
     assert file_times(out) == before
 
@@ -152,12 +152,12 @@ def test_other_weights_in_the_same_vae_folder_are_refused_naming_both(model, tin
     folder = tmp_path / "vae"
     shutil.copytree(tiny_vae_dir, folder)
     tree, out = make_flat_folder(tmp_path / "images"), tmp_path / "latents"
-    extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
+    latent_extraction.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
     old = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     tiny_torch_vae(seed=1).save_pretrained(folder)  # e.g. -mse copied over -ema
     new = hashlib.sha256((folder / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     with pytest.raises(FileExistsError, match=f'vae_weights.sha256: was "{old}", now "{new}"'):
-        extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
+        latent_extraction.extract(images.FolderSource(str(tree)), model, str(out), vae=str(folder), **SETTINGS)
 
 
 def test_the_hub_revision_is_recorded_where_the_folder_knows_it(tiny_vae_dir, tmp_path):
@@ -169,7 +169,7 @@ def test_the_hub_revision_is_recorded_where_the_folder_knows_it(tiny_vae_dir, tm
     snapshot = tmp_path / "models--stabilityai--sd-vae-ft-ema/snapshots/89ab"  # the Hugging Face cache
     shutil.copytree(tiny_vae_dir, snapshot)
     for folder, revision in ((local, "0123abcd"), (snapshot, "89ab"), (tiny_vae_dir, None)):
-        name, described = extract_latents.describe_vae(str(folder))
+        name, described = latent_extraction.describe_vae(str(folder))
         assert name == str(folder) and described["hub_revision"] == revision and described["file"] == weights
 
 
@@ -182,8 +182,8 @@ def test_importing_the_command_defines_no_flags():
 def test_bad_numbers_are_rejected_before_anything_is_written(image_tree, model, tiny_vae_dir, tmp_path, field,
                                                              value):
     with pytest.raises(ValueError, match=f"{field}={value}: each must be a whole number of at least 1"):
-        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(tmp_path / "out"),
-                                vae=str(tiny_vae_dir), **{**SETTINGS, field: value})
+        latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(tmp_path / "out"),
+                                  vae=str(tiny_vae_dir), **{**SETTINGS, field: value})
     assert not (tmp_path / "out").exists()
 
 
@@ -193,7 +193,7 @@ def test_a_folder_of_only_bad_files_fails_and_is_never_finished(model, tiny_vae_
     for name in ("a.png", "b.JPEG"):
         (tree / name).write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="none of the 2 images could be encoded.*a.png: UnidentifiedImageError"):
-        extract_latents.extract(images.FolderSource(str(tree)), model, str(out), vae=str(tiny_vae_dir), **SETTINGS)
+        latent_extraction.extract(images.FolderSource(str(tree)), model, str(out), vae=str(tiny_vae_dir), **SETTINGS)
     assert not (out / latents.METADATA).exists()
     # The rerun (here the command, started with dit_jax.main's multi-process flags) fails the same way.
     rerun = subprocess.run([sys.executable, "-m", "dit_jax.extract_latents", f"--images={tree}", f"--out={out}",
@@ -212,8 +212,8 @@ def test_a_second_extractor_on_the_same_out_folder_refuses_naming_the_first(imag
     out = tmp_path / "latents"
     first = locking.acquire(str(out), purpose="latent extraction")  # as the first extractor (alive: this process)
     with pytest.raises(locking.LockHeldError, match=f"in use by latent extraction on host .*pid {os.getpid()}"):
-        extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
-                                **SETTINGS)
+        latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                  **SETTINGS)
     assert sorted(p.name for p in out.iterdir()) == [locking.LOCK_FILE]  # nothing written
     locking.release(str(out), first)
 
@@ -235,8 +235,8 @@ def test_a_truncated_metadata_json_is_named_and_a_rerun_writes_it_again(extracte
     metadata.write_text(metadata.read_text()[:100])
     with pytest.raises(ValueError, match=rf"^{metadata} is damaged \(not valid JSON: .*\); rerun the extraction on "):
         latents.LatentSource(str(out))
-    rewritten = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
-                                        **SETTINGS)
+    rewritten = latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                          **SETTINGS)
     assert rewritten == extracted[1] and latents.LatentSource(str(out)).metadata == extracted[1]
 
 
@@ -278,8 +278,8 @@ def test_damaged_shards_are_named_and_a_rerun_with_verify_encodes_only_them(extr
 
     truncated.write_bytes(truncated.read_bytes()[:100])
     before = file_times(out)
-    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
-                                       verify=True, **SETTINGS)
+    metadata = latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out), vae=str(tiny_vae_dir),
+                                         verify=True, **SETTINGS)
     after = file_times(out)
     changed = sorted(n for n in after if before.get(n) != after[n])
     assert changed == ["metadata.json", "shard-00001-of-00005.array_record", "shard-00001-of-00005.array_record.damaged",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import evaluate, images, reference_batch
+from dit_jax import evaluate, images, reference_builder
 from dit_jax.fid import adm_npz, features as fid_features, metrics
 from tests.fake_images import ODD_FILES, natural_image
 from tests.inception_features import fake_features
@@ -34,7 +34,7 @@ def crops_of(tree: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 def build(tree: Path, out: Path, **kwargs):
     kwargs = {"image_size": SIZE, "keep_images": 8, "batch_size": 5, "save_every": 2, "progress": False, **kwargs}
-    return reference_batch.build(images.FolderSource(str(tree)), str(out), kwargs.pop("features", features), **kwargs)
+    return reference_builder.build(images.FolderSource(str(tree)), str(out), kwargs.pop("features", features), **kwargs)
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
@@ -54,7 +54,7 @@ def test_streamed_statistics_equal_one_pass_and_evaluate_reads_the_file(image_tr
     assert ref["sigma"].shape == (2048, 2048) and ref["sigma_s"].shape == (2023, 2023)
     # arr_0: the seeded subset of 8 of the 29 files (27 readable crops), in source order, with their labels.
     n = len(images.FolderSource(str(image_tree)))
-    kept = reference_batch.kept_indices(n, 8, 0)
+    kept = reference_builder.kept_indices(n, 8, 0)
     all_keys = [r[0] for r in images.FolderSource(str(image_tree)).records(0, n)]
     picked = [keys.index(all_keys[i]) for i in kept if all_keys[i] in keys]
     np.testing.assert_array_equal(ref["arr_0"], crops[picked])
@@ -89,20 +89,20 @@ def test_an_interrupted_build_resumes_to_the_same_file(image_tree, tmp_path, mon
     with pytest.raises(Killed):  # saved after the second batch of 5 images
         build(image_tree, tmp_path / "ref.npz", features=dies_at_the_fourth_batch)
     partial = tmp_path / "ref.npz.partial"
-    with np.load(partial / reference_batch.STATE) as state:
+    with np.load(partial / reference_builder.STATE) as state:
         assert json.loads(str(state["meta"]))["next"] == 10 and not (tmp_path / "ref.npz").exists()
     assert sorted(os.listdir(partial / "blocks")) == ["00000000-00000005.npz"]  # kept images 0, 1, 2, 6, 8
     # Killed again between writing the kept images' block and the state that counts them.
-    real_save = reference_batch._Progress.save
+    real_save = reference_builder._Progress.save
 
     def dies_saving(self, partial):
         raise Killed
 
-    monkeypatch.setattr(reference_batch._Progress, "save", dies_saving)
+    monkeypatch.setattr(reference_builder._Progress, "save", dies_saving)
     with pytest.raises(Killed):
         build(image_tree, tmp_path / "ref.npz")
     assert sorted(os.listdir(partial / "blocks")) == ["00000000-00000005.npz", "00000005-00000008.npz"]
-    monkeypatch.setattr(reference_batch._Progress, "save", real_save)
+    monkeypatch.setattr(reference_builder._Progress, "save", real_save)
     # Other settings are refused, naming the old and new values.
     with pytest.raises(FileExistsError, match="keep_images: was 8, now 9"):
         build(image_tree, tmp_path / "ref.npz", keep_images=9)

@@ -253,13 +253,13 @@ def test_a_run_in_a_bucket_killed_and_resumed_ends_with_the_losses_of_an_uninter
 @pytest.mark.slow  # an extraction and two tiny latent runs; the latents part of test_run_logs_..._on_gs is the fast one
 def test_latents_extracted_into_a_bucket_train_as_the_local_ones(gcs, image_tree, tiny_vae_dir, tiny_latents_dir,
                                                                  tmp_path):
-    from dit_jax import extract_latents, images, vae
+    from dit_jax import images, latent_extraction, vae
     from tests.tiny_models import latent_config
 
     out = fresh(gcs, "latents")
-    metadata = extract_latents.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)),
-                                       os.fspath(out), vae=str(tiny_vae_dir), resolution=16, images_per_shard=16,
-                                       batch_size=8)
+    metadata = latent_extraction.extract(images.FolderSource(str(image_tree)), vae.load_vae(str(tiny_vae_dir)),
+                                         os.fspath(out), vae=str(tiny_vae_dir), resolution=16, images_per_shard=16,
+                                         batch_size=8)
     local = storage.read_json(tiny_latents_dir / latents.METADATA)
     # The same records, byte for byte (each shard written locally, then uploaded as one object).
     assert [(s["file"], s["sha256"]) for s in metadata["shards"]] == [(s["file"], s["sha256"]) for s in local["shards"]]

@@ -46,6 +46,16 @@ def read_weights(weights: str | None) -> InceptionWeights:
     return InceptionWeights(tensors, source, inception.weights_sha256(tensors))
 
 
+def weight_record(weights: InceptionWeights) -> dict[str, str]:
+    """What a reference batch records about the weights of its statistics (``adm_npz.WEIGHT_RECORDS``, read back
+    by ``check_reference_weights``): the file's name, the tensors' hash (the same in any container) and, for a
+    file (not random weights), the file's SHA-256."""
+    record = {"inception_weights": os.path.basename(weights.source), "inception_weights_sha256": weights.sha256}
+    if inception.random_seed(weights.source) is None:
+        record["inception_sha256"] = storage.sha256_file(weights.source)
+    return record
+
+
 def check_reference_weights(reference: Reference, path: str, weights: InceptionWeights) -> list[str]:
     """Refuse (one line) a reference whose precomputed statistics came from other Inception weights; notes.
 

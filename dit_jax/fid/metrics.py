@@ -42,6 +42,41 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+class RunningMoments:
+    """``mu`` and ``np.cov(rowvar=False)`` of feature rows seen in batches, in float64 about a fixed shift.
+
+    Sums of ``x - shift`` and ``(x - shift)(x - shift)^T`` (the shift: the first batch's mean)
+    keep the covariance's subtraction well conditioned over millions of rows.
+    """
+
+    def __init__(self, dim: int):
+        self.count, self.shift = 0, np.zeros(dim)
+        self.sum, self.outer = np.zeros(dim), np.zeros((dim, dim))
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float64)
+        if not len(rows):
+            return
+        if not self.count:
+            self.shift = rows.mean(axis=0)
+        centred = rows - self.shift
+        self.count += len(rows)
+        self.sum += centred.sum(axis=0)
+        self.outer += centred.T @ centred
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.sum / self.count
+        return self.shift + mean, (self.outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}_count": np.int64(self.count), f"{prefix}_shift": self.shift, f"{prefix}_sum": self.sum,
+                f"{prefix}_outer": self.outer}
+
+    def restore(self, state: Any, prefix: str) -> None:
+        self.count = int(state[f"{prefix}_count"])
+        self.shift, self.sum, self.outer = (np.asarray(state[f"{prefix}_{k}"]) for k in ("shift", "sum", "outer"))
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                      eps: float = FD_EPS) -> float:
     """The Fréchet distance between two Gaussians, as ADM computes it (float64 matrix square root)."""
