@@ -34,7 +34,7 @@ import json
 from absl import app, flags
 
 from dit_jax import compilation_cache, console
-from dit_jax.models import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_MODES, SWITCH_FIELDS
+from dit_jax.model_compute import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_MODES, SWITCH_FIELDS
 from dit_jax.perf import measure, report, side_by_side
 
 

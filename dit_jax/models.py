@@ -7,18 +7,16 @@ checkpoints map onto this model name by name (see ``weights/convert.py``). Array
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
-
-from absl import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
+
+from dit_jax import model_compute
 
 # The four conditioning blocks of the paper's Figure 5 ablation.
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
@@ -28,77 +26,6 @@ GUIDANCE_MODES = ("official", "all")
 OFFICIAL_GUIDANCE_CHANNELS = 3
 
 FREQUENCY_EMBEDDING_SIZE = 256
-# Compute dtypes by config name; parameters, optimiser state and losses stay float32.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Rematerialisation of each transformer block in the backward pass: "none" keeps every
-# activation, "block" recomputes the whole block (saves only its input), "dots" keeps the
-# outputs of the block's linear layers (matmuls without batch dimensions) and recomputes
-# the rest: attention, norms, modulation, GELU.
-REMAT_MODES = ("none", "block", "dots")
-_REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-# jax.nn.dot_product_attention implementations: "xla" (any backend), "cudnn" (fused flash
-# attention on NVIDIA GPUs; 16-bit inputs, head_dim a multiple of 8 and at most 128), or "auto"
-# (cuDNN where it works, XLA elsewhere: ``resolve_attention``).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-# Compute switches for the passes around the matmuls; none changes the parameters or the maths
-# (the first of each is the plain path). qkv "split": q, k and v (cross-attention's k and v) by
-# separate matmuls over slices of the fused kernel, so they and their gradients are whole arrays,
-# not slices of one [.., 3, ..] tensor. gelu_backward "recompute": the MLP's bias + GELU saves only
-# the fc1 matmul's output and recomputes the GELU in its backward. norm_modulate "fused": adaLN's
-# LayerNorm + modulation as one function with a one-pass backward (``norm_modulate``).
-QKV_MODES = ("fused", "split")
-GELU_BACKWARD_MODES = ("saved", "recompute")
-NORM_MODULATE_MODES = ("xla", "fused")
-# The config fields of the switches and their values (the default first).
-SWITCH_FIELDS = {"qkv": QKV_MODES, "gelu_backward": GELU_BACKWARD_MODES, "norm_modulate": NORM_MODULATE_MODES}
-
-
-
-def _cudnn_head_dim_ok(head_dim: int) -> bool:
-    return head_dim % 8 == 0 and head_dim <= 128
-
-
-@functools.cache
-def _cudnn_probe_error(head_dim: int) -> str | None:
-    """None if cuDNN's fused attention compiles here (forward and backward, a small bfloat16 shape),
-    else the first line of its error (an old cuDNN or CUDA, a missing plugin, ...)."""
-    shape = jax.ShapeDtypeStruct((1, 64, 2, head_dim), jnp.bfloat16)
-
-    def loss(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn").astype(jnp.float32).sum()
-
-    try:
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
-    except Exception as e:  # any refusal means: use XLA's attention
-        return next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    return None
-
-
-def resolve_attention(dtype: Any, head_dim: int) -> tuple[str, str]:
-    """``attention="auto"``: (the implementation to use, why): cuDNN's fused attention on an NVIDIA
-    GPU when the compute dtype is bfloat16, the head size suits it and a tiny compile probe passes;
-    XLA's attention otherwise."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return "xla", f"JAX runs on {backend!r}"
-    if jnp.dtype(dtype) != jnp.bfloat16:
-        return "xla", f"the compute dtype is {jnp.dtype(dtype).name} (cuDNN's fused attention needs bfloat16)"
-    if not _cudnn_head_dim_ok(head_dim):
-        return "xla", f"the head size {head_dim} is not a multiple of 8 at most 128 (cuDNN's fused attention)"
-    error = _cudnn_probe_error(head_dim)
-    if error is not None:
-        return "xla", f"cuDNN's fused attention failed to compile here: {error}"
-    return "cudnn", "NVIDIA GPU, bfloat16, head size " + str(head_dim)
-
-
-@functools.cache
-def _auto_attention(dtype_name: str, head_dim: int) -> str:
-    """``resolve_attention`` once per process and setting, with one log line where a GPU falls back to XLA."""
-    implementation, reason = resolve_attention(dtype_name, head_dim)
-    if implementation == "xla" and jax.default_backend() == "gpu":
-        logging.warning("attention 'auto' uses XLA's attention, not cuDNN's: %s", reason)
-    return implementation
-
 
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -142,70 +69,6 @@ def sincos_2d_pos_embed(dim: int, grid_size: int) -> np.ndarray:
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """adaLN: per-sample affine modulation of normalised tokens [N, T, D]."""
     return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def _norm_modulate_fwd(x: jax.Array, shift: jax.Array, scale: jax.Array, epsilon: float):
-    # nnx.LayerNorm's values: statistics in (at least) float32, E[x^2] - E[x]^2 clipped at 0, the
-    # normalised tokens cast back to x's dtype; then ``modulate`` in that dtype.
-    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.maximum(0.0, lax.square(xf).mean(-1, keepdims=True) - lax.square(mean))
-    rstd = lax.rsqrt(var + epsilon)
-    return modulate(((xf - mean) * rstd).astype(x.dtype), shift, scale), (x, mean, rstd, scale)
-
-
-def _norm_modulate_bwd(epsilon: float, residuals, g: jax.Array):
-    x, mean, rstd, scale = residuals
-    xhat = (x.astype(mean.dtype) - mean) * rstd
-    g = g.astype(mean.dtype)
-    dshift, dscale = g.sum(1), (g * xhat).sum(1)
-    g = g * (1 + scale).astype(mean.dtype)[:, None]
-    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
-    return dx.astype(x.dtype), dshift.astype(scale.dtype), dscale.astype(scale.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def norm_modulate(x: jax.Array, shift: jax.Array, scale: jax.Array, epsilon: float) -> jax.Array:
-    """``modulate(LayerNorm(x), shift, scale)`` (no affine LayerNorm over the last axis of [N, T, D]),
-    the same values, with a backward that reads x once: it saves only x and per-token statistics,
-    and dx is one pass over rows (the means of g' and g' * xhat, g' = g * (1 + scale))."""
-    return _norm_modulate_fwd(x, shift, scale, epsilon)[0]
-
-
-norm_modulate.defvjp(_norm_modulate_fwd, _norm_modulate_bwd)
-
-
-def _tanh_gelu(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
-
-
-@jax.custom_vjp
-def bias_gelu(y: jax.Array, bias: jax.Array) -> jax.Array:
-    """``gelu(y + bias)`` (tanh approximation) whose backward recomputes the GELU from ``y`` (a matmul's
-    output, written anyway) instead of saving its intermediates: dy and the bias gradient in one pass."""
-    return _tanh_gelu(y + bias)
-
-
-def _bias_gelu_fwd(y: jax.Array, bias: jax.Array):
-    return bias_gelu(y, bias), (y, bias)
-
-
-def _bias_gelu_bwd(residuals, g: jax.Array):
-    y, bias = residuals
-    (dy,) = jax.vjp(_tanh_gelu, y + bias)[1](g)
-    return dy, dy.sum(tuple(range(dy.ndim - bias.ndim))).astype(bias.dtype)
-
-
-bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
-
-
-def _matmuls(layer: nnx.Linear | nnx.LinearGeneral, x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
-    """A linear layer's (x @ kernel, bias) in its compute dtype, one pair per projection of a
-    ``[din, n, dout]`` kernel (``n`` separate matmuls over its slices), one for a ``[din, dout]`` kernel."""
-    x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
-    kernels, biases = ([kernel[:, i] for i in range(kernel.shape[1])], list(bias)) if kernel.ndim == 3 else ([kernel], [bias])
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    return tuple((lax.dot_general(x, k, dims, precision=layer.precision), b) for k, b in zip(kernels, biases))
 
 
 def _linear(din: int, dout: int, rngs: nnx.Rngs, dtype: Any, init=xavier_uniform) -> nnx.Linear:
@@ -291,7 +154,7 @@ class Attention(nnx.Module):
     def _heads(self, layer: nnx.LinearGeneral, x: jax.Array) -> tuple[jax.Array, ...]:
         # The n projections [b, t, heads * head_dim] -> n arrays [b, t, heads, head_dim] (the official feature order).
         if self.split:
-            outputs = [y + b for y, b in _matmuls(layer, x)]
+            outputs = [y + b for y, b in model_compute.projections(layer, x)]
         else:
             y = layer(x)
             outputs = [y[:, :, i] for i in range(y.shape[2])]
@@ -317,15 +180,15 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.recompute_gelu:
-            ((y, bias),) = _matmuls(self.fc1, x)
-            return self.fc2(bias_gelu(y, bias))
-        return self.fc2(_tanh_gelu(self.fc1(x)))
+            ((y, bias),) = model_compute.projections(self.fc1, x)
+            return self.fc2(model_compute.bias_gelu(y, bias))
+        return self.fc2(model_compute.tanh_gelu(self.fc1(x)))
 
 
 def _adaptive_norm(norm: nnx.LayerNorm, x: jax.Array, shift: jax.Array, scale: jax.Array, fused: bool) -> jax.Array:
     """adaLN: ``modulate(norm(x), shift, scale)``, as one ``norm_modulate`` when ``fused``."""
     if fused:
-        return norm_modulate(x.astype(norm.dtype or x.dtype), shift, scale, norm.epsilon)
+        return model_compute.norm_modulate(x.astype(norm.dtype or x.dtype), shift, scale, norm.epsilon)
     return modulate(norm(x), shift, scale)
 
 
@@ -404,7 +267,7 @@ def _apply_blocks(blocks: nnx.List | DiTBlock, x: jax.Array, c: jax.Array | None
     def run(block, x):
         return block(x, c)
     if remat != "none":
-        run = nnx.remat(run, policy=_REMAT_POLICIES[remat])
+        run = nnx.remat(run, policy=model_compute.REMAT_POLICIES[remat])
     if isinstance(blocks, nnx.List):
         for block in blocks:
             x = run(block, x)
@@ -426,12 +289,12 @@ def unpatchify(x: jax.Array, patch_size: int, channels: int) -> jax.Array:
 class DiT(nnx.Module):
     """Diffusion Transformer over NHWC latents: ``model(x, t, y) -> eps (and variance values)``.
 
-    ``dtype`` is the compute type (parameters stay float32, the output is float32);
-    ``remat`` (``REMAT_MODES``) recomputes block activations in the backward pass to save memory;
-    ``attention`` picks ``jax.nn.dot_product_attention``'s kernel (``ATTENTION_IMPLEMENTATIONS``;
-    "auto" is resolved here, where the head size is known: ``self.attention`` is the kernel used).
-    ``qkv``, ``gelu_backward`` and ``norm_modulate`` choose how the passes around the matmuls are
-    computed (``QKV_MODES``, ``GELU_BACKWARD_MODES``, ``NORM_MODULATE_MODES``): same parameters, same values.
+    The compute options (``dit_jax.model_compute``) change how, never what, it computes: ``dtype``
+    is the compute type (parameters stay float32, the output is float32); ``remat`` recomputes block
+    activations in the backward pass to save memory; ``attention`` picks
+    ``jax.nn.dot_product_attention``'s kernel ("auto" is resolved here, where the head size is known:
+    ``self.attention`` is the kernel used); ``qkv``, ``gelu_backward`` and ``norm_modulate`` choose how
+    the passes around the matmuls are computed: same parameters, same values.
     ``scan_blocks`` stores the blocks' parameters stacked on a leading layer axis (``blocks`` is
     then one ``DiTBlock`` whose every variable is ``[depth, ...]``) and runs them as one
     ``lax.scan``: the program holds one block instead of ``depth``, so it traces and compiles
@@ -462,9 +325,9 @@ class DiT(nnx.Module):
         scan_blocks: bool = False,
         rngs: nnx.Rngs,
     ):
-        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                      class_dropout_prob, num_classes, block_type, guidance, attention, remat)
-        _check_switches(qkv, gelu_backward, norm_modulate)
+        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, class_dropout_prob,
+                      num_classes, block_type, guidance, remat=remat, attention=attention, qkv=qkv,
+                      gelu_backward=gelu_backward, norm_modulate=norm_modulate)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -477,7 +340,7 @@ class DiT(nnx.Module):
         self.depth = depth
         self.scan_blocks = scan_blocks
         if attention == "auto":
-            attention = _auto_attention(jnp.dtype(dtype).name, hidden_size // num_heads)
+            attention = model_compute.auto_attention(jnp.dtype(dtype).name, hidden_size // num_heads)
         self.attention = attention
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size, dtype=dtype, rngs=rngs)
@@ -559,11 +422,10 @@ def check_labels(y: Any, num_classes: int, *, allow_null: bool) -> None:
                          f"[{values.min()}, {values.max()}]")
 
 
-def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                  class_dropout_prob, num_classes, block_type, guidance, attention, remat) -> None:
+def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, class_dropout_prob,
+                  num_classes, block_type, guidance, **compute: Any) -> None:
+    """One error naming every problem of the architecture and of the ``compute`` arguments."""
     problems = []
-    if remat not in REMAT_MODES:
-        problems.append(f"remat {remat!r} is not one of {REMAT_MODES}")
     if block_type not in BLOCK_TYPES:
         problems.append(f"block_type {block_type!r} is not one of {BLOCK_TYPES}")
     if guidance not in GUIDANCE_MODES:
@@ -578,24 +440,7 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
         problems.append(f"depth, in_channels and num_classes must be >= 1 (got {depth}, {in_channels}, {num_classes})")
     if not 0.0 <= class_dropout_prob < 1.0:
         problems.append(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        problems.append(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-    head_dim = hidden_size // max(num_heads, 1)
-    if attention == "cudnn" and not _cudnn_head_dim_ok(head_dim):
-        problems.append(f"attention 'cudnn' needs a head size (hidden_size / num_heads) that is a multiple of 8 "
-                        f"and at most 128, got {head_dim}; use attention 'xla'")
-    if problems:
-        raise ValueError("invalid DiT config: " + "; ".join(problems))
-
-
-def _switch_problems(qkv: Any, gelu_backward: Any, norm_modulate: Any) -> list[str]:
-    values = dict(qkv=qkv, gelu_backward=gelu_backward, norm_modulate=norm_modulate)
-    return [f"{name} {values[name]!r} is not one of {modes}" for name, modes in SWITCH_FIELDS.items()
-            if values[name] not in modes]
-
-
-def _check_switches(qkv: Any, gelu_backward: Any, norm_modulate: Any) -> None:
-    problems = _switch_problems(qkv, gelu_backward, norm_modulate)
+    problems += model_compute.model_problems(head_dim=hidden_size // max(num_heads, 1), **compute)
     if problems:
         raise ValueError("invalid DiT config: " + "; ".join(problems))
 
@@ -625,36 +470,6 @@ def architecture(model: Mapping[str, Any]) -> dict[str, Any]:
     return dict(input_size=m["input_size"], in_channels=m["in_channels"], num_classes=m["num_classes"],
                 mlp_ratio=m["mlp_ratio"], class_dropout_prob=m["class_dropout_prob"], learn_sigma=m["learn_sigma"],
                 block_type=m["block_type"], guidance=m.get("guidance", "official"), **sizes)
-
-
-def compute_options(dtype: str, remat: str, attention: str, *, qkv: str = "fused", gelu_backward: str = "saved",
-                    norm_modulate: str = "xla") -> dict[str, Any]:
-    """``DiT`` keyword arguments from the config's ``dtype``, ``remat``, ``attention``, ``qkv``,
-    ``gelu_backward`` and ``norm_modulate`` names.
-
-    ``attention="cudnn"`` is refused unless this process runs on a GPU in bfloat16: cuDNN's
-    fused kernels exist only there (and only for 16-bit inputs). ``"auto"`` passes through: the
-    ``DiT`` resolves it (``resolve_attention``), knowing its head size.
-    """
-    problems = []
-    if dtype not in DTYPES:
-        problems.append(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
-    if remat not in REMAT_MODES:
-        problems.append(f"remat {remat!r} is not one of {REMAT_MODES}")
-    if attention not in ATTENTION_IMPLEMENTATIONS:
-        problems.append(f"attention {attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
-    elif attention == "cudnn":
-        if dtype != "bfloat16":
-            problems.append(f"attention 'cudnn' needs dtype 'bfloat16' (cuDNN's fused attention is 16-bit), "
-                            f"got {dtype!r}; use attention 'xla' for float32")
-        if jax.default_backend() != "gpu":
-            problems.append(f"attention 'cudnn' needs an NVIDIA GPU, but JAX runs on {jax.default_backend()!r}; "
-                            f"use attention 'xla'")
-    problems += _switch_problems(qkv, gelu_backward, norm_modulate)
-    if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
-    return dict(dtype=DTYPES[dtype], remat=remat, attention=attention, qkv=qkv, gelu_backward=gelu_backward,
-                norm_modulate=norm_modulate)
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, **overrides: Any) -> DiT:

@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"               # compute dtype: float32 | bfloat16 (params, optimiser state, losses stay float32)
     c.remat = "none"                  # none | block | dots (recompute each block's activations / all but its matmul outputs in the backward pass)
     c.attention = "auto"              # auto (cudnn on NVIDIA GPUs in bfloat16 where it compiles, else xla) | xla | cudnn (fused flash attention)
-    # How the passes around the matmuls are computed (same parameters, same values; dit_jax/models.py):
+    # How the passes around the matmuls are computed (same parameters, same values; dit_jax/model_compute.py):
     c.qkv = "fused"                   # fused | split (q, k, v by three matmuls over slices of the fused kernel: no slicing of one [.., 3, ..] tensor)
     c.gelu_backward = "saved"         # saved | recompute (the MLP's bias + GELU saves only fc1's matmul output and recomputes the GELU backward)
     c.norm_modulate = "xla"           # xla | fused (adaLN LayerNorm + modulation as one function with a one-pass custom backward)

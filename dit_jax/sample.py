@@ -26,7 +26,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dit_jax import compilation_cache, console, diffusion as gd, locking, sharding, storage
-from dit_jax.models import ATTENTION_IMPLEMENTATIONS, GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT
+from dit_jax.model_compute import ATTENTION_IMPLEMENTATIONS
+from dit_jax.models import GUIDANCE_MODES, OFFICIAL_GUIDANCE_CHANNELS, DiT
 from dit_jax.sampling.blocks import SAMPLES_NPZ, weights_digest, write_samples
 from dit_jax.sampling.engine import (FID_CFG_SCALE, PICTURE_CFG_SCALE, SAMPLERS, balanced_labels, check_sample_labels,
                                      create_image_sampler, random_labels, sample_uint8)

@@ -31,7 +31,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from dit_jax import (checkpointing, console, diffusion as gd, divergence, flops, input_pipeline, locking, optimizer,
                      run_log, sharding, stop_signals, storage)
 from dit_jax.evaluators import common as evaluators
-from dit_jax.models import DTYPES, SWITCH_FIELDS, DiT, architecture, count_params, compute_options
+from dit_jax.model_compute import DTYPES, SWITCH_FIELDS, compute_options
+from dit_jax.models import DiT, architecture, count_params
 from dit_jax.weights import finetune
 
 @flax.struct.dataclass

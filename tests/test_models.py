@@ -15,8 +15,9 @@ from flax import nnx
 
 from dit_jax.weights.convert import load_official_state_dict, to_official_state_dict
 from dit_jax import diffusion as gd
-from dit_jax import models
-from dit_jax.models import BLOCK_TYPES, MODELS, DiT, compute_options, count_params, create_model, resolve_attention
+from dit_jax import model_compute, models
+from dit_jax.model_compute import compute_options, resolve_attention
+from dit_jax.models import BLOCK_TYPES, MODELS, DiT, count_params, create_model
 from tests.torch_references import official_state
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -300,11 +301,11 @@ def test_cudnn_attention_needs_bfloat16_on_a_gpu(monkeypatch):
 @pytest.fixture
 def fresh_attention_choice():
     """``attention="auto"`` decided anew (its per-process caches cleared before and after)."""
-    models._auto_attention.cache_clear()
-    models._cudnn_probe_error.cache_clear()
+    model_compute.auto_attention.cache_clear()
+    model_compute._cudnn_probe_error.cache_clear()
     yield
-    models._auto_attention.cache_clear()
-    models._cudnn_probe_error.cache_clear()
+    model_compute.auto_attention.cache_clear()
+    model_compute._cudnn_probe_error.cache_clear()
 
 
 def test_auto_attention_is_xla_off_gpus(fresh_attention_choice, caplog):
@@ -328,14 +329,14 @@ def test_auto_attention_is_xla_off_gpus(fresh_attention_choice, caplog):
 def test_auto_attention_on_a_gpu(monkeypatch, dtype, head_dim, probe_error, expected, reason):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     probed = []
-    monkeypatch.setattr(models, "_cudnn_probe_error", lambda h: probed.append(h) or probe_error)
+    monkeypatch.setattr(model_compute, "_cudnn_probe_error", lambda h: probed.append(h) or probe_error)
     implementation, why = resolve_attention(dtype, head_dim)
     assert implementation == expected and reason in why
     assert probed == ([head_dim] if jnp.dtype(dtype) == jnp.bfloat16 and head_dim in (64, 72, 128) else [])
 
 
 def test_cudnn_probe_reports_the_first_line_of_its_error():
-    error = models._cudnn_probe_error.__wrapped__(64)  # this CPU cannot compile cuDNN's kernel
+    error = model_compute._cudnn_probe_error.__wrapped__(64)  # this CPU cannot compile cuDNN's kernel
     assert error and "\n" not in error
 
 
@@ -356,7 +357,7 @@ def test_auto_attention_falls_back_on_a_gpu_with_one_log_line(fresh_attention_ch
 
 def test_auto_attention_picks_cudnn_on_a_gpu_that_compiles_it(fresh_attention_choice, monkeypatch, caplog):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(models, "_cudnn_probe_error", lambda head_dim: None)
+    monkeypatch.setattr(model_compute, "_cudnn_probe_error", lambda head_dim: None)
     model = nnx.eval_shape(lambda: tiny(dtype=jnp.bfloat16, block_type="cross_attention"))
     assert model.attention == "cudnn"
     assert {b.attn.implementation for b in model.blocks} == {b.cross_attn.implementation for b in model.blocks} == {"cudnn"}
@@ -498,7 +499,7 @@ def test_wrongly_ranked_checkpoint_array_is_reported_not_crashed(reference):
         load_official_state_dict(model, state)
 
 
-# The compute switches (models.QKV_MODES, GELU_BACKWARD_MODES, NORM_MODULATE_MODES): each non-default
+# The compute switches (model_compute.QKV_MODES, GELU_BACKWARD_MODES, NORM_MODULATE_MODES): each non-default
 # value, and the block types where it changes the program.
 SWITCHES = {"qkv": "split", "gelu_backward": "recompute", "norm_modulate": "fused"}
 SWITCH_CASES = [(name, block_type) for name in SWITCHES for block_type in BLOCK_TYPES

@@ -177,7 +177,7 @@ def test_the_gpu_plan_is_valid_its_xla_flags_exist_and_it_fits_eight_minutes():
 
 def test_the_gpu_plan_builds_its_xl2_configs():
     """Every row of GPU_PLAN builds a DiT-XL/2 config whose switches are valid, non-default modes."""
-    from dit_jax.models import SWITCH_FIELDS
+    from dit_jax.model_compute import SWITCH_FIELDS
 
     assert all(SWITCH_FIELDS[k].index(v) > 0 for k, v in plan.SWITCHES.items())  # the first mode is the plain path
     for row in plan.resolve_rows(plan.GPU_PLAN):

@@ -33,7 +33,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dit_jax import compilation_cache, flops, input_pipeline, latents, sharding, train
-from dit_jax.models import DTYPES, MODELS, SWITCH_FIELDS, count_params
+from dit_jax.model_compute import DTYPES, SWITCH_FIELDS
+from dit_jax.models import MODELS, count_params
 from dit_jax.perf.timing import summary, timed
 from dit_jax.perf.trace import PROFILE_HLO
 from dit_jax.recipes import paper_config

@@ -31,7 +31,7 @@ import jax
 from flax import nnx
 
 from dit_jax import flops, sharding, storage, train
-from dit_jax.models import DTYPES
+from dit_jax.model_compute import DTYPES
 from dit_jax.perf import measure, time_split
 from dit_jax.perf.plan import (ROW_DEFAULTS, group_deadlines, group_rows, resolve_rows, row_config, row_seconds,
                                settings_cells)

@@ -21,7 +21,8 @@ from absl import logging
 from flax import nnx
 
 from dit_jax import checkpointing, storage
-from dit_jax.models import MODELS, SIZES, DiT, architecture, compute_options, sincos_2d_pos_embed
+from dit_jax.model_compute import compute_options
+from dit_jax.models import MODELS, SIZES, DiT, architecture, sincos_2d_pos_embed
 from dit_jax.weights import convert, diffusers, fetch
 
 class LoadedDiT(NamedTuple):
@@ -53,7 +54,7 @@ def load_dit(ckpt: str, *, model: str | None = None, image_size: int | None = No
     itself) or hub id, or a dit_jax workdir (or its ``checkpoints/`` folder). ``model``,
     ``image_size``, ``num_classes`` and ``learn_sigma`` are checks (and name the heads of a
     plain state dict of a non-paper width): a checkpoint that differs raises a ValueError
-    listing every mismatch. ``dtype``/``attention`` are the compute options (``models.compute_options``).
+    listing every mismatch. ``dtype``/``attention`` are the compute options (``model_compute.compute_options``).
     """
     kind, path = _resolve_dit(ckpt, cache=cache, offline=offline)
     options = compute_options(dtype, "none", attention)
