@@ -70,7 +70,7 @@ def _check_images(images: np.ndarray, image_size: int) -> np.ndarray:
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(
             f"expected float images in [-1, 1], got dtype {images.dtype} "
-            "(convert uint8 with dit_jax.synthetic.to_model_range)"
+            "(convert uint8 with dit_jax.sampling.image_grid.to_model_range)"
         )
     if images.size and (
         not np.all(np.isfinite(images))

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from dit_jax import latents, synthetic
+from dit_jax.sampling import image_grid
 
 
 class ArraySource:
@@ -36,7 +37,7 @@ class ArraySource:
     def sample_batch(self, indices: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """The examples at ``indices`` as one [-1, 1] float32 batch, each flipped left-right with
         probability 1/2 if ``random_flip`` (the paper's only augmentation); one gather and one draw per batch."""
-        images = synthetic.to_model_range(self.images[indices])
+        images = image_grid.to_model_range(self.images[indices])
         if self.random_flip:
             flip = rng.random(len(images)) < 0.5
             images[flip] = images[flip][:, :, ::-1]

@@ -192,16 +192,3 @@ def make_examples(
         images[start : start + _CHUNK] = np.rint(chunk * 255.0).astype(np.uint8)
     return images, labels
 
-
-def to_model_range(images: np.ndarray) -> np.ndarray:
-    """Map uint8 images in [0, 255] to float32 in [-1, 1] (the diffusion model's range)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"to_model_range expects uint8 images, got dtype {images.dtype}")
-    return images.astype(np.float32) / 127.5 - 1.0
-
-
-def from_model_range(x: np.ndarray) -> np.ndarray:
-    """Map model outputs in [-1, 1] back to uint8 images (clipped, rounded)."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)

@@ -5,7 +5,8 @@ import pytest
 from flax import nnx
 
 from dit_jax import classifier
-from dit_jax.synthetic import CLASS_NAMES, make_examples, to_model_range
+from dit_jax.sampling.image_grid import to_model_range
+from dit_jax.synthetic import CLASS_NAMES, make_examples
 
 NUM_CLASSES = 10
 

@@ -19,7 +19,7 @@ from dit_jax import latents, synthetic, train, vae
 from dit_jax.evaluators import class_consistency, common, fid, grid
 from dit_jax.fid import features, inception
 from dit_jax.models import DiT
-from dit_jax.sampling import engine
+from dit_jax.sampling import engine, image_grid
 from dit_jax.weights import fetch
 from tests.inception_features import fake_features
 from tests.run_files import read_log
@@ -97,7 +97,7 @@ def test_pixel_grid_holds_the_guided_samples_and_shares_them(tmp_path, monkeypat
     labels = np.repeat(np.arange(2), 3)
     samples = ema.samples(labels, seed=1, cfg_scale=4.0, sampler="ddpm", respacing="3")
     assert len(calls) == 1  # the second request is the first one's samples
-    expected = synthetic.from_model_range(samples)
+    expected = image_grid.from_model_range(samples)
     np.testing.assert_array_equal(grid_cells(tmp_path / result["png"], 2, 3, 16), expected)
     assert result["grid"].shape == np.asarray(Image.open(tmp_path / result["png"])).shape
     assert not np.array_equal(expected[0], expected[3])  # rows are classes
@@ -117,11 +117,11 @@ def test_latent_grid_is_decoded_through_the_vae_the_latents_name(tiny_latents_di
     cells = grid_cells(tmp_path / "samples.png", 3, 2, 16)  # 16x16 pixels, not the 8x8x4 latents
     scaled = ema.samples(np.repeat(np.arange(3), 2), seed=1, cfg_scale=4.0, sampler="ddpm", respacing="2")
     decoder = vae.load_vae(str(tiny_vae_dir))
-    expected = synthetic.from_model_range(np.asarray(decoder.decode(scaled / metadata["scale_factor"])))
+    expected = image_grid.from_model_range(np.asarray(decoder.decode(scaled / metadata["scale_factor"])))
     assert np.abs(cells.astype(int) - expected).max() <= 1  # jitted vs eager float rounding
     # The latents are unscaled first (this random VAE's GroupNorms make it nearly scale-invariant, hence a
     # comparison of mismatch rates rather than of values).
-    unscaled = synthetic.from_model_range(np.asarray(decoder.decode(scaled)))
+    unscaled = image_grid.from_model_range(np.asarray(decoder.decode(scaled)))
     assert np.mean(cells != expected) < 0.05 < np.mean(cells != unscaled)
 
 
@@ -161,7 +161,7 @@ class RealImages(common.EmaModel):
         for y in wanted:  # a different image for every sample
             picks.append(np.flatnonzero(drawn == y)[seen[y]])
             seen[y] += 1
-        return synthetic.to_model_range(images[picks])
+        return image_grid.to_model_range(images[picks])
 
 
 def test_class_consistency_is_the_judges_agreement_with_the_labels(tmp_path):

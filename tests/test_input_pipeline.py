@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dit_jax import input_pipeline, latents, synthetic
+from dit_jax.sampling import image_grid
 from tests.run_files import LATENT_SCALE, write_latents
 
 
@@ -45,7 +46,7 @@ def test_batches_are_model_range_floats_and_flips_of_the_data(source):
     assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    data = synthetic.to_model_range(source.images)
+    data = image_grid.to_model_range(source.images)
     found = [_source_index(data, image) for image in batch["image"]]
     assert [source.labels[i] for i, _ in found] == list(batch["label"])
     assert 0 < sum(flipped for _, flipped in found) < 32
@@ -54,14 +55,14 @@ def test_batches_are_model_range_floats_and_flips_of_the_data(source):
 def test_flips_can_be_turned_off(source):
     unflipped = input_pipeline.ArraySource(source.images, source.labels, random_flip=False)
     batch = next(input_pipeline.make_train_iterator(unflipped, batch_size=32, seed=0))
-    data = synthetic.to_model_range(source.images)
+    data = image_grid.to_model_range(source.images)
     found = [_source_index(data, image) for image in batch["image"]]
     assert not any(flipped for _, flipped in found)
     assert [source.labels[i] for i, _ in found] == list(batch["label"])
 
 
 def test_an_epoch_is_split_between_shards(source):
-    data = synthetic.to_model_range(source.images)
+    data = image_grid.to_model_range(source.images)
     halves = []
     for shard in range(2):
         it = input_pipeline.make_train_iterator(source, batch_size=8, seed=0, shard_index=shard, shard_count=2)
@@ -81,7 +82,7 @@ def test_resume_from_iterator_state(source):
 
 
 def test_global_batches_hold_the_same_examples_for_any_number_of_processes(source):
-    data = synthetic.to_model_range(source.images)
+    data = image_grid.to_model_range(source.images)
     one = input_pipeline.make_train_iterator(source, batch_size=8, seed=0)
     halves = [input_pipeline.make_train_iterator(source, batch_size=4, seed=0, shard_index=i, shard_count=2)
               for i in range(2)]
@@ -104,7 +105,7 @@ def test_processes_draw_different_augmentations(source):
     for shard in range(2):
         batch = next(input_pipeline.make_train_iterator(source, batch_size=32, seed=0, shard_index=shard,
                                                         shard_count=2))
-        data = synthetic.to_model_range(source.images)
+        data = image_grid.to_model_range(source.images)
         flips.append([_source_index(data, x)[1] for x in batch["image"]])
     assert flips[0] != flips[1]
 

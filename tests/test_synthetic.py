@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dit_jax import synthetic
-from dit_jax.synthetic import CLASS_NAMES, MAX_CLASSES, from_model_range, make_examples, to_model_range
+from dit_jax.synthetic import CLASS_NAMES, MAX_CLASSES, make_examples
 
 # Foreground shapes are bright (HSV value >= 0.8), backgrounds dark (value <= 0.28).
 FG_THRESHOLD = 140
@@ -131,21 +131,3 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         synthetic.make_examples(**kwargs)
 
-
-def test_model_range_round_trip():
-    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-    x = to_model_range(pixels)
-    assert x.dtype == np.float32
-    assert x.min() == -1.0 and x.max() == 1.0
-    back = from_model_range(x)
-    assert back.dtype == np.uint8 and np.array_equal(back, pixels)
-
-
-def test_from_model_range_clips_and_rounds():
-    out = from_model_range(np.array([-3.0, -1.0, 0.0, 0.999, 2.0]))
-    assert out.tolist() == [0, 0, 128, 255, 255]
-
-
-def test_to_model_range_rejects_non_uint8():
-    with pytest.raises(ValueError, match="uint8"):
-        to_model_range(np.zeros((1, 4, 4, 3), np.float32))

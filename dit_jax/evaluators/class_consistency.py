@@ -22,6 +22,7 @@ import numpy as np
 from dit_jax import classifier, synthetic
 from dit_jax.evaluators import common
 from dit_jax.fid import metrics
+from dit_jax.sampling import image_grid
 
 DEFAULTS = dict(
     per_class=30,                 # samples of each class judged
@@ -58,11 +59,11 @@ class Evaluator:
             k, size = run.num_classes, run.image_size
             images, targets = synthetic.make_examples(s.classifier_examples, num_classes=k, image_size=size,
                                                  seed=run.seed + 1000)
-            judge = classifier.train_classifier(synthetic.to_model_range(images), targets, num_classes=k,
+            judge = classifier.train_classifier(image_grid.to_model_range(images), targets, num_classes=k,
                                                 steps=s.classifier_steps, seed=run.seed)
             held_images, held_labels = synthetic.make_examples(s.heldout_examples, num_classes=k, image_size=size,
                                                           seed=run.seed + 2000)
-            held = synthetic.to_model_range(held_images)
+            held = image_grid.to_model_range(held_images)
             sampled = held_labels < len(np.unique(self.labels))
             reference = metrics.statistics(classifier.features(judge, held[sampled]))
             held[1::2] = held[1::2, :, ::-1]  # both orientations: the judge accepts either (data.random_flip)
@@ -70,7 +71,7 @@ class Evaluator:
             floor_images, floor_labels = synthetic.make_examples(len(self.labels) * k, num_classes=k, image_size=size,
                                                             seed=run.seed + 3000)
             floor = np.concatenate([floor_images[floor_labels == c][:s.per_class] for c in np.unique(self.labels)])
-            floor_stats = metrics.statistics(classifier.features(judge, synthetic.to_model_range(floor)))
+            floor_stats = metrics.statistics(classifier.features(judge, image_grid.to_model_range(floor)))
             self._judge = judge, reference, {
                 "heldout_accuracy": classifier.accuracy(judge, held, held_labels),
                 "fid_floor": metrics.frechet_distance(*floor_stats, *reference),
@@ -82,7 +83,7 @@ class Evaluator:
         images = ema.images(self.labels, decoder=self.decoder, seed=self.run_info.seed + 1, cfg_scale=s.cfg_scale,
                             sampler=s.sampler, respacing=s.respacing)
         judge, reference, figures = self._trained_judge()
-        x = synthetic.to_model_range(images)
+        x = image_grid.to_model_range(images)
         predicted = classifier.predict(judge, x)
         return {
             "class_consistency": float(np.mean(predicted == self.labels)),

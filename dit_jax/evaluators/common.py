@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dit_jax import diffusion as gd, synthetic, vae as vae_lib
+from dit_jax import diffusion as gd, vae as vae_lib
 from dit_jax.models import DiT
-from dit_jax.sampling import engine
+from dit_jax.sampling import engine, image_grid
 
 COMMON_FIELDS = ("type", "every")
 _NOT_EVALUATORS = ("common",)
@@ -136,11 +136,11 @@ class Decoder:
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         if self._vae is None:
-            return synthetic.from_model_range(samples)
+            return image_grid.from_model_range(samples)
         graphdef, state = self._vae
         out = [np.asarray(_decode(graphdef, state, jnp.asarray(samples[i:i + self.batch_size] / self.scale_factor)))
                for i in range(0, len(samples), self.batch_size)]
-        return synthetic.from_model_range(np.concatenate(out))
+        return image_grid.from_model_range(np.concatenate(out))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,4 +1,4 @@
-"""Pixel conversions, and image grids as arrays and PNG files."""
+"""Pixel conversions (uint8 images to and from the model's [-1, 1] range), and image grids as arrays and PNG files."""
 
 from __future__ import annotations
 
@@ -17,9 +17,23 @@ def to_uint8(x: jax.Array) -> jax.Array:
     """Model-range images (about [-1, 1]) -> uint8 as the official ``sample_ddp.py`` converts them.
 
     ``clamp(127.5 x + 128, 0, 255)`` then truncation, which is what ADM's reference batches
-    and the published FIDs were computed on (not the rounding of ``synthetic.from_model_range``).
+    and the published FIDs were computed on (not the rounding of ``from_model_range``).
     """
     return jnp.clip(127.5 * x + 128.0, 0.0, 255.0).astype(jnp.uint8)
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+    """Map uint8 images in [0, 255] to float32 in [-1, 1] (the diffusion model's range)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"to_model_range expects uint8 images, got dtype {images.dtype}")
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def from_model_range(x: np.ndarray) -> np.ndarray:
+    """Map model outputs in [-1, 1] back to uint8 images (clipped, rounded)."""
+    x = np.asarray(x, dtype=np.float32)
+    return np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def make_grid(rows: np.ndarray, *, pad: int = 2, scale: int = 2) -> np.ndarray:
