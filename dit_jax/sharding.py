@@ -204,7 +204,7 @@ def follow_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
 
 
 def train_state_shardings(state: Any, mesh: Mesh) -> Any:
-    """A ``train.TrainState`` (concrete or abstract) of ``NamedSharding``: params by the rules,
+    """A ``train_state.TrainState`` (concrete or abstract) of ``NamedSharding``: params by the rules,
     ``opt_state`` and ``ema_params`` following them, ``step`` and ``rng`` replicated."""
     params = params_shardings(state.params, mesh)
     replicated = NamedSharding(mesh, P())

@@ -23,9 +23,9 @@ def write_checkpoints(workdir: Path, config, steps: tuple[int, ...], *, atomicit
     the states by step."""
     import jax
 
-    from dit_jax import checkpointing, input_pipeline, train
+    from dit_jax import checkpointing, input_pipeline, train_state
 
-    _, _, state = train.create_train_state(config)
+    _, _, state = train_state.create_train_state(config)
     batches = input_pipeline.make_train_iterator(input_pipeline.create_source(config),
                                                  batch_size=config.train.batch_size, seed=config.seed)
     manager = checkpointing.create_manager(str(workdir / "checkpoints"), every_steps=1, max_to_keep=10,

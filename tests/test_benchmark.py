@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import train
+from dit_jax import train, train_state
 from dit_jax.fid import inception
 from dit_jax.flops import xla_gflops
 from dit_jax.models import count_params
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def lowered_train_flops_per_image(config) -> float:
     """The count model_stats' way (``xla_gflops`` of the lowered program), of the benchmark's step."""
-    graphdef, fixed, state = train.create_train_state(config)
+    graphdef, fixed, state = train_state.create_train_state(config)
     step = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
     return 2e9 * xla_gflops(step, state, measure.random_batch(config, 0)) / config.train.batch_size
 
@@ -41,7 +41,7 @@ def result():
 def test_train_figures(result):
     t = result["train"]
     config = tiny_config()
-    assert t["num_params"] == count_params(train.build_model(config, rngs=nnx.Rngs(0)))
+    assert t["num_params"] == count_params(train_state.build_model(config, rngs=nnx.Rngs(0)))
     assert t["num_devices"] == jax.device_count() == 8 and t["batch"] == BATCH and t["steps"] == 2
     assert t["mesh"] == MESH
     assert 0 < t["step_seconds_min"] <= t["step_seconds_median"]
@@ -83,7 +83,7 @@ def test_sample_figures(result):
     assert s["images"] == BATCH and s["sample_steps"] == 2 and s["seconds"] > 0
     assert s["images_per_sec"] == pytest.approx(BATCH / s["seconds"])
     # Two steps, each one model evaluation of the doubled (conditional + null) batch; guidance adds a little.
-    model = train.build_model(tiny_config(), rngs=nnx.Rngs(0))
+    model = train_state.build_model(tiny_config(), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     x, t = jnp.zeros((2 * BATCH, 8, 8, 4)), jnp.zeros((2 * BATCH,), jnp.int32)
     forward = 2e9 * xla_gflops(lambda state, x, t: nnx.merge(graphdef, state)(x, t, t), state, x, t)

@@ -22,7 +22,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from configs import default
-from dit_jax import checkpointing, input_pipeline, locking, optimizer, sharding, stop_signals, train
+from dit_jax import checkpointing, input_pipeline, locking, optimizer, sharding, stop_signals, train, train_state
 from tests.processes import main_command as main_with_flags
 from tests.run_files import read_log, tensorboard_steps
 from tests.tiny_models import flat_fields, set_field
@@ -62,9 +62,9 @@ def tiny_config(steps: int, **train_fields):
     return c
 
 
-def restore_step(config, workdir: Path, step: int) -> train.TrainState:
+def restore_step(config, workdir: Path, step: int) -> train_state.TrainState:
     """The ``TrainState`` saved at ``step`` in ``workdir``."""
-    _, _, state = train.create_train_state(config)
+    _, _, state = train_state.create_train_state(config)
     manager = checkpointing.create_manager(str(workdir / "checkpoints"), every_steps=1, max_to_keep=10)
     try:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -73,7 +73,7 @@ def restore_step(config, workdir: Path, step: int) -> train.TrainState:
         manager.close()
 
 
-def assert_states_equal(a: train.TrainState, b: train.TrainState) -> None:
+def assert_states_equal(a: train_state.TrainState, b: train_state.TrainState) -> None:
     leaves_a, leaves_b = jax.tree.leaves(jax.random.key_data(a.rng)), jax.tree.leaves(jax.random.key_data(b.rng))
     leaves_a += jax.tree.leaves(a.replace(rng=0))
     leaves_b += jax.tree.leaves(b.replace(rng=0))
@@ -296,7 +296,7 @@ def test_corrupt_latest_checkpoints_fall_back_to_the_previous_intact_one(tmp_pat
 EMA_KERNEL = "ema_params/blocks/0/mlp/fc1/kernel"
 
 
-def flip_one_ema_bit(state: train.TrainState) -> tuple[train.TrainState, train.TrainState]:
+def flip_one_ema_bit(state: train_state.TrainState) -> tuple[train_state.TrainState, train_state.TrainState]:
     """(step 2 with one EMA weight's bit flipped after its checksums were taken, as a damaged disk would return
     it; the state whose checksums it records)."""
     state2 = state.replace(step=state.step + 1)
@@ -311,7 +311,7 @@ def flip_one_ema_bit(state: train.TrainState) -> tuple[train.TrainState, train.T
     return jax.tree_util.tree_map_with_path(flip_one_bit, state2), state2
 
 
-def explode(state: train.TrainState) -> tuple[train.TrainState, train.TrainState]:
+def explode(state: train_state.TrainState) -> tuple[train_state.TrainState, train_state.TrainState]:
     """(step 2 with finite but absurd weights, as an older version saved lr=1e30's step 1; itself)."""
     exploded = state.replace(step=state.step + 1, params=jax.tree.map(lambda x: x * 1e30, state.params))
     assert checkpointing.fingerprint(exploded)[1]  # finite
@@ -326,7 +326,7 @@ def test_a_damaged_or_exploded_step_is_refused_and_the_previous_one_restored(tmp
     """Step 2 with one flipped bit, or with weights a diverging run left finite but absurd (not "the last good
     checkpoint"), is refused, saying why, and set aside; step 1 is restored."""
     config = tiny_config(10)
-    _, _, state = train.create_train_state(config)
+    _, _, state = train_state.create_train_state(config)
     iterator = input_pipeline.make_train_iterator(input_pipeline.create_source(config), batch_size=16, seed=0)
     manager = checkpointing.create_manager(str(tmp_path / "checkpoints"), every_steps=1, max_to_keep=3)
     try:
@@ -519,8 +519,8 @@ def test_a_checkpoint_restores_onto_a_different_mesh(tmp_path):
     manager = checkpointing.create_manager(str(tmp_path / "checkpoints"), every_steps=1, max_to_keep=3)
     iterator = input_pipeline.make_train_iterator(input_pipeline.create_source(config), batch_size=16, seed=0)
     try:
-        on_four = checkpointing.restore_latest(manager, train.abstract_train_state(config, mesh), iterator, config,
-                                               quarantine_dir=str(tmp_path / "unused"))
+        on_four = checkpointing.restore_latest(manager, train_state.abstract_train_state(config, mesh), iterator,
+                                               config, quarantine_dir=str(tmp_path / "unused"))
     finally:
         manager.close()
     assert_states_equal(on_four, on_one_device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-from dit_jax import train
+from dit_jax import train_state
 from dit_jax.models import count_params
 from dit_jax.model_stats import PAPER_TABLE
 
@@ -28,7 +28,7 @@ def test_one_config_per_paper_model():
 @pytest.mark.parametrize("name", sorted(PAPER_256))
 def test_paper_configs_build_the_paper_model_with_the_paper_recipe(name):
     c = load(name)
-    model = nnx.eval_shape(lambda: train.build_model(c, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: train_state.build_model(c, rngs=nnx.Rngs(0)))
     assert count_params(model) == PAPER_TABLE[PAPER_256[name]].params
     assert (c.model.input_size, c.model.in_channels, c.model.num_classes) == (32, 4, 1000)
     assert (c.train.lr, c.train.weight_decay, c.train.batch_size, c.train.ema_decay) == (1e-4, 0.0, 256, 0.9999)
@@ -43,7 +43,7 @@ def test_paper_configs_build_the_paper_model_with_the_paper_recipe(name):
 
 def test_512_config_uses_64x64_latents():
     c = load("dit_xl2_512")
-    model = nnx.eval_shape(lambda: train.build_model(c, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: train_state.build_model(c, rngs=nnx.Rngs(0)))
     assert model.pos_embed.shape == (1, 1024, 1152)
     # Same trainable weights as at 256: the position table is fixed, not trained.
     assert count_params(model) == PAPER_TABLE["DiT-XL/2"].params
@@ -51,7 +51,7 @@ def test_512_config_uses_64x64_latents():
 
 def test_default_config_is_a_small_pixel_space_model():
     c = load("default")
-    model = nnx.eval_shape(lambda: train.build_model(c, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: train_state.build_model(c, rngs=nnx.Rngs(0)))
     assert c.data.source == "synthetic" and c.model.in_channels == 3 and c.model.num_classes >= 10
     assert count_params(model) < 10_000_000  # a CPU-sized model, far below DiT-S (33M)
     assert c.evals.class_consistency.type == "class_consistency" and c.evals.class_consistency.every == 0

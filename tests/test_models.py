@@ -604,12 +604,12 @@ def test_compute_switches_are_validated():
 def test_train_step_with_every_compute_switch_gives_the_default_losses(dtype, rtol):
     """Two jitted train steps (config fields ``qkv``, ``gelu_backward``, ``norm_modulate``): the same losses
     and gradient norms as the default path; the second step's loss follows from the first step's gradients."""
-    from dit_jax import train
+    from dit_jax import train, train_state
     from tests.tiny_models import tiny_run_config
 
     def losses(**switches: str) -> list[tuple[float, float]]:
         config = tiny_run_config(dtype=dtype, **switches)
-        graphdef, fixed, state = train.create_train_state(config)
+        graphdef, fixed, state = train_state.create_train_state(config)
         step = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
         rng = np.random.default_rng(0)
         batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),

@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from configs import default
-from dit_jax import sharding, train
+from dit_jax import sharding, train, train_state
 from tests.fake_tpu_vm import FakeMetadataServer, fake_tpu_chips, tpu_vm_metadata
 from tests.processes import free_port, run_processes
 
@@ -43,12 +43,12 @@ def tiny_problem(scan_blocks: bool = False):
     (unjitted) step, and a batch."""
     c = tiny_config()
     c.model.scan_blocks = scan_blocks
-    graphdef, fixed, _ = train.create_train_state(c)
+    graphdef, fixed, _ = train_state.create_train_state(c)
     # SGD whose state is the last gradient (a trace with decay 0): grads are compared exactly.
     tx = optax.chain(optax.trace(decay=0.0), optax.scale(-0.5))
 
     def init_state():
-        state = train.create_train_state(c)[2]
+        state = train_state.create_train_state(c)[2]
         return state.replace(opt_state=tx.init(state.params))
 
     step = functools.partial(train.train_step, graphdef=graphdef, fixed=fixed, diffusion=train.build_diffusion(c),
@@ -154,7 +154,7 @@ def test_scanned_blocks_shard_like_unrolled_ones_and_step_the_same(setup):
 @pytest.fixture(scope="module")
 def abstract_state():
     """The tiny model's TrainState (AdamW) as shapes only: rules need no values."""
-    return jax.eval_shape(lambda: train.create_train_state(tiny_config())[2])
+    return jax.eval_shape(lambda: train_state.create_train_state(tiny_config())[2])
 
 
 def test_rules_shard_large_weights_by_fsdp_and_tensor(abstract_state):
@@ -201,7 +201,7 @@ def test_tensor_parallel_step_splits_attention_by_heads_and_gathers_nothing(qkv)
     c.qkv = qkv
     c.mesh.update(data=1, fsdp=1, tensor=2)
     mesh = mesh_of((1, 1, 2))
-    graphdef, fixed, state = train.create_train_state(c, mesh)
+    graphdef, fixed, state = train_state.create_train_state(c, mesh)
     step = train.make_train_step(c, graphdef, fixed, train.build_diffusion(c), mesh)
     _, _, batch = tiny_problem()
     hlo = step.lower(state, sharding.global_batch(batch, mesh)).compile().as_text()
@@ -213,14 +213,14 @@ def test_tensor_parallel_step_splits_attention_by_heads_and_gathers_nothing(qkv)
 
 
 def test_sharded_init_equals_the_unsharded_one_and_the_step_keeps_its_layout():
-    """One jitted initialiser with output shardings (``train._on_mesh``): the values of the eager, unsharded
+    """One jitted initialiser with output shardings (``train_state.on_mesh``): the values of the eager, unsharded
     path and of ``sharding.create_sharded_state`` (the former path), laid out by the rules, on a (2, 2, 2) mesh."""
     c = tiny_config()
     c.mesh.update(data=2, fsdp=2, tensor=2)
     mesh = mesh_of((2, 2, 2))
-    graphdef, fixed, state = train.create_train_state(c, mesh)
-    _, _, eager = train.create_train_state(c)
-    _, init, _ = train._initializer(c)
+    graphdef, fixed, state = train_state.create_train_state(c, mesh)
+    _, _, eager = train_state.create_train_state(c)
+    _, init, _ = train_state._initializer(c)
     former, shardings = sharding.create_sharded_state(lambda: init()[1], mesh)
     values = lambda tree: [np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
                                       else a) for a in jax.tree.leaves(tree)]
@@ -433,7 +433,7 @@ if __name__ == "__main__":
 
 
 def test_gpu_initialiser_draws_the_same_values_and_falls_back_when_the_kernel_is_missing(monkeypatch, caplog):
-    """``train._run_initializer`` on a (faked) GPU: inside the threefry-kernel context the replicated state equals
+    """``train_state._run_initializer`` on a (faked) GPU: inside the threefry-kernel context the replicated state equals
     the plain jit's; a kernel that fails to lower falls back to the expanded draw with one warning; a sharded
     layout never enters the kernel's context (the partitioner cannot split its custom call)."""
     import contextlib
@@ -443,12 +443,12 @@ def test_gpu_initialiser_draws_the_same_values_and_falls_back_when_the_kernel_is
     c = tiny_config()
     c.mesh.update(data=-1, fsdp=1, tensor=1)
     mesh = mesh_of((8, 1, 1))
-    _, init, (_, abstract) = train._initializer(c)
-    shardings = jax.tree.map(lambda a: a.sharding, train._place(abstract, mesh))
+    _, init, (_, abstract) = train_state._initializer(c)
+    shardings = jax.tree.map(lambda a: a.sharding, train_state._place(abstract, mesh))
     plain = jax.jit(lambda: init()[1], out_shardings=shardings)()
     values = lambda tree: [np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
                                       else a) for a in jax.tree.leaves(tree)]
-    monkeypatch.setattr(train.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(train_state.jax, "default_backend", lambda: "gpu")
     entered, original = [], jax_config.threefry_gpu_kernel_lowering
 
     @contextlib.contextmanager
@@ -457,8 +457,8 @@ def test_gpu_initialiser_draws_the_same_values_and_falls_back_when_the_kernel_is
         with original(on):
             yield
 
-    monkeypatch.setattr(train.jax_config, "threefry_gpu_kernel_lowering", kernel)
-    for a, b in zip(values(train._run_initializer(lambda: init()[1], shardings)), values(plain)):
+    monkeypatch.setattr(train_state.jax_config, "threefry_gpu_kernel_lowering", kernel)
+    for a, b in zip(values(train_state._run_initializer(lambda: init()[1], shardings)), values(plain)):
         np.testing.assert_array_equal(a, b)
     assert entered == [True]
 
@@ -467,9 +467,9 @@ def test_gpu_initialiser_draws_the_same_values_and_falls_back_when_the_kernel_is
         raise NotImplementedError("no cu_threefry2x32 here\nsecond line")
         yield
 
-    monkeypatch.setattr(train.jax_config, "threefry_gpu_kernel_lowering", missing)
+    monkeypatch.setattr(train_state.jax_config, "threefry_gpu_kernel_lowering", missing)
     with caplog.at_level("WARNING"):
-        state = train._run_initializer(lambda: init()[1], shardings)
+        state = train_state._run_initializer(lambda: init()[1], shardings)
     assert [r.getMessage() for r in caplog.records if "threefry" in r.getMessage()] == [
         "the GPU threefry kernel is unavailable (no cu_threefry2x32 here); initialising with XLA's expanded random "
         "numbers (a slower compile)"]
@@ -477,8 +477,8 @@ def test_gpu_initialiser_draws_the_same_values_and_falls_back_when_the_kernel_is
         np.testing.assert_array_equal(a, b)
 
     entered.clear()
-    monkeypatch.setattr(train.jax_config, "threefry_gpu_kernel_lowering", kernel)
+    monkeypatch.setattr(train_state.jax_config, "threefry_gpu_kernel_lowering", kernel)
     c.mesh.update(data=2, fsdp=2, tensor=2)
-    sharded = jax.tree.map(lambda a: a.sharding, train._place(abstract, mesh_of((2, 2, 2))))
-    train._run_initializer(lambda: init()[1], sharded)
+    sharded = jax.tree.map(lambda a: a.sharding, train_state._place(abstract, mesh_of((2, 2, 2))))
+    train_state._run_initializer(lambda: init()[1], sharded)
     assert entered == []

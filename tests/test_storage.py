@@ -20,7 +20,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from PIL import Image
 
-from dit_jax import checkpointing, latents, locking, run_log, storage, train
+from dit_jax import checkpointing, latents, locking, run_log, storage, train, train_state
 from dit_jax.fid import adm_npz
 from dit_jax.sampling import blocks as sample_blocks, engine, image_grid
 from tests.run_files import read_log
@@ -166,7 +166,7 @@ def restore(config, workdir, atomicity: str, caplog):
 
     from dit_jax import input_pipeline
 
-    _, _, state = train.create_train_state(config)
+    _, _, state = train_state.create_train_state(config)
     batches = input_pipeline.make_train_iterator(input_pipeline.create_source(config),
                                                  batch_size=config.train.batch_size, seed=config.seed)
     manager = checkpointing.create_manager(os.fspath(workdir / "checkpoints"), every_steps=1, max_to_keep=10,

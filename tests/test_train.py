@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit_jax import flops, optimizer, train
+from dit_jax import flops, optimizer, train, train_state
 from tests.processes import free_port, main_command, run_processes
 from tests.run_files import read_log, tensorboard_steps
 from tests.tiny_models import TINY_FLAGS, set_field, tiny_train_config as tiny_config
@@ -64,7 +64,7 @@ def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch):
     step_flops = [h["mfu"] * peak * jax.device_count() / h["steps_per_sec"] for h in history]
     assert step_flops[0] == pytest.approx(step_flops[1], rel=1e-6)  # the same step every time
     # Forward, backward (about 2x) and the optimiser: 2.5x-4x the forward's flops over the batch.
-    graphdef, fixed, state = train.create_train_state(config)
+    graphdef, fixed, state = train_state.create_train_state(config)
     m = config.model
     x = jnp.zeros((config.train.batch_size, m.input_size, m.input_size, m.in_channels))
     y = jnp.zeros((config.train.batch_size,), jnp.int32)
@@ -78,10 +78,10 @@ def test_a_cudnn_attention_step_is_counted_as_with_xla_attention(monkeypatch):
     c = tiny_config()
     c.dtype = "bfloat16"
     diffusion = train.build_diffusion(c)
-    graphdef, fixed, state = train.create_train_state(c)
+    graphdef, fixed, state = train_state.create_train_state(c)
     expected = train.step_flops(c, graphdef, fixed, diffusion, state)
     c.attention = "cudnn"
-    graphdef, fixed, state = train.create_train_state(c)
+    graphdef, fixed, state = train_state.create_train_state(c)
     assert "cudnn" in repr(graphdef)
     assert train.step_flops(c, graphdef, fixed, diffusion, state) == expected > 0
 
@@ -89,7 +89,7 @@ def test_a_cudnn_attention_step_is_counted_as_with_xla_attention(monkeypatch):
 def test_train_step_is_a_pure_function_of_the_state():
     c = tiny_config()
     c.train.ema_debias = False
-    graphdef, fixed, state = train.create_train_state(c)
+    graphdef, fixed, state = train_state.create_train_state(c)
     step = train.make_train_step(c, graphdef, fixed, train.build_diffusion(c))
     batch = {"image": jnp.zeros((16, 16, 16, 3)), "label": jnp.arange(16, dtype=jnp.int32) % 4}
     copy = jax.tree.map(jnp.copy, state)
@@ -100,7 +100,7 @@ def test_train_step_is_a_pure_function_of_the_state():
     leaves1, leaves2 = jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)
     assert all(np.array_equal(a, b) for a, b in zip(leaves1, leaves2))
     # EMA moved towards the new params by (1 - decay) of the update.
-    _, _, init = train.create_train_state(c)
+    _, _, init = train_state.create_train_state(c)
     p0, p1, e1 = (jax.tree.leaves(x)[0] for x in (init.params, s1.params, s1.ema_params))
     np.testing.assert_allclose(e1, p0 + (1 - c.train.ema_decay) * (p1 - p0), rtol=1e-5, atol=1e-7)
 
@@ -108,7 +108,7 @@ def test_train_step_is_a_pure_function_of_the_state():
 def test_debiased_ema_is_the_bias_corrected_average_of_the_trained_weights():
     c = tiny_config()
     c.train.update(ema_decay=0.9, ema_debias=True)
-    graphdef, fixed, state = train.create_train_state(c)
+    graphdef, fixed, state = train_state.create_train_state(c)
     step = train.make_train_step(c, graphdef, fixed, train.build_diffusion(c))
     batch = {"image": jnp.full((16, 16, 16, 3), 0.3), "label": jnp.arange(16, dtype=jnp.int32) % 4}
     s1, _ = step(state, batch)

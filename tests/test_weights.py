@@ -229,7 +229,7 @@ def test_format_problems(tmp_path):
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dit_jax import export, parity, train  # noqa: E402
+from dit_jax import export, parity, train, train_state  # noqa: E402
 from tests.tiny_models import tiny_run_config  # noqa: E402
 from tests.torch_references import official_state, save_torch, tiny_torch_dit  # noqa: E402
 
@@ -292,7 +292,7 @@ def test_load_a_workdir_takes_the_newest_ema_and_the_saved_config(tiny_workdir):
     config = tiny_run_config()
     assert loaded.info["source"] == "workdir" and loaded.info["step"] == 3
     assert loaded.info["architecture"] == architecture(config.model)
-    _, _, fresh = train.create_train_state(config)
+    _, _, fresh = train_state.create_train_state(config)
     ours = nnx.to_flat_state(nnx.state(loaded.model, nnx.Param))
     raw = dict(nnx.to_flat_state(fresh.params))
     assert len(raw) == len(ours)
@@ -345,7 +345,7 @@ def test_a_workdir_loads_by_any_path_a_user_types(tiny_workdir, monkeypatch, typ
 
 def test_init_from_a_relative_workdir(tiny_workdir, monkeypatch):
     monkeypatch.chdir(tiny_workdir.parent)
-    _, _, fresh = train.create_train_state(tiny_run_config())
+    _, _, fresh = train_state.create_train_state(tiny_run_config())
     _, report = finetune.init_train_state_from(tiny_workdir.name, fresh,
                                                  architecture=architecture(tiny_run_config().model))
     assert report["not_loaded"] == [] and len(report["loaded"]) == len(nnx.to_flat_state(fresh.params))
@@ -418,7 +418,7 @@ def test_init_from_another_class_count_and_resolution_loads_the_rest(reference, 
 
     path = save_torch(tmp_path / "tiny.pt", official_state(reference))
     config = finetune_config(reference, input_size=16, num_classes=7)  # 8x8 -> 16x16 latents, 10 -> 7 classes
-    graphdef, fixed, fresh = train.create_train_state(config)
+    graphdef, fixed, fresh = train_state.create_train_state(config)
     state, report = finetune.init_train_state_from(str(path), fresh,
                                                      architecture=architecture(config.model))
     assert report["not_loaded"] == [finetune.LABEL_TABLE]
@@ -444,7 +444,7 @@ def test_init_from_another_class_count_and_resolution_loads_the_rest(reference, 
 def test_init_from_another_model_names_the_fields_to_set(reference, tmp_path):
     path = save_torch(tmp_path / "tiny.pt", official_state(reference))
     config = finetune_config(reference, depth=3, hidden_size=32, num_heads=2)
-    _, _, fresh = train.create_train_state(config)
+    _, _, fresh = train_state.create_train_state(config)
     with pytest.raises(ValueError) as err:
         finetune.init_train_state_from(str(path), fresh, architecture=architecture(config.model))
     c = reference.config

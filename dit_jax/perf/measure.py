@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dit_jax import compilation_cache, flops, input_pipeline, latents, sharding, train
+from dit_jax import compilation_cache, flops, input_pipeline, latents, sharding, train, train_state
 from dit_jax.model_compute import DTYPES, SWITCH_FIELDS
 from dit_jax.models import MODELS, count_params
 from dit_jax.perf.timing import summary, timed
@@ -86,7 +86,7 @@ def train_benchmark(config: ml_collections.ConfigDict, *, steps: int, warmup: in
         now = time.perf_counter()
         startup[f"{name}_seconds"], clock = now - clock, now
 
-    graphdef, fixed, state = train.create_train_state(config, mesh)  # as the trainer: sharded from the start
+    graphdef, fixed, state = train_state.create_train_state(config, mesh)  # as the trainer: sharded from the start
     batch = sharding.global_batch(random_batch(config, config.seed + 1), mesh)
     jax.block_until_ready((state, batch))
     phase("init")
@@ -174,7 +174,7 @@ def sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, cfg_s
     doubled batch) times ``num_steps``; the sampler's own elementwise update is left out.
     """
     mesh = sharding.create_mesh(config.mesh)
-    model = train.build_model(config, rngs=nnx.Rngs(config.seed))
+    model = train_state.build_model(config, rngs=nnx.Rngs(config.seed))
     nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, P())))
     diffusion = train.build_diffusion(config, str(num_steps))
     n = config.train.batch_size
@@ -212,7 +212,7 @@ def jax_sample_benchmark(config: ml_collections.ConfigDict, *, num_steps: int, c
     n, devices = config.train.batch_size, jax.device_count()
     if n % devices:
         raise ValueError(f"--batch {n} must be divisible by the {devices} devices")
-    model = train.build_model(config, rngs=nnx.Rngs(config.seed))
+    model = train_state.build_model(config, rngs=nnx.Rngs(config.seed))
     diffusion = train.build_diffusion(config, str(num_steps))
     decoder = vae.AutoencoderKL(vae.VAEConfig(), rngs=nnx.Rngs(0)) if decode else None
     image_sampler = engine.create_image_sampler(model, diffusion, cfg_scale=cfg_scale, per_device_batch=n // devices,

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from dit_jax import flops, sharding, storage, train
+from dit_jax import flops, sharding, storage, train, train_state
 from dit_jax.model_compute import DTYPES
 from dit_jax.perf import measure, time_split
 from dit_jax.perf.plan import (ROW_DEFAULTS, group_deadlines, group_rows, resolve_rows, row_config, row_seconds,
@@ -84,9 +84,9 @@ def count_child(spec: dict[str, Any]) -> None:
     counts = {}
     for batch in spec["batches"]:
         config = row_config(spec["base"], {**ROW_DEFAULTS, "batch": batch})
-        abstract_model = nnx.eval_shape(lambda: train.build_model(config, rngs=nnx.Rngs(0)))
+        abstract_model = nnx.eval_shape(lambda: train_state.build_model(config, rngs=nnx.Rngs(0)))
         graphdef, _, fixed = nnx.split(abstract_model, nnx.Param, ...)
-        state = train.abstract_train_state(config, sharding.create_mesh(config.mesh))
+        state = train_state.abstract_train_state(config, sharding.create_mesh(config.mesh))
         counts[str(batch)] = train.step_flops(config, graphdef, fixed, train.build_diffusion(config), state) / batch
     print(_RESULT_MARK + json.dumps(counts), flush=True)
 
