@@ -5,6 +5,7 @@ EMA, label dropout 0.1, guided sampling) at a size that learns in minutes on 2 C
 """
 
 from dit_jax import recipes
+from dit_jax.sampling.engine import PICTURE_CFG_SCALE
 
 
 def get_config():
@@ -41,7 +42,7 @@ def get_config():
     # At the end: 30 samples of each class (300, class consistency to about +-0.02), DDPM-50 (within 0.03
     # of 100 steps at 6,000-7,000 steps, two seeds, half the time), guidance 4.0 (the official sample.py's
     # for pictures); one set of samples makes samples.png and is judged.
-    sampling = dict(per_class=30, num_classes=10, cfg_scale=4.0, sampler="ddpm", respacing="50")
+    sampling = dict(per_class=30, num_classes=10, cfg_scale=PICTURE_CFG_SCALE, sampler="ddpm", respacing="50")
     c.evals.samples.update(sampling)
     c.evals.class_consistency = dict(type="class_consistency", every=0, **sampling, classifier_examples=10_000,
                                      heldout_examples=2_000)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from dit_jax.sampling.engine import FID_CFG_SCALE, PICTURE_CFG_SCALE
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field a run reads, with the paper's training recipe as defaults."""
@@ -73,8 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Evaluations of the EMA model (dit_jax/evaluators/<type>.py), each {type, every, its settings}:
     # every N > 0 steps and at the last step; 0 = the last step only; -1 = off.
     c.evals = ml_collections.ConfigDict()
-    c.evals.samples = dict(type="grid", every=0, per_class=8, num_classes=10, cfg_scale=4.0, sampler="ddpm",
-                           respacing="250", vae="")  # WORKDIR/samples.png, WORKDIR/samples/step_*.png
+    c.evals.samples = dict(type="grid", every=0, per_class=8, num_classes=10, cfg_scale=PICTURE_CFG_SCALE,
+                           sampler="ddpm", respacing="250", vae="")  # WORKDIR/samples.png, WORKDIR/samples/step_*.png
     return c
 
 
@@ -89,6 +91,6 @@ def paper_config(model_name: str, image_size: int = 256) -> ml_collections.Confi
     # FID-10K of the EMA model (ADM's five figures as fid10k_cfg1.5, ...), the paper's 250 DDPM steps and
     # guidance 1.5: off until a reference batch is given, --config.evals.fid.reference=VIRTUAL_imagenet256_labeled.npz
     # (512: VIRTUAL_imagenet512.npz); the Inception weights are fetched by name unless inception_weights is set.
-    c.evals.fid = dict(type="fid", every=50_000, num_samples=10_000, cfg_scale=1.5, sampler="ddpm", respacing="250",
-                       reference="", inception_weights="", vae="", per_device_batch=32, seed=0)
+    c.evals.fid = dict(type="fid", every=50_000, num_samples=10_000, cfg_scale=FID_CFG_SCALE, sampler="ddpm",
+                       respacing="250", reference="", inception_weights="", vae="", per_device_batch=32, seed=0)
     return c

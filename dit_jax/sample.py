@@ -186,8 +186,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("vae", None, "VAE: ema or mse (stabilityai/sd-vae-ft-*), a diffusers VAE folder, or none "
                         "(a pixel-space model); default mse for pictures, ema for --num_samples, as the official "
                         "sample.py / sample_ddp.py.")
-    flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 = none (default 4.0 for pictures, 1.5 "
-                       "for --num_samples, as the official sample.py / sample_ddp.py).")
+    flags.DEFINE_float("cfg_scale", None, f"Classifier-free guidance scale; 1 = none (default {PICTURE_CFG_SCALE} for "
+                       f"pictures, {FID_CFG_SCALE} for --num_samples, as the official sample.py / sample_ddp.py).")
     flags.DEFINE_integer("num_sampling_steps", 250, "Sampling steps (the 1000-step chain respaced evenly).")
     flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS), "ddpm (ancestral, as the official code) or ddim.")
     flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic).")

@@ -23,11 +23,12 @@ from dit_jax import classifier, synthetic
 from dit_jax.evaluators import common
 from dit_jax.fid import metrics
 from dit_jax.sampling import image_grid
+from dit_jax.sampling.engine import PICTURE_CFG_SCALE
 
 DEFAULTS = dict(
     per_class=30,                 # samples of each class judged
     num_classes=10,               # the first this many classes
-    cfg_scale=4.0,
+    cfg_scale=PICTURE_CFG_SCALE,  # the official sample.py's guidance for pictures
     sampler="ddpm",
     respacing="250",
     classifier_examples=10_000,   # synthetic examples the judge is trained on

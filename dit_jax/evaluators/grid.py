@@ -15,12 +15,13 @@ import numpy as np
 
 from dit_jax import sharding, storage
 from dit_jax.evaluators import common
+from dit_jax.sampling.engine import PICTURE_CFG_SCALE
 from dit_jax.sampling.image_grid import make_grid, save_image
 
 DEFAULTS = dict(
     per_class=8,        # samples of each class (the columns)
     num_classes=10,     # the first this many classes (the rows)
-    cfg_scale=4.0,      # classifier-free guidance (4.0: the official sample.py's for pictures)
+    cfg_scale=PICTURE_CFG_SCALE,  # classifier-free guidance (the official sample.py's for pictures)
     sampler="ddpm",     # ddpm | ddim
     respacing="250",    # steps of the sampling chain (see diffusion.space_timesteps)
     vae="",             # latent runs: the decoder; "" = the VAE named in the latents' metadata.json

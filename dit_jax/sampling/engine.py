@@ -87,7 +87,7 @@ def _check_guidance(model: DiT, sampler: str, cfg_scale: float) -> None:
 
 
 def generate(model: DiT, diffusion: gd.Diffusion, labels: jax.Array, key: jax.Array, *,
-             cfg_scale: float = 4.0, sampler: str = "ddpm", eta: float = 0.0) -> jax.Array:
+             cfg_scale: float = PICTURE_CFG_SCALE, sampler: str = "ddpm", eta: float = 0.0) -> jax.Array:
     """Samples [N, H, W, C] for ``labels`` [N] (int, < num_classes) with guidance ``cfg_scale``.
 
     ``diffusion`` sets the chain (e.g. ``create_diffusion("250")`` for the paper's 250 DDPM
