@@ -508,8 +508,9 @@ ONE_OR_ALL_SWITCHES = [SWITCHES, *({name: value} for name, value in SWITCHES.ite
 SMALL = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
-def loss_and_grads(*, jit: bool = False, **config: Any) -> tuple[jax.Array, Any, Any]:
-    """(loss, gradients w.r.t. every parameter and the input, the parameters' shapes) of a small DiT.
+def loss_and_grads(**config: Any) -> tuple[jax.Array, Any, Any]:
+    """(loss, gradients w.r.t. every parameter and the input, the parameters' shapes) of a small DiT, jitted (one
+    compile, not one per operation as op by op).
 
     The parameters are moved off their initialisation (adaLN-Zero's zeros would hide most gradients)
     by the same noise whatever the switches; the loss weights the output by fixed random numbers.
@@ -526,8 +527,7 @@ def loss_and_grads(*, jit: bool = False, **config: Any) -> tuple[jax.Array, Any,
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params, rest)(x, t, y) * weights)
 
-    value_and_grad = jax.value_and_grad(loss, argnums=(0, 1))
-    value, grads = (jax.jit(value_and_grad) if jit else value_and_grad)(params, x)
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
     return value, grads, jax.tree.map(jnp.shape, params)
 
 
@@ -538,7 +538,7 @@ def reference_grads(block_type: str, scan_blocks: bool, dtype: Any = jnp.float32
     """``loss_and_grads`` of the default path (no remat), computed once per setting."""
     key = (block_type, scan_blocks, dtype)
     if key not in _REFERENCES:
-        _REFERENCES[key] = loss_and_grads(block_type=block_type, scan_blocks=scan_blocks, dtype=dtype, jit=scan_blocks)
+        _REFERENCES[key] = loss_and_grads(block_type=block_type, scan_blocks=scan_blocks, dtype=dtype)
     return _REFERENCES[key]
 
 
@@ -550,7 +550,7 @@ def relative_difference(actual: Any, expected: Any) -> float:
 
 def assert_same_loss_and_grads(switches: dict[str, str], block_type: str, *, scan_blocks: bool, remat: str) -> None:
     value, grads, shapes = loss_and_grads(block_type=block_type, scan_blocks=scan_blocks, remat=remat,
-                                          jit=scan_blocks, **switches)
+                                          **switches)
     expected_value, expected_grads, expected_shapes = reference_grads(block_type, scan_blocks)
     assert shapes == expected_shapes  # the same parameter tree
     assert float(value) == pytest.approx(float(expected_value), rel=1e-6)
