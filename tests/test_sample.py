@@ -3,6 +3,7 @@ engine (same bytes on 1 and 8 devices, resumable ADM npz, NaN stop) and ``python
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,10 +137,11 @@ def one_device(latent_model, tiny_vae, compile_cache):
 
 
 @pytest.fixture(scope="module")
-def eight_devices(latent_model, tiny_vae, compile_cache):
-    """N_KILL samples on the 8 devices (the first N are tested equal to ``one_device``)."""
-    return engine.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), fid_labels(N_KILL), seed=SEED,
-                               cfg_scale=1.5, vae=tiny_vae, per_device_batch=PER_DEVICE)
+def eight_devices(latent_model, tiny_vae, compile_cache) -> Callable[[int], np.ndarray]:
+    """``eight_devices(n)``: the first ``n`` samples on the 8 devices (N are tested equal to ``one_device``)."""
+    return functools.cache(lambda n: engine.sample_uint8(latent_model, gd.create_diffusion(ENGINE_CHAIN), fid_labels(n),
+                                                         seed=SEED, cfg_scale=1.5, vae=tiny_vae,
+                                                         per_device_batch=PER_DEVICE))
 
 
 def test_labels_depend_only_on_seed_and_index():
@@ -153,7 +156,7 @@ def test_eight_devices_give_the_bytes_of_one(one_device, eight_devices):
     images = one_device
     assert images.shape == (N, 16, 16, 3) and images.dtype == np.uint8  # 8x8 latents, the tiny VAE upsamples 2x
     assert len(np.unique(images.reshape(N, -1), axis=0)) == N and images.std() > 10  # real, distinct pictures
-    np.testing.assert_array_equal(eight_devices[:N], images)
+    np.testing.assert_array_equal(eight_devices(N), images)
 
 
 def test_write_samples_resumes_across_device_counts_into_an_adm_npz(tmp_path, one_device, latent_model, tiny_vae,
@@ -318,7 +321,7 @@ def test_picture_mode_writes_the_official_grid(tmp_path, tiny_ckpt, tiny_vae_dir
 @pytest.mark.slow  # two command runs; test_write_samples_resumes_across_device_counts_into_an_adm_npz is the fast one
 def test_fid_mode_killed_then_rerun_gives_the_same_bytes(tmp_path, tiny_ckpt, tiny_vae_dir, eight_devices,
                                                          compile_cache):
-    labels, images = fid_labels(N_KILL), eight_devices
+    labels, images = fid_labels(N_KILL), eight_devices(N_KILL)
     out = tmp_path / "fid"
     command = sample_command(*tiny_flags(tiny_ckpt, tiny_vae_dir), "--num_samples", str(N_KILL), "--out", str(out),
                              "--seed", str(SEED))

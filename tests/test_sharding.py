@@ -90,7 +90,9 @@ def assert_tree_close(actual, expected, rtol):
         np.testing.assert_allclose(np.asarray(a), e, rtol=rtol, atol=rtol * np.abs(e).max(), err_msg=names_of(path))
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+# Pure data parallelism and all three axes at once in the default suite; the other two layouts in `make test-all`.
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s in ((8, 1, 1), (2, 2, 2)) else pytest.mark.slow)
+                                   for s in MESHES], ids=lambda s: "x".join(map(str, s)))
 def test_sharded_steps_match_one_device(setup, shape):
     state, step, batch, ref_state, ref_metrics = setup
     mesh = mesh_of(shape)
@@ -192,7 +194,7 @@ def test_tensor_split_that_does_not_divide_is_rejected():
         sharding.param_spec(("blocks", 0, "mlp", "fc1", "kernel"), (64, 256), {"tensor": 3})
 
 
-@pytest.mark.parametrize("qkv", ["fused", "split"])
+@pytest.mark.parametrize("qkv", ["fused", pytest.param("split", marks=pytest.mark.slow)])  # split: a non-default switch
 def test_tensor_parallel_step_splits_attention_by_heads_and_gathers_nothing(qkv):
     """Megatron-style: every device computes its own heads and MLP units; the only collectives of the
     whole train step are all-reduces of [batch, tokens, width] activations (no weight or qkv gathers),
