@@ -3,6 +3,8 @@ rerun the same command).
 
     python -m dit_jax.main --config configs/default.py --workdir runs/demo [--config.train.steps=100]
 
+A finished run prints its last lines on stdout (``run_report``): its wall time, the mean loss of its first
+and last log windows, and its final evaluations in words (where ``samples.png`` is, the judge's verdict).
 A run stopped by SIGTERM (preemption) or Ctrl-C checkpoints its current step and exits with status
 143 or 130 (128 + the signal), so a scheduler sees it did not finish and can rerun it; a second
 Ctrl-C quits at once, leaving a checkpoint being written uncommitted (never used; set aside by the
@@ -15,12 +17,16 @@ write) prints one line and exits with status 1. ``--verbosity=1`` shows their tr
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+STARTED = time.time()  # the command's clock, for the wall time it prints last: before the heavy imports (JAX's)
 
-from dit_jax import checkpointing, compilation_cache, console, locking, recipes, sharding, storage, train
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dit_jax import (checkpointing, compilation_cache, console, locking, recipes, run_log, run_report,  # noqa: E402
+                     sharding, storage, train)
 
 FLAGS = flags.FLAGS
 
@@ -129,6 +135,10 @@ def main(argv):
                      "command to resume)", 128 + signal.SIGINT)
     if "preempted_at_step" in result:
         raise SystemExit(128 + result["stop_signal"])
+    if sharding.is_main_process():  # the one that wrote metrics.jsonl
+        history = run_log.read_history(storage.path(workdir) / "metrics.jsonl", up_to_step=result["steps"])
+        print("\n".join(run_report.final_lines(result, config.evals, history, workdir, time.time() - STARTED)),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -370,8 +370,8 @@ def _evaluate(run: Run, state: TrainState, entries: list[evaluators.Entry], step
         results, stopped = err.completed, True
     records = evaluators.log_entries(results, step, run.writer, run.log)
     for name, result in results.items():
-        logging.info("step %d, %s: %s", step, name, ", ".join(
-            f"{k} {float(v):.4g}" for k, v in result.items() if evaluators.is_scalar(v)) or "done")
+        for line in evaluators.describe(run.config.evals[name]["type"], result, run.workdir):
+            logging.info("step %d, %s: %s", step, name, line)
     seconds = time.time() - t0  # evaluation time is not training time
     counters = counters._replace(eval_seconds=counters.eval_seconds + seconds,
                                  window_start=counters.window_start + seconds)
@@ -428,5 +428,4 @@ def _summarise(run: Run, history: list[dict[str, Any]], final: dict[str, dict[st
     summary["total_seconds"] = seconds
     if run.is_main:
         storage.write_atomic(storage.path(run.workdir) / "summary.json", json.dumps(summary, indent=2))
-    logging.info("summary: %s", json.dumps(summary))
     return summary

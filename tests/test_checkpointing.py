@@ -191,6 +191,16 @@ def test_sigkill_sigterm_and_ctrl_c_then_rerun_match_an_uninterrupted_run(tmp_pa
     assert all(line.count("steps/s") == 1 for line in progress)
     assert not [line for line in lines if line.startswith("I") and not re.search(r" (main|train)\.py:\d+\]", line)]
     assert json.loads((interrupted / "summary.json").read_text())["steps_per_sec"] > 0  # after a resume
+    # Last, on stdout: the wall time, the first and last loss windows and the final evaluation, in words.
+    report = proc.stdout.splitlines()
+    assert re.fullmatch(rf"finished: 80 steps \(resumed from step {interrupted_at}\) in \d+:\d\d:\d\d in all: training "
+                        rf"\d+:\d\d:\d\d \({80 - interrupted_at} steps at [0-9.e+]+ steps/s, compilation included\), "
+                        r"evaluation \d+:\d\d:\d\d, the rest \(start-up, data, checkpoints\) \d+:\d\d:\d\d", report[0])
+    assert re.fullmatch(r"training loss \(mean of a log window\): [0-9.]+ over steps 1-1, then [0-9.]+ over steps 80-80",
+                        report[1])
+    assert report[2:] == [f"sample grid {interrupted / 'samples.png'} (a row per class; ddpm 2 steps, guidance 4.0)",
+                          f"every figure: {interrupted / 'summary.json'}; each log window and evaluation: "
+                          f"{interrupted / 'metrics.jsonl'}"]
 
     # Same losses at every step, bit for bit, and the same final state.
     assert losses(interrupted) == losses(reference)

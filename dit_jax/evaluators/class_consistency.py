@@ -8,7 +8,8 @@ class: the fraction recognised as the class they were drawn for is the *class co
 It also reports an FID in the judge's feature space (``Classifier.features``, 128 values):
 the samples against ``heldout_examples`` fresh real images of the sampled classes (``fid``),
 beside the same distance between two real sets of those sizes (``fid_floor``, what a perfect
-model would score with this many samples).
+model would score with this many samples). The console shows it only beside that floor, in words
+(``report``): alone, a "demo FID" of 800 means nothing to a reader.
 """
 
 from __future__ import annotations
@@ -93,3 +94,25 @@ class Evaluator:
             "chance": 1.0 / self.run_info.num_classes,
             **figures,
         }
+
+
+# A demo FID within this factor of its floor reads as "as varied as the data" (two real sets differ by the floor).
+CLOSE_TO_FLOOR = 2.0
+
+
+def report(result: dict[str, Any], workdir: str) -> list[str]:
+    """The judge's verdict in words: the consistency against chance, each class by name, and the demo FID beside
+    its floor (``fid_floor``) with what the gap means."""
+    del workdir  # nothing written
+    names = synthetic.CLASS_NAMES
+    per_class = ", ".join(f"{names[c]} {score:.2f}" for c, score in enumerate(result["per_class"]))
+    fid, floor = result["fid"], result["fid_floor"]
+    if fid <= CLOSE_TO_FLOOR * floor:
+        verdict = "the samples vary about as much as the data"
+    else:
+        verdict = "the samples have less variety than the data (or look unlike it)"
+    return [f"class consistency {result['class_consistency']:.3f}: the share of samples that a judge trained on real "
+            f"images recognises as the class they were drawn for (chance {result['chance']:.2f}; the judge "
+            f"recognises {result['heldout_accuracy']:.1%} of held-out real images)",
+            f"per class: {per_class}",
+            f"demo FID {fid:.3g} (lower is better; two sets of real images score {floor:.2g}): {verdict}"]

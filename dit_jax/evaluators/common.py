@@ -7,6 +7,7 @@
     class Evaluator:
         def __init__(self, settings, run: RunInfo, *, name: str): ...  # checks its settings (ValueError)
         def run(self, ema: EmaModel) -> dict[str, Any]: ...              # one evaluation of one step's EMA model
+    def report(result, workdir) -> list[str]: ...  # optional: a result in words for the console (``describe``)
 
 ``every`` is N > 0 (every N steps and at the last step), 0 (only at the last step) or -1 (off).
 An evaluator gets only its own settings, the ``RunInfo`` of the run and, at each evaluation, the
@@ -294,6 +295,15 @@ def log_entries(results: dict[str, dict[str, Any]], step: int, writer: Any, log:
             log.write(json.dumps(line) + "\n")
             log.flush()
     return lines
+
+
+def describe(kind: str, result: dict[str, Any], workdir: str) -> list[str]:
+    """A result of evaluator type ``kind`` in words for the console: its module's ``report(result, workdir)``
+    lines where it defines one, else its scalars on one line. ``result`` may be the JSON form (``summary.json``)."""
+    module = _module(kind)
+    if module is not None and hasattr(module, "report"):
+        return module.report(result, workdir)
+    return [", ".join(f"{k} {float(v):.4g}" for k, v in result.items() if is_scalar(v)) or "done"]
 
 
 def jsonable(value: Any) -> Any:

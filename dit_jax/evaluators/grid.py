@@ -54,3 +54,8 @@ class Evaluator:
                 save_image(storage.path(self.run_info.workdir) / path, grid)
         return {"grid": grid, "png": paths[-1], "sampler": f"{s.sampler} {s.respacing} steps, guidance {s.cfg_scale}",
                 "decoder": self.decoder.name}
+
+
+def report(result: dict[str, Any], workdir: str) -> list[str]:
+    """Where the grid is and how it was sampled."""
+    return [f"sample grid {storage.path(workdir) / result['png']} (a row per class; {result['sampler']})"]
