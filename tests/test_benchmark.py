@@ -187,6 +187,7 @@ def test_make_config():
             measure.make_config("DiT-S/2", image_size=256, batch=4, dtype="float32", mesh=mesh)
 
 
+@pytest.mark.slow  # a second compile of the step; test_train_figures (float32) is the fast sibling
 def test_bfloat16_step():
     config = tiny_config()
     config.dtype = "bfloat16"

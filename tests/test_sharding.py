@@ -123,6 +123,7 @@ def unstack(blocks):
     return [jax.tree.map(lambda a: a[i], blocks) for i in range(depth)]
 
 
+@pytest.mark.slow  # the sharded steps above and test_models' scanned-block gradients are the fast siblings
 def test_scanned_blocks_shard_like_unrolled_ones_and_step_the_same(setup):
     """``scan_blocks``: each stacked weight keeps its layer axis whole and splits the rest as one
     block's weight is split; the sharded step equals the unrolled model's on one device."""

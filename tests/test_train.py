@@ -58,6 +58,7 @@ def test_mfu_is_logged_where_the_device_peak_is_known(tmp_path, monkeypatch):
     monkeypatch.setattr(flops, "peak_flops_per_device", lambda device, dtype=None: peak)
     config = tiny_config()
     config.train.update(steps=10, log_every=5)
+    config.evals.samples.every = -1  # training lines only
     train.train_and_evaluate(config, str(tmp_path))
     history = read_log(tmp_path)
     # The default mesh spans every device (8 simulated ones in the tests): the peak is theirs together.
