@@ -185,7 +185,7 @@ def test_class_consistency_is_the_judges_agreement_with_the_labels(tmp_path):
     assert uniform["fid"] > 3 * right["fid_floor"]  # no diversity: far from the real images
     # In words, the demo FID always beside its floor: real images vary as much as the data, one class's do not.
     for result, verdict in [(varied, "the samples vary about as much as the data"),
-                            (uniform, "the samples have less variety than the data (or look unlike it)")]:
+                            (uniform, "the samples have less variety than the data, or look unlike it")]:
         consistency, per_class, fid_line = class_consistency.report(result, str(tmp_path))
         assert consistency.startswith(f"class consistency {result['class_consistency']:.3f}: the share of samples ")
         assert per_class.startswith(f"per class: disc {result['per_class'][0]:.2f}, square ")

@@ -614,7 +614,8 @@ def test_train_step_with_every_compute_switch_gives_the_default_losses(dtype, rt
         graphdef, fixed, state = train_state.create_train_state(config)
         step = train.make_train_step(config, graphdef, fixed, train.build_diffusion(config))
         rng = np.random.default_rng(0)
-        batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+        size = config.model.input_size
+        batch = {"image": rng.uniform(-1, 1, (8, size, size, 3)).astype(np.float32),
                  "label": np.arange(8, dtype=np.int32) % 4}
         out = []
         for _ in range(2):

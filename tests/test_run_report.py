@@ -25,11 +25,11 @@ def test_the_last_lines_give_the_time_the_loss_windows_and_the_judges_verdict_by
         "included), evaluation 0:01:10, the rest (start-up, data, checkpoints) 0:00:42",
         "training loss (mean of a log window): 0.0812 over steps 1-500, then 0.0270 over steps 6,001-6,500",
         "class consistency 0.970: the share of samples that a judge trained on real images recognises as the class "
-        "they were drawn for (chance 0.10; the judge recognises 100.0% of held-out real images)",
+        "they were drawn for (chance 0.10; the judge recognises 100.00% of held-out real images)",
         "per class: disc 1.00, square 1.00, triangle 1.00, ring 1.00, plus 1.00, cross 1.00, horizontal_bars 1.00, "
         "vertical_bars 1.00, checkerboard 1.00, crescent 0.70",
-        "demo FID 795 (lower is better; two sets of real images score 7.3): the samples have less variety than the "
-        "data (or look unlike it)",
+        "demo FID 795 (lower is better; two sets of real images score 7.3): the samples are recognisable but have "
+        "less variety than the data",
         "sample grid /runs/demo/samples.png (a row per class; ddpm 50 steps, guidance 4.0)",
         "every figure: /runs/demo/summary.json; each log window and evaluation: /runs/demo/metrics.jsonl"]
 

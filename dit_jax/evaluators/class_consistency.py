@@ -96,8 +96,10 @@ class Evaluator:
         }
 
 
-# A demo FID within this factor of its floor reads as "as varied as the data" (two real sets differ by the floor).
+# A demo FID within this factor of its floor reads as "as varied as the data" (two real sets differ by the floor);
+# above it, samples this consistent are recognisable, so the gap is their variety.
 CLOSE_TO_FLOOR = 2.0
+RECOGNISABLE = 0.9
 
 
 def report(result: dict[str, Any], workdir: str) -> list[str]:
@@ -109,10 +111,12 @@ def report(result: dict[str, Any], workdir: str) -> list[str]:
     fid, floor = result["fid"], result["fid_floor"]
     if fid <= CLOSE_TO_FLOOR * floor:
         verdict = "the samples vary about as much as the data"
+    elif result["class_consistency"] >= RECOGNISABLE:
+        verdict = "the samples are recognisable but have less variety than the data"
     else:
-        verdict = "the samples have less variety than the data (or look unlike it)"
+        verdict = "the samples have less variety than the data, or look unlike it"
     return [f"class consistency {result['class_consistency']:.3f}: the share of samples that a judge trained on real "
             f"images recognises as the class they were drawn for (chance {result['chance']:.2f}; the judge "
-            f"recognises {result['heldout_accuracy']:.1%} of held-out real images)",
+            f"recognises {result['heldout_accuracy']:.2%} of held-out real images)",
             f"per class: {per_class}",
             f"demo FID {fid:.3g} (lower is better; two sets of real images score {floor:.2g}): {verdict}"]
