@@ -294,7 +294,7 @@ def _quarantine(manager: ocp.CheckpointManager, names: list[str], quarantine_dir
             (storage.path(str(manager.directory)) / name).rename(target)
             moved.append(os.fspath(target))
         logging.warning("%s", quarantine_report(quarantine_dir))
-    multihost_utils.sync_global_devices("dit_jax_checkpoint_quarantine")
+    sharding.sync_processes("dit_jax_checkpoint_quarantine")
     manager.reload()
     return moved
 

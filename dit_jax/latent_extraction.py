@@ -31,12 +31,12 @@ from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import images, latents, locking, storage
+from dit_jax import images, latents, locking, sharding, storage
 from dit_jax import vae as vae_lib
+from dit_jax.weights import fetch
 
 Encoder = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -79,7 +79,7 @@ def describe_vae(name_or_path: str) -> tuple[str, dict[str, Any]]:
     and its weight file's name, size and SHA-256, with the hub revision where the folder records it."""
     folder = vae_lib.resolve(name_or_path)
     weights = vae_lib.weights_file(folder)
-    name = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+    name = fetch.name_or_path(name_or_path)
     revision = None
     parent, leaf = os.path.split(os.path.normpath(os.path.realpath(folder)))
     hub_record = os.path.join(folder, ".cache", "huggingface", "download", os.path.basename(weights) + ".metadata")
@@ -239,12 +239,6 @@ def finish(out_dir: str, plan: dict[str, Any], reports: list[dict[str, Any]],
     return metadata
 
 
-def _sync(stage: str) -> None:
-    """Wait for every host (a no-op on one)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"dit_jax.latent_extraction: {stage}")
-
-
 def extract(source: images.ImageSource, model: vae_lib.AutoencoderKL, out_dir: str, *, vae: str,
             resolution: int = 256, dtype: str = "float16", images_per_shard: int = 10_000,
             batch_size: int = 64, workers: int | None = None, verify: bool = False) -> dict[str, Any]:
@@ -274,7 +268,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
     _check_same_plan(out_dir, plan, write=jax.process_index() == 0)  # every process refuses alike
     if jax.process_index() == 0:
         set_aside_damaged_shards(out_dir, plan, verify=verify)
-    _sync("plan")
+    sharding.sync_processes("dit_jax.latent_extraction: plan")
     if jax.process_index() != 0:
         _check_same_plan(out_dir, plan, write=False)  # this host's devices must encode as process 0's do
     metadata_path = storage.path(out_dir) / latents.METADATA
@@ -284,7 +278,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
         except ValueError as err:  # cut short: written again below from the shards' reports
             logging.warning("%s; it is written again", err)
             metadata_path.unlink()
-    _sync("metadata")
+    sharding.sync_processes("dit_jax.latent_extraction: metadata")
     if metadata_path.exists():
         logging.info("%s is complete (every shard %s); nothing to do", out_dir,
                      "verified against its SHA-256" if verify else "of the size written")
@@ -303,7 +297,7 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
         for index in mine:
             write_shard(source, index, plan, encode, out_dir, batch_size=plan["encoding"]["batch_size"], pool=pool,
                         progress=progress)
-    _sync("shards")
+    sharding.sync_processes("dit_jax.latent_extraction: shards")
     reports = _read_reports(out_dir, plan)
     if not sum(r["num_records"] for r in reports):  # on every process: all of them fail
         skipped = [s for r in reports for s in r["skipped"]]
@@ -315,5 +309,5 @@ def _extract_locked(source: images.ImageSource, model: vae_lib.AutoencoderKL, ou
         metadata = finish(out_dir, plan, reports, source.ignored)
         logging.info("%d images encoded, %d skipped, %d files ignored (listed in %s)", metadata["num_images"],
                      metadata["num_skipped"], metadata["num_ignored"], metadata_path)
-    _sync("done")
+    sharding.sync_processes("dit_jax.latent_extraction: done")
     return storage.read_json(metadata_path)

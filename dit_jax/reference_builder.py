@@ -238,8 +238,7 @@ def _build_locked(source: images.ImageSource, out: str, partial: str, features: 
     summary: dict[str, Any] = {"out": out}
     if main:
         summary = _finish(source, out, partial, record, state)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("dit_jax.reference_batch: written")
+    sharding.sync_processes("dit_jax.reference_batch: written")
     return summary
 
 

@@ -140,8 +140,9 @@ def run(ckpt: str, *, model: str | None = None, image_size: int | None = None, n
         raise ValueError(f"--guidance {guidance!r} is not one of {GUIDANCE_MODES}")
     cfg_scale = cfg_scale if cfg_scale is not None else (FID_CFG_SCALE if fid_mode else PICTURE_CFG_SCALE)
     vae = vae if vae is not None else ("ema" if fid_mode else "mse")
-    # Paths as typed (relative, ~, a trailing slash) resolved once here; VAE names and hub ids stay as they are.
-    vae = vae if vae in HUB_VAES or vae == "none" or fetch.is_hub_id(vae) else storage.absolute(vae)
+    # Paths as typed (relative, ~, a trailing slash) resolved once here; names and hub ids stay as they are.
+    ckpt = fetch.name_or_path(ckpt, tuple(fetch.REGISTRY))
+    vae = fetch.name_or_path(vae, ("none", *HUB_VAES))
     png, out = (None if p is None else storage.absolute(p) for p in (png, out))
 
     loaded = load_dit(ckpt, model=model, image_size=image_size, num_heads=num_heads, dtype=dtype, attention=attention)

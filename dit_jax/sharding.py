@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.models import architecture
@@ -107,6 +108,12 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def is_main_process() -> bool:
     """Process 0 alone logs, writes images and summaries."""
     return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process has reached the point ``name`` (a no-op in a one-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -267,11 +267,11 @@ def load_state_dict(model: AutoencoderKL, state_dict: Mapping[str, np.ndarray], 
 def resolve(name_or_path: str, *, cache_dir: str | None = None, offline: bool | None = None) -> str:
     """A local diffusers VAE folder for ``name_or_path``: a folder, or a hub id (``HUB_VAES``, or any other
     diffusers VAE repository) fetched into ``fetch.cache_dir()`` (or ``cache_dir``)."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
+    local = fetch.name_or_path(name_or_path)
+    if os.path.isdir(local):
+        return local
     if not fetch.is_hub_id(name_or_path):
-        what = ("is not a folder" if os.path.exists(name_or_path) else
-                f"does not exist (no such folder: {os.path.abspath(os.path.expanduser(name_or_path))})")
+        what = "is not a folder" if os.path.exists(local) else f"does not exist (no such folder: {local})"
         raise FileNotFoundError(f"VAE {name_or_path!r} {what}: pass a folder with config.json and "
                                 f"{' or '.join(WEIGHT_FILES)}, or a Hugging Face hub id such as {HUB_VAES[0]!r}")
     entry = fetch.REGISTRY.get(name_or_path) or fetch.HubFolder(name_or_path, "a diffusers VAE", **fetch.VAE_FILES)

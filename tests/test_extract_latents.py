@@ -120,6 +120,9 @@ def test_rerun_on_finished_output_does_nothing_and_a_relative_vae_path_is_the_sa
     for form in (f"~/{out.name}/", os.path.relpath(out)):
         assert latent_extraction.extract(images.FolderSource(str(image_tree)), model, form, vae=tiny_vae_dir.name,
                                          **SETTINGS) == metadata
+    monkeypatch.setenv("HOME", str(tiny_vae_dir.parent))  # --vae=~/tiny_vae0 too
+    assert latent_extraction.extract(images.FolderSource(str(image_tree)), model, str(out),
+                                     vae=f"~/{tiny_vae_dir.name}", **SETTINGS) == metadata
     assert file_times(out) == before and not (tiny_vae_dir.parent / "~").exists()
     # A file that is not read appearing in the image folder changes nothing that is encoded: no refusal.
     tree = tmp_path / "train"

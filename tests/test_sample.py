@@ -203,7 +203,7 @@ def test_write_samples_resumes_across_device_counts_into_an_adm_npz(tmp_path, on
     mtime = os.stat(path).st_mtime_ns
     assert sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae), labels, seed=SEED, settings=settings) == path
     assert os.stat(path).st_mtime_ns == mtime
-    with pytest.raises(ValueError, match=r"cfg_scale: 1.5 then, 2.0 now.*seed: 3 then, 4 now"):
+    with pytest.raises(ValueError, match=r"cfg_scale: was 1.5, now 2.0.*seed: was 3, now 4"):
         sample_blocks.write_samples(str(out), tiny_sampler(latent_model, tiny_vae, cfg_scale=2.0), labels, seed=4,
                              settings=settings)
 
@@ -400,9 +400,10 @@ def test_out_png_and_vae_paths_resolve_relative_and_home_forms(tmp_path, tiny_ck
     monkeypatch.setattr(sample, "write_samples", lambda out, *args, settings, **kwargs: seen.append(settings) or out)
     assert sample.run(str(tiny_ckpt), num_heads=2, vae="~/vae", png="~/grid.png") == (str(home / "grid.png"), True)
     assert sample.run(str(tiny_ckpt), num_heads=2, vae="../home/vae/", png="grid.png")[0] == str(work / "grid.png")
-    path, _ = sample.run(str(tiny_ckpt), num_heads=2, vae="~/vae", num_samples=2, out="runs/fid/")
+    path, _ = sample.run(os.path.relpath(tiny_ckpt), num_heads=2, vae="~/vae", num_samples=2, out="runs/fid/")
     assert path == str(work / "runs" / "fid")
     assert seen[:3] == [str(home / "vae")] * 3 and seen[3]["vae"] == str(home / "vae")
+    assert seen[3]["ckpt"] == str(tiny_ckpt)  # recorded resolved: the same run resumes from any folder
     assert sample.run(str(tiny_ckpt), num_heads=2, vae="owner/some-vae", num_samples=2, out="~/fid")[0] == str(
         home / "fid")
     assert seen[4] == "owner/some-vae"  # a hub id is not a path

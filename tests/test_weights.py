@@ -53,6 +53,20 @@ def mirror(file_server, monkeypatch, tmp_path):
     return file_server
 
 
+def test_name_or_path_keeps_names_and_hub_ids_and_resolves_every_typed_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "runs").mkdir()
+    names = tuple(fetch.REGISTRY)
+    assert fetch.name_or_path("DiT-XL-2-256x256.pt", names) == "DiT-XL-2-256x256.pt"
+    assert fetch.name_or_path("DiT-XL-2-256x256.pt") == str(tmp_path / "DiT-XL-2-256x256.pt")  # not a name here
+    assert fetch.name_or_path("owner/model") == "owner/model"  # reads as a hub id
+    assert fetch.name_or_path("runs/x") == str(tmp_path / "runs" / "x")  # runs/ exists: a path
+    assert fetch.name_or_path("./w/") == fetch.name_or_path("w") == str(tmp_path / "w")
+    assert fetch.name_or_path("~/vae/") == str(tmp_path / "home" / "vae")
+    assert fetch.name_or_path("gs://bucket/run") == "gs://bucket/run"
+
+
 def test_cache_dir_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "c"))
     assert fetch.cache_dir() == tmp_path / "c"

@@ -156,11 +156,6 @@ def read_blocks(blocks_dir: str, blocks: list[tuple[int, int]], image_shape: tup
         yield images
 
 
-def _settings_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"{k}: {old.get(k, '(unset)')!r} then, {new.get(k, '(unset)')!r} now"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-
-
 def _prepare_out_dir(out_dir: str, record: dict[str, Any],
                      image_shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
     """Process 0: check (or write) ``settings.json``, set damaged blocks aside and return the sample ranges
@@ -172,7 +167,7 @@ def _prepare_out_dir(out_dir: str, record: dict[str, Any],
             old = json.loads(path.read_text())
         except ValueError as err:
             raise ValueError(f"{path} cannot be read ({err}); choose another --out folder") from err
-        changed = _settings_differences(old.get("settings", {}), record["settings"])
+        changed = storage.json_differences(old.get("settings", {}), record["settings"])
         if changed:
             raise ValueError(f"{out_dir} holds samples made with other settings ({'; '.join(changed)}); rerun with "
                              "the old settings to resume, or choose another --out folder")
@@ -261,6 +256,5 @@ def _write_samples_locked(out_dir: str, image_sampler: engine.ImageSampler, labe
         storage.write_json_atomic(storage.path(out_dir) / SETTINGS_JSON, record)
         for first, stop in blocks:
             (storage.path(blocks_dir) / block_name(first, stop)).unlink()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("dit_jax.sample: samples.npz written")
+    sharding.sync_processes("dit_jax.sample: samples.npz written")
     return npz

@@ -172,6 +172,13 @@ def locate(value: str | os.PathLike, names: tuple[str, ...]) -> str:
     return storage.absolute(value)
 
 
+def name_or_path(value: str, names: tuple[str, ...] = ()) -> str:
+    """What a user typed for a file or folder that may also be a name: ``value`` as typed when it is one of
+    ``names`` or reads as a hub id, otherwise the path resolved once (``~``, relative, trailing slash,
+    ``gs://``) as ``storage.absolute`` resolves it."""
+    return value if value in names or is_hub_id(value) else storage.absolute(value)
+
+
 def download(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256: str | None = None,
              progress: bool = True, retries: int = 3, name: str | None = None) -> Path:
     """Download ``url`` to ``dest`` through ``dest.partial`` (resumed with HTTP Range), checked, then renamed.
