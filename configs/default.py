@@ -39,7 +39,7 @@ def get_config():
     # steps but worse at 8,000; a cosine decay of the learning rate gave a lower loss and much worse
     # samples; batch 16 needed about 1.5-2x the steps of batch 32 (no gain per image seen), Adam's b2 0.99 and a
     # linear cool-down of the learning rate over the last 2,000 steps gained nothing either. 10,000 steps: class
-    # consistency 1.0, 0.98 and 1.0 on seeds 0-2 (0.96-1.0 from 9,000 on), about 6 minutes of training on 2 cores.
+    # consistency 1.0, 0.98 and 1.0 on seeds 0-2 (0.96-1.0 from 9,000 on), 5 minutes of training on 2 idle cores.
     c.train.steps = 10_000
     c.train.batch_size = 32
     c.train.lr = 2e-3
