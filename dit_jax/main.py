@@ -110,7 +110,7 @@ def config_line(workdir: str) -> str:
     ``WORKDIR/config.json`` (written by ``train.train_and_evaluate`` once the run has started)."""
     given = [config_flags.get_config_filename(FLAGS["config"])]
     given += [f"--config.{name}={value}" for name, value in config_flags.get_override_values(FLAGS["config"]).items()]
-    return f"config: {' '.join(given)} (every field: {storage.path(workdir) / train.CONFIG_FILE})"
+    return f"config: {' '.join(given)} (every field: {storage.path(workdir) / run_log.CONFIG_FILE})"
 
 
 def main(argv):
@@ -135,10 +135,8 @@ def main(argv):
                      "command to resume)", 128 + signal.SIGINT)
     if "preempted_at_step" in result:
         raise SystemExit(128 + result["stop_signal"])
-    if sharding.is_main_process():  # the one that wrote metrics.jsonl
-        history = run_log.read_history(storage.path(workdir) / "metrics.jsonl", up_to_step=result["steps"])
-        print("\n".join(run_report.final_lines(result, config.evals, history, workdir, time.time() - STARTED)),
-              flush=True)
+    if sharding.is_main_process():
+        print("\n".join(run_report.final_lines(result, config.evals, workdir, time.time() - STARTED)), flush=True)
 
 
 if __name__ == "__main__":

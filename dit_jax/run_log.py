@@ -23,6 +23,9 @@ from absl import logging
 from dit_jax import storage
 
 EVENT_FILES = "events.out.tfevents.*"
+# The workdir's records besides its checkpoints: a line per log window and evaluation; the latest invocation's
+# config (each checkpoint holds its own, for resuming); the finished run's figures.
+METRICS_FILE, CONFIG_FILE, SUMMARY_FILE = "metrics.jsonl", "config.json", "summary.json"
 
 
 def read_history(path: storage.PathLike, *, up_to_step: int) -> list[dict[str, Any]]:

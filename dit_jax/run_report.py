@@ -10,23 +10,14 @@ from typing import Any
 
 import ml_collections
 
-from dit_jax import console, storage
+from dit_jax import console, run_log, storage
 from dit_jax.evaluators import common as evaluators
 
 
-def loss_windows(history: list[dict[str, Any]]) -> list[tuple[int, int, float]]:
-    """(first step, last step, mean loss) of the first and the last log window in ``history`` (one if equal)."""
-    losses = [h for h in history if "eval" not in h and "loss" in h]
-    windows = [(1, losses[0]["step"], losses[0]["loss"])] if losses else []
-    if len(losses) > 1:
-        windows.append((losses[-2]["step"] + 1, losses[-1]["step"], losses[-1]["loss"]))
-    return windows
-
-
-def final_lines(summary: dict[str, Any], evals: ml_collections.ConfigDict, history: list[dict[str, Any]],
-                workdir: str, wall_seconds: float) -> list[str]:
+def final_lines(summary: dict[str, Any], evals: ml_collections.ConfigDict, workdir: str,
+                wall_seconds: float) -> list[str]:
     """The lines for ``summary`` (``train.train_and_evaluate``'s) of a run in ``workdir`` that took ``wall_seconds``
-    in all; ``history`` is its ``metrics.jsonl`` (for the loss windows), ``evals`` its ``config.evals``."""
+    in all; ``evals`` is its ``config.evals``."""
     steps, resumed = summary["steps"], summary["resumed_from_step"]
     train_s, eval_s = summary["train_seconds"], summary["eval_seconds"]
     if summary["steps_per_sec"]:
@@ -38,12 +29,14 @@ def final_lines(summary: dict[str, Any], evals: ml_collections.ConfigDict, histo
     lines = [f"finished: {steps:,} steps{where} in {console.clock(wall_seconds)} in all: {trained}, evaluation "
              f"{console.clock(eval_s)}, the rest (start-up, data, checkpoints) "
              f"{console.clock(max(wall_seconds - train_s - eval_s, 0.0))}"]
-    windows = loss_windows(history)
-    if windows:
+    if summary["first_loss"] is not None:  # None: metrics.jsonl of a finished run was lost
+        windows = [(summary["first_loss_steps"], summary["first_loss"])]
+        if summary["final_loss_steps"] != summary["first_loss_steps"]:
+            windows.append((summary["final_loss_steps"], summary["final_loss"]))
         lines.append("training loss (mean of a log window): " + ", then ".join(
-            f"{loss:.4f} over steps {first:,}-{last:,}" for first, last, loss in windows))
+            f"{loss:.4f} over steps {first:,}-{last:,}" for (first, last), loss in windows))
     for name, result in summary["evals"].items():
         lines += evaluators.describe(evals[name]["type"], result, workdir)
-    lines.append(f"every figure: {storage.path(workdir) / 'summary.json'}; each log window and evaluation: "
-                 f"{storage.path(workdir) / 'metrics.jsonl'}")
+    lines.append(f"every figure: {storage.path(workdir) / run_log.SUMMARY_FILE}; each log window and evaluation: "
+                 f"{storage.path(workdir) / run_log.METRICS_FILE}")
     return lines

@@ -158,10 +158,6 @@ def _run_info(config: ml_collections.ConfigDict, workdir: str, source: input_pip
         learn_sigma=config.model.learn_sigma)
 
 
-# The workdir's record of the config of the run's latest invocation (each checkpoint holds its own, for resuming).
-CONFIG_FILE = "config.json"
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming from its newest intact checkpoint), evaluating the EMA model.
 
@@ -263,7 +259,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.
                  num_params, dict(mesh.shape),
                  f"resumed from step {start_step}" if resumed else "starting from scratch")
     if is_main:  # every field of this invocation's config (the console names only its file and overrides)
-        storage.write_json_atomic(storage.path(workdir) / CONFIG_FILE, config.to_dict())
+        storage.write_json_atomic(storage.path(workdir) / run_log.CONFIG_FILE, config.to_dict())
     diffusion = build_diffusion(config)
     step_fn = make_train_step(config, graphdef, fixed, diffusion, mesh, abstract_state)
     # MFU where the devices' peak is known (the count costs a CPU lowering, skipped otherwise); it runs in
@@ -273,7 +269,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.
     pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
     flop_count = pool.submit(step_flops, config, graphdef, fixed, diffusion, abstract_state) if peak_flops else None
 
-    metrics_path = storage.path(workdir) / "metrics.jsonl"
+    metrics_path = storage.path(workdir) / run_log.METRICS_FILE
     history = run_log.read_history(metrics_path, up_to_step=start_step)
     if is_main and resumed:
         run_log.rewind_event_files(workdir, start_step)  # TensorBoard gets each step once
@@ -414,9 +410,12 @@ def _summarise(run: Run, history: list[dict[str, Any]], final: dict[str, dict[st
         "steps": run.config.train.steps,
         "batch_size": run.config.train.batch_size,
         "resumed_from_step": run.start_step,
-        # Means over the first and last log windows (unknown if metrics.jsonl of a finished run was lost).
+        # Means over the first and last log windows, and the steps each covers (unknown if metrics.jsonl of a
+        # finished run was lost).
         "first_loss": losses[0]["loss"] if losses else None,
+        "first_loss_steps": [1, losses[0]["step"]] if losses else None,
         "final_loss": losses[-1]["loss"] if losses else None,
+        "final_loss_steps": [losses[-2]["step"] + 1 if len(losses) > 1 else 1, losses[-1]["step"]] if losses else None,
         "train_seconds": counters.train_seconds,  # this invocation's training steps only (compilation included)
         # The steps this invocation trained over their seconds; None if it trained none (a finished run rerun).
         "steps_per_sec": counters.trained_steps / counters.train_seconds if counters.trained_steps else None,
@@ -427,5 +426,5 @@ def _summarise(run: Run, history: list[dict[str, Any]], final: dict[str, dict[st
     summary["eval_seconds"] = counters.eval_seconds
     summary["total_seconds"] = seconds
     if run.is_main:
-        storage.write_atomic(storage.path(run.workdir) / "summary.json", json.dumps(summary, indent=2))
+        storage.write_atomic(storage.path(run.workdir) / run_log.SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def test_short_run_loss_falls_and_writes_outputs(tmp_path):
     # Zero-initialised output predicts eps = 0 (mse ~ 1); training must cut that well down.
     assert losses[:2].mean() > 0.5
     assert losses[-4:].mean() < 0.6 * losses[:2].mean()
-    assert summary["final_loss"] == history[-1]["loss"]
+    assert summary["final_loss"] == history[-1]["loss"] and summary["final_loss_steps"] == [76, 80]
+    assert summary["first_loss"] == history[0]["loss"] and summary["first_loss_steps"] == [1, 5]
     assert (tmp_path / "samples.png").exists()
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["steps"] == 80 and saved["evals"]["samples"]["png"] == "samples.png"
@@ -211,8 +213,9 @@ def test_a_two_process_run_resumes_exactly_and_only_process_0_writes(tmp_path):
     assert sorted(p.name for p in (step / "state").glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]
 
 
-@pytest.mark.slow  # a full run in a subprocess; test_checkpointing's SIGKILL/SIGTERM test runs main with flags too
-def test_main_runs_with_flag_overrides(tmp_path):
+def test_main_runs_with_flag_overrides_and_prints_its_report_last(tmp_path):
+    """The README's first command's path, end to end and fast: ``dit_jax.main`` trains, evaluates and prints its last
+    lines (``run_report``) on stdout from the run's summary."""
     cmd = main_command(tmp_path, *TINY_FLAGS, "--config.train.steps=4", "--config.train.batch_size=8",
                        "--config.evals.samples.per_class=1", "--config.evals.samples.sampler=ddim")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -220,6 +223,15 @@ def test_main_runs_with_flag_overrides(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["batch_size"] == 8
     assert "ddim 3 steps" in summary["evals"]["samples"]["sampler"]
+    finished, loss, grid, files = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"finished: 4 steps in \d+:\d\d:\d\d in all: training \d+:\d\d:\d\d \(4 steps at [0-9.]+ "
+                        r"steps/s, compilation included\), evaluation \d+:\d\d:\d\d, the rest \(start-up, data, "
+                        r"checkpoints\) \d+:\d\d:\d\d", finished), finished
+    assert loss == (f"training loss (mean of a log window): {summary['first_loss']:.4f} over steps 1-2, then "
+                    f"{summary['final_loss']:.4f} over steps 3-4")
+    assert grid == f"sample grid {tmp_path / 'samples.png'} (a row per class; ddim 3 steps, guidance 4.0)"
+    assert files == (f"every figure: {tmp_path / 'summary.json'}; each log window and evaluation: "
+                     f"{tmp_path / 'metrics.jsonl'}")
 
     bad = subprocess.run(cmd + ["--config.train.no_such_field=1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
